@@ -1,0 +1,31 @@
+"""lowbit: quantize PyTorch models to 8, 4, 2 and 1 bit and export integer ONNX.
+
+The flow is five verbs: ``plan`` → ``quantize`` → ``calibrate`` (or train) → ``convert`` →
+``export_onnx``; everything in between is driven by one ``QuantConfig``.
+"""
+
+from lowbit import nn as _nn  # noqa: F401  (registers the layer types)
+from lowbit import observers, quantizers  # noqa: F401  (fill the registries)
+from lowbit.calibrate import calibrate, set_calibrating
+from lowbit.config import LayerRule, QuantConfig, QuantSpec
+from lowbit.convert import convert
+from lowbit.export.onnx import export_onnx
+from lowbit.export.report import ExportReport
+from lowbit.plan import LayerPlan, Plan, plan
+from lowbit.quantize import quantize
+
+__all__ = [
+    "ExportReport",
+    "LayerPlan",
+    "LayerRule",
+    "Plan",
+    "QuantConfig",
+    "QuantSpec",
+    "calibrate",
+    "convert",
+    "export_onnx",
+    "plan",
+    "quantize",
+    "set_calibrating",
+]
+__version__ = "0.1.0"

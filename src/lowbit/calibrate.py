@@ -1,0 +1,141 @@
+"""Post-training calibration: run data through a quantized model with observers on."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.quantizers import Quantizer
+
+Forward = Callable[[nn.Module, Any], Any]
+
+
+def activation_quantizers(model: nn.Module) -> list[Quantizer]:
+    """Quantizers of inputs and outputs (the ones calibration fills), in model order."""
+    return [m for m in model.modules() if isinstance(m, Quantizer) and m.role != "weight"]
+
+
+def _require_quantized(model: nn.Module) -> list[Quantizer]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(isinstance(m, Quantizer) for m in model.modules()):
+        raise ValueError("`model` has no lowbit quantizers; call lowbit.quantize(model, config) "
+                         "first")
+    return activation_quantizers(model)
+
+
+def set_calibrating(model: nn.Module, enabled: bool, *, reset: bool = True) -> None:
+    """Switch observers on (``True``: ranges are recorded, values pass through unchanged) or
+    off (``False``: ranges are frozen into scales and zero points, fake quant resumes).
+
+    Turning it on with ``reset=True`` forgets earlier statistics.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"`enabled` must be a bool, got {type(enabled).__name__}")
+    for q in _require_quantized(model):
+        if q.spec.dynamic:
+            continue
+        if enabled:
+            if reset and hasattr(q, "observer"):
+                q.observer.reset()
+            q.observing = True
+        elif q.observing:
+            q.observing = False
+            if hasattr(q, "freeze"):
+                q.freeze()
+
+
+@contextmanager
+def _eval_state(model: nn.Module):
+    """Eval mode and no grad inside; every module's ``training`` flag restored after."""
+    flags = {m: m.training for m in model.modules()}
+    observing = {q: q.observing for q in model.modules() if isinstance(q, Quantizer)}
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+        for q, flag in observing.items():
+            q.observing = flag
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """A tensor is the input; a tuple/list holds positional inputs; a dict keyword inputs."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    raise TypeError(
+        f"a calibration batch must be a Tensor, tuple/list or dict, got {type(batch).__name__}; "
+        "pass `forward=lambda model, batch: ...` for other layouts"
+    )
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    forward: Forward | None = None,
+    *,
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> int:
+    """Record activation ranges over ``batches`` and freeze them; returns the batch count.
+
+    Each batch is passed as ``forward(model, batch)`` (default: see ``default_forward``; for a
+    loader of ``(x, y)`` pairs use ``forward=lambda m, b: m(b[0])``). Runs in eval mode under
+    ``no_grad`` and restores every module's training flag afterwards, even on error.
+    """
+    quantizers = _require_quantized(model)
+    if forward is None:
+        forward = default_forward
+    elif not callable(forward):
+        raise TypeError(f"`forward` must be callable, got {type(forward).__name__}")
+    if isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Iterable):
+        raise TypeError(
+            f"`batches` must be an iterable of batches, got {type(batches).__name__}"
+            + ("; wrap a single tensor in a list: [x]" if isinstance(batches, torch.Tensor)
+               else "")
+        )
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise ValueError(f"`max_batches` must be a positive int or None, got {max_batches!r}")
+
+    count = 0
+    with _eval_state(model):
+        set_calibrating(model, True)
+        iterator: Iterable[Any] = batches
+        if progress:
+            from tqdm.auto import tqdm
+
+            total = max_batches if max_batches is not None else _len_or_none(batches)
+            iterator = tqdm(batches, total=total, desc="calibrating", unit="batch", leave=False)
+        for batch in iterator:
+            forward(model, batch)
+            count += 1
+            if max_batches is not None and count >= max_batches:
+                break
+        if count == 0:
+            raise ValueError("`batches` is empty: calibration needs at least one batch")
+        set_calibrating(model, False)
+
+    unseen = sorted({q.layer_name for q in quantizers if not q.is_ready()})
+    if unseen:
+        warnings.warn(f"calibration never reached these layers, so their activation ranges are "
+                      f"unset: {unseen}", stacklevel=2)
+    return count
+
+
+def _len_or_none(obj: object) -> int | None:
+    try:
+        return len(obj)  # type: ignore[arg-type]
+    except TypeError:
+        return None

@@ -1,0 +1,397 @@
+"""Declarative quantization configs: ``QuantSpec`` (how one tensor is quantized), ``LayerRule``
+(which layers get which specs) and ``QuantConfig`` (an ordered list of rules plus presets).
+
+All three are frozen keyword-only dataclasses validated at construction: a wrong type is a
+``TypeError``, a wrong value a ``ValueError``, each naming the field, the value and what is
+allowed. They round-trip exactly through ``to_dict``/``from_dict`` and YAML/JSON files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from lowbit.registry import LAYERS, OBSERVERS, QUANTIZERS
+
+Granularity = Literal["per_tensor", "per_channel", "per_group"]
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+TARGETS = ("weight", "input", "output")
+CONFIG_VERSION = 1
+
+
+def _check_type(owner: str, name: str, value: Any, types: type | tuple[type, ...]) -> None:
+    # bool is an int subclass; `bits=True` must not pass as 1.
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in _as_tuple(types))
+    if not ok:
+        allowed = " or ".join(t.__name__ for t in _as_tuple(types))
+        raise TypeError(f"{owner}.`{name}` must be {allowed}, got {type(value).__name__} {value!r}")
+
+
+def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+    """How one tensor (a weight, an input or an output) is quantized.
+
+    ``bits`` 1..8 (methods narrow it further); ``symmetric`` fixes the zero point at the grid's
+    middle; ``signed`` picks int vs uint codes (default: signed iff symmetric, so activations
+    default to uint8, the fast path of x86 integer kernels); ``granularity`` is one scale per
+    tensor, per channel (``axis``, default 0 for weights, 1 for activations) or per block of
+    ``group_size`` input channels (weights only). ``observer`` estimates ranges; its parameters
+    use PaddleSlim's names and defaults. ``dynamic`` quantizes an activation from its own
+    min/max at run time (ONNX ``DynamicQuantizeLinear``: uint8, affine, per tensor).
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    signed: bool | None = None
+    granularity: Granularity = "per_tensor"
+    axis: int | None = None
+    group_size: int | None = None
+    narrow_range: bool = False
+    observer: str = "minmax"
+    method: str = "ste"
+    dynamic: bool = False
+    bins: int = 1024
+    upsample_bins: int = 64
+    hist_percent: float = 0.99999
+    moving_rate: float = 0.9
+
+    def __post_init__(self) -> None:
+        o = "QuantSpec"
+        _check_type(o, "bits", self.bits, int)
+        for name in ("symmetric", "narrow_range", "dynamic"):
+            _check_type(o, name, getattr(self, name), bool)
+        if self.signed is not None:
+            _check_type(o, "signed", self.signed, bool)
+        for name in ("granularity", "observer", "method"):
+            _check_type(o, name, getattr(self, name), str)
+        for name in ("axis", "group_size"):
+            if getattr(self, name) is not None:
+                _check_type(o, name, getattr(self, name), int)
+        for name in ("bins", "upsample_bins"):
+            _check_type(o, name, getattr(self, name), int)
+        for name in ("hist_percent", "moving_rate"):
+            _check_type(o, name, getattr(self, name), (float, int))
+
+        if not 1 <= self.bits <= 8:
+            raise ValueError(f"QuantSpec.`bits` must be an integer in 1..8, got {self.bits}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"QuantSpec.`granularity` must be one of {list(GRANULARITIES)}, "
+                f"got {self.granularity!r}"
+            )
+        OBSERVERS.get(self.observer, field="QuantSpec.observer")
+        method = QUANTIZERS.get(self.method, field="QuantSpec.method")
+        allowed_bits = getattr(method, "supported_bits", range(1, 9))
+        if self.bits not in allowed_bits:
+            raise ValueError(
+                f"QuantSpec.`bits` must be one of {list(allowed_bits)} for method "
+                f"{self.method!r}, got {self.bits}"
+            )
+        if self.granularity == "per_group":
+            if self.group_size is None or self.group_size < 1:
+                raise ValueError(
+                    "QuantSpec.`group_size` must be a positive int with granularity='per_group', "
+                    f"got {self.group_size!r}"
+                )
+        elif self.group_size is not None:
+            raise ValueError(
+                f"QuantSpec.`group_size` is only used with granularity='per_group', got "
+                f"group_size={self.group_size} with granularity={self.granularity!r}"
+            )
+        if self.narrow_range and not self.is_signed:
+            raise ValueError("QuantSpec.`narrow_range` needs signed codes (signed=True)")
+        if self.bins < 16:
+            raise ValueError(f"QuantSpec.`bins` must be >= 16, got {self.bins}")
+        if self.upsample_bins < 1:
+            raise ValueError(f"QuantSpec.`upsample_bins` must be >= 1, got {self.upsample_bins}")
+        if not 0.0 < self.hist_percent <= 1.0:
+            raise ValueError(f"QuantSpec.`hist_percent` must be in (0, 1], got {self.hist_percent}")
+        if not 0.0 <= self.moving_rate < 1.0:
+            raise ValueError(f"QuantSpec.`moving_rate` must be in [0, 1), got {self.moving_rate}")
+        if self.dynamic and (self.bits != 8 or self.symmetric or self.is_signed
+                             or self.granularity != "per_tensor"):
+            raise ValueError(
+                "QuantSpec with `dynamic=True` must be 8-bit, unsigned, affine and per_tensor "
+                "(ONNX DynamicQuantizeLinear); set bits=8, symmetric=False, "
+                "granularity='per_tensor'"
+            )
+
+    @property
+    def is_signed(self) -> bool:
+        """Signed codes? Defaults to ``symmetric`` when ``signed`` is not given."""
+        return self.symmetric if self.signed is None else self.signed
+
+    def replace(self, **changes: Any) -> QuantSpec:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Fields that differ from the defaults, plus ``bits`` (compact and editable)."""
+        out: dict[str, Any] = {"bits": self.bits}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "bits" and value != f.default:
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
+        if not isinstance(data, dict):
+            raise TypeError(f"a QuantSpec must be a mapping, got {type(data).__name__} {data!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown QuantSpec field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+
+def _spec_or_none(data: Any) -> QuantSpec | None:
+    return None if data is None else QuantSpec.from_dict(data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerRule:
+    """Which layers a rule selects and the specs it gives them.
+
+    A layer matches when its type is in ``types`` (empty: any type) and its qualified name
+    matches one of ``names`` (empty: any name). Name patterns are globs (``"features.*"``) or,
+    with a ``"re:"`` prefix, regular expressions matched against the whole name. The last
+    matching rule of a config decides all three specs; a rule whose specs are all ``None``
+    keeps the layers it matches in float.
+    """
+
+    types: tuple[str, ...] = ()
+    names: tuple[str, ...] = ()
+    weight: QuantSpec | None = None
+    input: QuantSpec | None = None
+    output: QuantSpec | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("types", "names"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise TypeError(
+                    f"LayerRule.`{name}` must be a list of strings, got the string {value!r}; "
+                    f"write [{value!r}]"
+                )
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(
+                    f"LayerRule.`{name}` must be a list of strings, got {type(value).__name__}"
+                )
+            for item in value:
+                _check_type("LayerRule", name, item, str)
+            object.__setattr__(self, name, tuple(value))
+        for t in self.types:
+            LAYERS.get(t, field="LayerRule.types")
+        for pattern in self.names:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as err:
+                    raise ValueError(
+                        f"LayerRule.`names` has an invalid regex {pattern!r}: {err}"
+                    ) from None
+        for target in TARGETS:
+            spec = getattr(self, target)
+            if spec is not None and not isinstance(spec, QuantSpec):
+                raise TypeError(
+                    f"LayerRule.`{target}` must be a QuantSpec or None, got {type(spec).__name__}"
+                )
+        if self.weight is not None and self.weight.dynamic:
+            raise ValueError("LayerRule.`weight` cannot be dynamic; `dynamic` is for activations")
+        if self.output is not None and self.output.dynamic:
+            raise ValueError(
+                "LayerRule.`output` cannot be dynamic: a dynamic range is only worth computing "
+                "where an integer kernel consumes it, i.e. on a layer's `input`"
+            )
+
+    def matches(self, name: str, type_name: str) -> bool:
+        if self.types and type_name not in self.types:
+            return False
+        return not self.names or any(_name_matches(p, name) for p in self.names)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.types:
+            out["types"] = list(self.types)
+        if self.names:
+            out["names"] = list(self.names)
+        for target in TARGETS:
+            spec = getattr(self, target)
+            out[target] = None if spec is None else spec.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerRule:
+        if not isinstance(data, dict):
+            raise TypeError(f"a LayerRule must be a mapping, got {type(data).__name__}")
+        allowed = {"types", "names", *TARGETS}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ValueError(f"unknown LayerRule field(s) {unknown}; allowed: {sorted(allowed)}")
+        return cls(
+            types=data.get("types", ()),
+            names=data.get("names", ()),
+            **{t: _spec_or_none(data.get(t)) for t in TARGETS},
+        )
+
+
+def _name_matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """An ordered list of ``LayerRule`` (later rules win) and model-level switches.
+
+    ``fuse_bn`` folds Conv→BatchNorm(→ReLU) chains before quantizing, so the quantized weight
+    is the one that will run.
+    """
+
+    rules: tuple[LayerRule, ...] = field(default_factory=tuple)
+    fuse_bn: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rules, LayerRule):
+            raise TypeError("QuantConfig.`rules` must be a list of LayerRule; wrap it: [rule]")
+        if not isinstance(self.rules, (list, tuple)):
+            raise TypeError(
+                f"QuantConfig.`rules` must be a list of LayerRule, got {type(self.rules).__name__}"
+            )
+        for rule in self.rules:
+            if not isinstance(rule, LayerRule):
+                raise TypeError(
+                    f"QuantConfig.`rules` must hold LayerRule objects, got {type(rule).__name__}"
+                )
+        object.__setattr__(self, "rules", tuple(self.rules))
+        _check_type("QuantConfig", "fuse_bn", self.fuse_bn, bool)
+
+    def resolve(self, name: str, type_name: str) -> LayerRule | None:
+        """The last rule that matches a layer, or ``None``."""
+        for rule in reversed(self.rules):
+            if rule.matches(name, type_name):
+                return rule
+        return None
+
+    @classmethod
+    def preset(cls, name: str) -> QuantConfig:
+        """A named ready-made config; ``QuantConfig.presets()`` lists them."""
+        from lowbit.presets import PRESETS
+
+        if not isinstance(name, str):
+            raise TypeError(f"preset name must be a str, got {type(name).__name__}")
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+        return PRESETS[name]()
+
+    @staticmethod
+    def presets() -> list[str]:
+        from lowbit.presets import PRESETS
+
+        return sorted(PRESETS)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": CONFIG_VERSION,
+            "fuse_bn": self.fuse_bn,
+            "rules": [r.to_dict() for r in self.rules],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"a QuantConfig must be a mapping, got {type(data).__name__}")
+        check_version(data, "QuantConfig")
+        unknown = sorted(set(data) - {"version", "fuse_bn", "rules"})
+        if unknown:
+            raise ValueError(f"unknown QuantConfig field(s) {unknown}")
+        return cls(
+            rules=[LayerRule.from_dict(r) for r in data.get("rules", [])],
+            fuse_bn=data.get("fuse_bn", True),
+        )
+
+    def to_file(self, path: str | os.PathLike) -> None:
+        """Write YAML (``.yaml``/``.yml``) or JSON (``.json``), atomically."""
+        write_structured(path, self.to_dict())
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> QuantConfig:
+        return cls.from_dict(read_structured(path))
+
+
+def check_version(data: dict[str, Any], what: str) -> None:
+    version = data.get("version", CONFIG_VERSION)
+    if version != CONFIG_VERSION:
+        raise ValueError(f"{what} file version {version!r} is not supported; expected {CONFIG_VERSION}")
+
+
+def _format_of(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        return "yaml"
+    if suffix == ".json":
+        return "json"
+    raise ValueError(f"`path` must end in .yaml, .yml or .json, got {str(path)!r}")
+
+
+def write_structured(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Write a dict as YAML or JSON (by suffix) through a temp file and a rename."""
+    path = Path(path)
+    fmt = _format_of(path)
+    if fmt == "yaml":
+        import yaml
+
+        text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+    else:
+        text = json.dumps(data, indent=2) + "\n"
+    atomic_write_text(path, text)
+
+
+def read_structured(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    fmt = _format_of(path)
+    text = path.read_text()
+    if fmt == "yaml":
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the target folder, then rename: no half-written file ever."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise ValueError(f"cannot write {str(path)!r}: {err.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,51 @@
+"""``convert``: freeze a calibrated (or trained) quantized model into a deploy model."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+
+from lowbit.deploy import DeployBinary, DeployConv, DeployLinear, DynamicLinear
+from lowbit.fuse import set_module
+from lowbit.nn import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear, _QuantBinary
+
+
+def _deploy_linear(wrapper: Any) -> nn.Module:
+    if wrapper.input_quant is not None and wrapper.input_quant.spec.dynamic:
+        return DynamicLinear(wrapper)
+    return DeployLinear(wrapper)
+
+
+def to_deploy(wrapper: QuantLayer) -> nn.Module:
+    """The deploy module of one Quant wrapper."""
+    for q in wrapper.quantizers():
+        q.qparams()  # raises a clear error for a quantizer that never saw data
+    if isinstance(wrapper, QuantLinear):
+        return _deploy_linear(wrapper)
+    if isinstance(wrapper, (QuantConv1d, QuantConv2d)):
+        return DeployConv(wrapper)
+    if isinstance(wrapper, _QuantBinary):
+        return DeployBinary(wrapper)
+    raise NotImplementedError(f"no deploy form for {type(wrapper).__name__}")  # pragma: no cover
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """A deploy copy of ``model``: integer weight codes, frozen scales, eval mode.
+
+    ``model`` itself is left untouched. Raises ``ValueError`` naming the layer when an
+    activation quantizer has no range (the model was not calibrated or trained).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(isinstance(m, QuantLayer) for m in model.modules()):
+        raise ValueError("`model` has no lowbit Quant layers; call lowbit.quantize (and "
+                         "lowbit.calibrate) first")
+    deployed = copy.deepcopy(model)
+    if isinstance(deployed, QuantLayer):
+        return to_deploy(deployed).eval()
+    for name, module in list(deployed.named_modules()):
+        if isinstance(module, QuantLayer):
+            set_module(deployed, name, to_deploy(module))
+    return deployed.eval()

@@ -1,0 +1,194 @@
+"""Deploy modules: integer weights and frozen scales, computed with ONNX-exact ops.
+
+``lowbit.convert`` builds these from the Quant wrappers. Their forward runs ``lowbit.ops``
+(QuantizeLinear / DequantizeLinear / DynamicQuantizeLinear+MatMulInteger semantics), so the
+torch model and its ONNX export agree on every integer code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.ops import dequantize_linear, dynamic_linear, quantize_linear
+from lowbit.quantizers import QParams
+
+
+class QuantizeDequantize(nn.Module):
+    """A frozen activation quantizer: ``DequantizeLinear(QuantizeLinear(x))``."""
+
+    def __init__(self, qparams: QParams) -> None:
+        super().__init__()
+        grid = qparams.grid
+        self.grid = grid
+        self.axis = 1 if qparams.axis is None else qparams.axis
+        self.register_buffer("scale", qparams.scale.float())
+        self.register_buffer("zero_point", qparams.zero_point.to(grid.storage_dtype))
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize_linear(x, self.scale, self.zero_point, self.axis, self.grid.qmin,
+                               self.grid.qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dequantize_linear(self.codes(x), self.scale, self.zero_point, self.axis, 0)
+
+    def qparams(self) -> QParams:
+        axis = None if self.scale.dim() == 0 else self.axis
+        return QParams(self.scale, self.zero_point, self.grid, axis)
+
+    def extra_repr(self) -> str:
+        kind = "int" if self.grid.signed else "uint"
+        return f"{kind}{self.grid.bits}, scale shape={tuple(self.scale.shape)}"
+
+
+def _qdq(quantizer: Any) -> QuantizeDequantize | None:
+    return None if quantizer is None else QuantizeDequantize(quantizer.qparams())
+
+
+def _run(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    return x if module is None else module(x)
+
+
+class IntWeight(nn.Module):
+    """Integer weight codes with their scale and zero point (per tensor, channel or block)."""
+
+    def __init__(self, weight: torch.Tensor, qparams: QParams) -> None:
+        super().__init__()
+        from lowbit.numerics import quantize
+
+        self.grid = qparams.grid
+        self.axis = 0 if qparams.axis is None else qparams.axis
+        self.block_size = qparams.group_size or 0
+        codes = quantize(weight.detach().float(), qparams.scale, qparams.zero_point, qparams.grid,
+                         qparams.axis, qparams.group_size)
+        scale, zero_point = qparams.scale.float(), qparams.zero_point
+        if self.block_size:
+            # ONNX blocked DequantizeLinear wants scale with the weight's rank.
+            extra = (1,) * (weight.dim() - 2)
+            shape = (*scale.shape, *weight.shape[2:])
+            scale = scale.reshape(*scale.shape, *extra).expand(shape).contiguous()
+            zero_point = zero_point.reshape(*zero_point.shape, *extra).expand(shape).contiguous()
+        self.register_buffer("codes", codes.to(self.grid.storage_dtype))
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point.to(self.grid.storage_dtype))
+
+    def forward(self) -> torch.Tensor:
+        return dequantize_linear(self.codes, self.scale, self.zero_point, self.axis,
+                                 self.block_size)
+
+    def qparams(self) -> QParams:
+        axis = None if self.scale.dim() == 0 else self.axis
+        return QParams(self.scale, self.zero_point, self.grid, axis, self.block_size or None)
+
+    def extra_repr(self) -> str:
+        kind = "int" if self.grid.signed else "uint"
+        return f"{kind}{self.grid.bits}, shape={tuple(self.codes.shape)}"
+
+
+class DeployLayer(nn.Module):
+    """Common parts: optional input/output quantizers, a fused activation, a float bias."""
+
+    def __init__(self, wrapper: Any) -> None:
+        super().__init__()
+        self.layer_name = wrapper.layer_name
+        self.input_qdq = _qdq(wrapper.input_quant)
+        self.output_qdq = _qdq(wrapper.output_quant)
+        self.activation = wrapper.activation
+        weight = wrapper.weight.detach()
+        if wrapper.weight_quant is not None:
+            self.weight = IntWeight(weight, wrapper.weight_quant.qparams())
+        else:
+            self.register_buffer("float_weight", weight.clone())
+            self.weight = None
+        bias = wrapper.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.float_weight if self.weight is None else self.weight()
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        if self.activation is not None:
+            y = self.activation(y)
+        return _run(self.output_qdq, y)
+
+
+class DeployLinear(DeployLayer):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _run(self.input_qdq, x)
+        return self.finish(F.linear(x, self.dequantized_weight(), self.bias))
+
+
+class DeployConv(DeployLayer):
+    def __init__(self, wrapper: Any) -> None:
+        super().__init__(wrapper)
+        self.dims = wrapper.weight.dim() - 2
+        self.stride, self.dilation, self.groups = wrapper.stride, wrapper.dilation, wrapper.groups
+        self.padding, self.padding_mode = wrapper.padding, wrapper.padding_mode
+        self._pad = wrapper._reversed_padding_repeated_twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _run(self.input_qdq, x)
+        conv = F.conv1d if self.dims == 1 else F.conv2d
+        padding: Any = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._pad, mode=self.padding_mode)
+            padding = 0
+        y = conv(x, self.dequantized_weight(), self.bias, self.stride, padding, self.dilation,
+                 self.groups)
+        return self.finish(y)
+
+
+class DynamicLinear(nn.Module):
+    """Linear with int8 weights whose input is quantized at run time (``dynamic=True``)."""
+
+    def __init__(self, wrapper: Any) -> None:
+        super().__init__()
+        self.layer_name = wrapper.layer_name
+        qparams = wrapper.weight_quant.qparams()
+        if qparams.group_size is not None or qparams.grid.bits != 8 or not qparams.grid.signed:
+            raise NotImplementedError(
+                f"layer {wrapper.layer_name!r}: dynamic inputs need int8 signed weights per "
+                "tensor or per channel (ONNX MatMulInteger)"
+            )
+        weight = IntWeight(wrapper.weight.detach(), qparams)
+        self.grid = qparams.grid
+        self.register_buffer("weight_t", weight.codes.t().contiguous())  # (in, out) for MatMul
+        self.register_buffer("weight_scale", weight.scale)
+        self.register_buffer("weight_zero_point", weight.zero_point)
+        self.register_buffer("bias", wrapper.bias.detach().clone() if wrapper.bias is not None
+                             else torch.zeros(wrapper.out_features))
+        self.activation = wrapper.activation
+        self.output_qdq = _qdq(wrapper.output_quant)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = dynamic_linear(x, self.weight_t, self.weight_scale, self.weight_zero_point, self.bias)
+        if self.activation is not None:
+            y = self.activation(y)
+        return _run(self.output_qdq, y)
+
+    def weight_qparams(self) -> QParams:
+        axis = None if self.weight_scale.dim() == 0 else 0
+        return QParams(self.weight_scale, self.weight_zero_point, self.grid, axis)
+
+
+class DeployBinary(nn.Module):
+    """Deploy form of ``QuantAdd`` / ``QuantMatMul``."""
+
+    def __init__(self, wrapper: Any) -> None:
+        super().__init__()
+        self.layer_name = wrapper.layer_name
+        self.input_qdq = _qdq(wrapper.input_quant)
+        self.other_qdq = _qdq(wrapper.other_quant)
+        self.output_qdq = _qdq(wrapper.output_quant)
+        self.op = wrapper.op_name
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = _run(self.input_qdq, a), _run(self.other_qdq, b)
+        y = a + b if self.op == "add" else torch.matmul(a, b)
+        return _run(self.output_qdq, y)
+
+    def extra_repr(self) -> str:
+        return f"op={self.op}"

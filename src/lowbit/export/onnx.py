@@ -1,0 +1,163 @@
+"""``export_onnx``: a deploy model to a QDQ ONNX file with integer initializers, verified in
+ONNX Runtime.
+
+The deploy modules compute with ``lowbit.ops``; the dynamo exporter maps those ops one-to-one
+onto ``QuantizeLinear`` / ``DequantizeLinear`` / ``DynamicQuantizeLinear`` + ``MatMulInteger``,
+so weight codes land in the file as int8 initializers (the file shrinks ~4x) and ONNX Runtime
+fuses ``DQ → Conv/MatMul → Q`` into its integer kernels. Every file is written to a temp name
+and renamed, so a failed export leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.config import atomic_write_text
+from lowbit.deploy import IntWeight
+from lowbit.export.encoding import WeightDtype, resolve_weight_dtype, with_unsigned_weights
+from lowbit.export.params import quant_params_json, save_packed_weights
+from lowbit.export.report import ExportReport
+from lowbit.export.verify import verify
+from lowbit.nn import QuantLayer
+from lowbit.ops import translation_table
+
+DEFAULT_OPSET = 18
+BLOCKED_OPSET = 21  # DequantizeLinear with block_size
+
+
+def side_paths(path: Path) -> tuple[Path, Path]:
+    """``model.onnx`` → ``model.quant_params.json``, ``model.weights.safetensors``."""
+    stem = path.name[:-5] if path.name.endswith(".onnx") else path.name
+    return path.with_name(f"{stem}.quant_params.json"), path.with_name(f"{stem}.weights.safetensors")
+
+
+def _check_args(model: Any, path: Any, example_inputs: Any) -> Path:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if any(isinstance(m, QuantLayer) for m in model.modules()):
+        raise ValueError("`model` still holds fake-quant layers; export the deploy model: "
+                         "lowbit.export_onnx(lowbit.convert(qm), ...)")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a str or os.PathLike, got {type(path).__name__}")
+    if not isinstance(example_inputs, (tuple, list)):
+        raise TypeError("`example_inputs` must be a tuple of the model's positional inputs, "
+                        f"got {type(example_inputs).__name__}; write (x,)")
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"`path` {str(path)!r}: folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"`path` {str(path)!r}: folder {str(folder)!r} is not writable")
+    return path
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_inputs: Sequence[Any],
+    *,
+    opset: int | None = None,
+    dynamic_shapes: Any = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    verify_inputs: Sequence[Sequence[Any]] | None = None,
+    float_layers: dict[str, str] | None = None,
+    weight_dtype: WeightDtype = "auto",
+    threads: int | None = None,
+) -> ExportReport:
+    """Export ``model`` (from ``lowbit.convert``) to ``path`` and check it in ONNX Runtime.
+
+    Writes ``path``, ``<stem>.quant_params.json`` and ``<stem>.weights.safetensors``. The model
+    is run in ONNX Runtime on ``example_inputs`` (and each tuple in ``verify_inputs``) and
+    compared with ``model``: the report gives the share of identical integer codes over every
+    quantized activation and the largest output difference in LSBs. ``dynamic_shapes`` is
+    passed to ``torch.onnx.export`` (e.g. ``({0: torch.export.Dim("batch")},)``).
+    ``weight_dtype`` stores 8-bit weight codes as int8 or as uint8 (+128): the same values,
+    but a different ONNX Runtime kernel; ``"auto"`` avoids the u8s8 kernels on x86 CPUs
+    without VNNI, where they saturate (see ``lowbit.export.encoding``).
+    """
+    path = _check_args(model, path, example_inputs)
+    storage, storage_reason = resolve_weight_dtype(weight_dtype)
+    source = model
+    if storage == "uint8":
+        model = with_unsigned_weights(model)
+    example_inputs = tuple(example_inputs)
+    blocked = any(isinstance(m, IntWeight) and m.block_size for m in model.modules())
+    if opset is None:
+        opset = BLOCKED_OPSET if blocked else DEFAULT_OPSET
+    if blocked and opset < BLOCKED_OPSET:
+        raise ValueError(f"`opset` must be >= {BLOCKED_OPSET} for per-group weights, got {opset}")
+    plan = getattr(source, "lowbit_plan", None)
+    if float_layers is None:
+        float_layers = plan.float_layers if plan is not None else {}
+
+    params_path, weights_path = side_paths(path)
+    was_training = source.training
+    tmp_dir = tempfile.mkdtemp(prefix=".lowbit-export-", dir=path.parent)
+    tmp = Path(tmp_dir) / path.name
+    try:
+        model.eval()
+        _torch_export(model, example_inputs, tmp, opset, dynamic_shapes, input_names,
+                      output_names)
+        import onnx
+
+        proto = strip_metadata(onnx.load(str(tmp)))
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+        parity = verify(model, tmp, [example_inputs, *[tuple(b) for b in verify_inputs or ()]],
+                        threads=threads)
+        atomic_write_text(params_path, quant_params_json(model, float_layers, path.name, opset))
+        save_packed_weights(model, weights_path)
+        os.replace(tmp, path)
+    finally:
+        source.train(was_training)
+        for leftover in Path(tmp_dir).glob("*"):
+            leftover.unlink()
+        os.rmdir(tmp_dir)
+
+    report = ExportReport.build(model, path, params_path, weights_path, opset, parity,
+                                float_layers, f"{storage} ({storage_reason})")
+    if parity.output_max_lsb is not None and parity.output_max_lsb > 1.0:
+        warnings.warn(f"ONNX Runtime output differs from the torch deploy model by up to "
+                      f"{parity.output_max_lsb:.1f} LSB; see the report", stacklevel=2)
+    return report
+
+
+def strip_metadata(proto: Any) -> Any:
+    """Drop the exporter's per-node debug metadata (stack traces, source names): on small
+    models it is most of the file."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del proto.graph.value_info[:]
+    return proto
+
+
+def _torch_export(model: nn.Module, inputs: tuple[Any, ...], out: Path, opset: int,
+                  dynamic_shapes: Any, input_names: Any, output_names: Any) -> None:
+    # The exporter prints progress lines and warns about its own internals; keep them out of the
+    # user's console unless it fails, in which case the captured text is part of the error.
+    log = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model, inputs, dynamo=True, opset_version=opset, verbose=False,
+                custom_translation_table=translation_table(opset),
+                dynamic_shapes=dynamic_shapes,
+                input_names=list(input_names) if input_names else None,
+                output_names=list(output_names) if output_names else None,
+            )
+            program.save(str(out))
+    except Exception as err:
+        raise RuntimeError(f"torch.onnx.export failed: {err}\n{log.getvalue()[-2000:]}") from err

@@ -1,0 +1,65 @@
+"""What an export produced: files and sizes, ONNX Runtime parity, what stayed float."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from lowbit.deploy import IntWeight
+from lowbit.export.verify import Parity
+
+
+@dataclass
+class ExportReport:
+    onnx_path: Path
+    params_path: Path
+    weights_path: Path
+    opset: int
+    onnx_bytes: int
+    float_bytes: int  # the same graph with float32 weights (estimated from the codes' count)
+    parity: Parity
+    float_layers: dict[str, str] = field(default_factory=dict)
+    weight_storage: str = "int8"
+
+    @property
+    def size_ratio(self) -> float:
+        return self.onnx_bytes / self.float_bytes if self.float_bytes else 1.0
+
+    @classmethod
+    def build(cls, model: nn.Module, path: Path, params: Path, weights: Path, opset: int,
+              parity: Parity, float_layers: dict[str, str], weight_storage: str) -> ExportReport:
+        size = path.stat().st_size
+        codes = sum(m.codes.numel() for m in model.modules() if isinstance(m, IntWeight))
+        codes += sum(b.numel() for n, b in model.named_buffers() if n.endswith("weight_t"))
+        return cls(path, params, weights, opset, size, size + 3 * codes, parity,
+                   dict(float_layers), weight_storage)
+
+    def __str__(self) -> str:
+        p = self.parity
+        codes = ("n/a (no quantized activations)" if p.codes_identical is None else
+                 f"{100 * p.codes_identical:.3f}% identical ({p.codes_total} codes, "
+                 f"{p.tensors_compared} tensors)")
+        lines = [
+            f"ONNX file      {self.onnx_path}  (opset {self.opset})",
+            f"size           {self.onnx_bytes / 1024:.1f} KiB vs ~{self.float_bytes / 1024:.1f} "
+            f"KiB float32 ({self.size_ratio:.2f}x)",
+            f"8-bit weights  {self.weight_storage}",
+            f"quant params   {self.params_path}",
+            f"packed weights {self.weights_path}",
+            f"ORT parity     codes {codes}",
+            f"               output max |diff| {p.output_max_abs:.3g} = "
+            f"{(p.output_max_lsb or 0):.2f} LSB ({p.lsb_unit})",
+        ]
+        if p.worst_layers:
+            worst = ", ".join(f"{n} {100 * s:.2f}%" for n, s in p.worst_layers)
+            lines.append(f"               codes differing most: {worst}")
+        if p.unmatched:
+            lines.append(f"               not compared: {', '.join(p.unmatched)}")
+        if self.float_layers:
+            lines.append("float layers   " + "; ".join(f"{n}: {why}" for n, why in
+                                                        self.float_layers.items()))
+        else:
+            lines.append("float layers   none")
+        return "\n".join(lines)

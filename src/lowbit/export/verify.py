@@ -1,0 +1,193 @@
+"""Run an exported file in ONNX Runtime and compare it with the torch deploy model.
+
+Two figures: (1) the largest difference between ONNX Runtime's outputs (the shipped file, with
+its fused integer kernels) and the torch model's, in LSBs; (2) the share of identical integer
+codes over every quantized activation — read from a copy of the file whose QuantizeLinear /
+DynamicQuantizeLinear outputs are exposed as graph outputs, matched to the torch quantizers by
+their scale initializer names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowbit.deploy import DynamicLinear, QuantizeDequantize
+from lowbit.numerics import dynamic_qparams
+
+
+@dataclass
+class Parity:
+    """How closely ONNX Runtime reproduces the torch deploy model."""
+
+    codes_identical: float | None = None  # share of identical integer codes (None: none found)
+    codes_total: int = 0
+    tensors_compared: int = 0
+    output_max_abs: float = 0.0
+    output_max_lsb: float | None = None
+    lsb_unit: str = ""
+    unmatched: list[str] = field(default_factory=list)
+    worst_layers: list[tuple[str, float]] = field(default_factory=list)  # (name, share differing)
+
+
+def _flatten(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flatten(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _flatten(o)]
+    return []
+
+
+def session(path: str | Path, threads: int | None = None, model: Any = None):  # noqa: ANN201
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    source = str(path) if model is None else model.SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def feed(sess: Any, inputs: Sequence[Any]) -> dict[str, np.ndarray]:
+    tensors = [t for t in _flatten(list(inputs))]
+    names = [i.name for i in sess.get_inputs()]
+    if len(names) != len(tensors):
+        raise ValueError(f"the ONNX model takes {len(names)} inputs, got {len(tensors)} tensors")
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
+
+
+class _CodeRecorder:
+    """Forward hooks that record the integer codes each torch quantizer produces."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.codes: dict[str, list[np.ndarray]] = {}
+        self.outputs: dict[int, float] = {}
+        self.handles = []
+        for name, m in model.named_modules():
+            if isinstance(m, QuantizeDequantize):
+                self.handles.append(m.register_forward_hook(self._qdq_hook(name)))
+            elif isinstance(m, DynamicLinear):
+                self.handles.append(m.register_forward_hook(self._dynamic_hook(name)))
+
+    def _qdq_hook(self, name: str):  # noqa: ANN202
+        def hook(m: QuantizeDequantize, args: tuple, out: torch.Tensor) -> None:
+            self.codes.setdefault(f"{name}.scale", []).append(m.codes(args[0]).numpy())
+            if m.scale.dim() == 0:
+                self.outputs[id(out)] = float(m.scale)
+        return hook
+
+    def _dynamic_hook(self, name: str):  # noqa: ANN202
+        def hook(m: DynamicLinear, args: tuple, out: torch.Tensor) -> None:
+            x = args[0]
+            scale, zp = dynamic_qparams(x)
+            q = torch.clamp(torch.round(x / scale) + zp, 0, 255).to(torch.uint8)
+            self.codes.setdefault(f"{name}.weight_t", []).append(q.numpy())
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _debug_model(path: Path) -> tuple[Any, dict[str, str]]:
+    """A copy of the model exposing each quantizer's codes; ``{output: torch key}``."""
+    import onnx
+
+    model = onnx.load(str(path))
+    keys: dict[str, str] = {}
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    existing = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            key = node.input[1]
+        elif node.op_type == "DynamicQuantizeLinear":
+            users = [n for n in consumers.get(node.output[0], []) if n.op_type == "MatMulInteger"]
+            if not users:
+                continue
+            key = users[0].input[1]
+        else:
+            continue
+        out = node.output[0]
+        keys[out] = key
+        if out not in existing:
+            model.graph.output.append(onnx.ValueInfoProto(name=out))
+    return model, keys
+
+
+@torch.no_grad()
+def verify(model: nn.Module, path: Path, input_sets: Sequence[Sequence[Any]],
+           threads: int | None = None) -> Parity:
+    parity = Parity()
+    shipped = session(path, threads)
+    debug_proto, keys = _debug_model(path)
+    debug = session(path, threads, model=debug_proto) if keys else None
+    debug_names = [o.name for o in debug.get_outputs()] if debug else []
+
+    same = total = 0
+    per_key: dict[str, list[int]] = {}
+    max_lsb = 0.0
+    units = set()
+    for inputs in input_sets:
+        recorder = _CodeRecorder(model)
+        try:
+            ref = _flatten(model(*inputs))
+        finally:
+            recorder.close()
+        got = shipped.run(None, feed(shipped, inputs))
+        for r, g in zip(ref, got):
+            diff = np.abs(r.numpy().astype(np.float64) - g.astype(np.float64))
+            worst = float(diff.max()) if diff.size else 0.0
+            parity.output_max_abs = max(parity.output_max_abs, worst)
+            unit = recorder.outputs.get(id(r))
+            if unit is None:
+                amax = float(r.abs().max()) if r.numel() else 0.0
+                unit = amax / 127 if amax > 0 else 1.0
+                units.add("int8 step of the output's range (max|y|/127; the output is float)")
+            else:
+                units.add("the output quantizer's scale")
+            max_lsb = max(max_lsb, worst / unit)
+        if debug is None:
+            continue
+        outs = dict(zip(debug_names, debug.run(None, feed(debug, inputs))))
+        seen: dict[str, int] = {}
+        for out_name, key in keys.items():
+            torch_codes = recorder.codes.get(key)
+            if not torch_codes:
+                if key not in parity.unmatched:
+                    parity.unmatched.append(key)
+                continue
+            i = seen.get(key, 0)
+            seen[key] = i + 1
+            if i >= len(torch_codes):
+                continue
+            a, b = torch_codes[i], outs[out_name]
+            if a.shape != b.shape:
+                parity.unmatched.append(key)
+                continue
+            n_same = int((a == b).sum())
+            same += n_same
+            total += a.size
+            stats = per_key.setdefault(key, [0, 0])
+            stats[0] += a.size - n_same
+            stats[1] += a.size
+    parity.codes_total = total
+    parity.tensors_compared = len(per_key)
+    parity.codes_identical = same / total if total else None
+    parity.output_max_lsb = max_lsb
+    parity.lsb_unit = "; ".join(sorted(units))
+    worst = sorted(((k.rsplit(".", 1)[0], d / n) for k, (d, n) in per_key.items() if d), key=lambda
+                   kv: -kv[1])
+    parity.worst_layers = worst[:5]
+    return parity

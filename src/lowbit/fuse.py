@@ -1,0 +1,151 @@
+"""Find and fold Conv/Linear → BatchNorm (→ ReLU) chains before quantization.
+
+Inference folding (ALGORITHMS.md §1): ``W' = W·γ/σ``, ``b' = β + (b − μ)·γ/σ`` with
+``σ = sqrt(running_var + eps)``. A folded ReLU moves into the quant wrapper (``activation``) so
+that the output quantizer, if any, sees post-ReLU values.
+
+Chains are found with ``torch.fx`` when the model traces (any wiring, as long as the conv's
+output feeds only the BN); otherwise from adjacent children of ``nn.Sequential`` containers.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import fx, nn
+
+FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+ACTIVATIONS = (nn.ReLU,)
+
+Chain = tuple[str, ...]
+
+
+def find_chains(model: nn.Module) -> list[Chain]:
+    """Qualified names of (layer, bn) or (layer, bn, relu) chains to fold, in model order."""
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - any trace failure means: fall back to Sequential order
+        return _sequential_chains(model)
+    return _graph_chains(model, graph)
+
+
+def _graph_chains(model: nn.Module, graph: fx.Graph) -> list[Chain]:
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+
+    def single_module_user(node: fx.Node, types: tuple[type, ...]) -> fx.Node | None:
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module":
+            return None
+        user = users[0]
+        # A module called from several places (a shared ReLU) cannot move into one layer.
+        if calls[str(user.target)] != 1:
+            return None
+        return user if isinstance(modules.get(user.target), types) else None
+
+    chains: list[Chain] = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), FOLDABLE):
+            continue
+        if calls[str(node.target)] != 1:
+            continue
+        bn = single_module_user(node, NORMS)
+        if bn is None or not _compatible(modules[node.target], modules[bn.target]):
+            continue
+        act = single_module_user(bn, ACTIVATIONS)
+        chain = (node.target, bn.target) + ((act.target,) if act is not None else ())
+        chains.append(tuple(str(n) for n in chain))
+    return _unique(chains)
+
+
+def _sequential_chains(model: nn.Module) -> list[Chain]:
+    chains: list[Chain] = []
+    for prefix, container in model.named_modules():
+        if not isinstance(container, nn.Sequential):
+            continue
+        items = list(container.named_children())
+        for i, (name, layer) in enumerate(items[:-1]):
+            bn_name, bn = items[i + 1]
+            if not isinstance(layer, FOLDABLE) or not isinstance(bn, NORMS):
+                continue
+            if not _compatible(layer, bn):
+                continue
+            chain = [name, bn_name]
+            if i + 2 < len(items) and isinstance(items[i + 2][1], ACTIVATIONS):
+                chain.append(items[i + 2][0])
+            chains.append(tuple(f"{prefix}.{c}" if prefix else c for c in chain))
+    return chains
+
+
+def _unique(chains: list[Chain]) -> list[Chain]:
+    # A BN shared by two paths (module reuse) must not be folded twice.
+    seen: set[str] = set()
+    out = []
+    for chain in chains:
+        if not seen.intersection(chain):
+            out.append(chain)
+            seen.update(chain)
+    return out
+
+
+def _compatible(layer: nn.Module, bn: nn.Module) -> bool:
+    out = layer.out_channels if isinstance(layer, (nn.Conv1d, nn.Conv2d)) else layer.out_features
+    return bn.num_features == out and bn.track_running_stats and bn.running_mean is not None
+
+
+@torch.no_grad()
+def fold_bn(layer: nn.Module, bn: nn.Module) -> None:
+    """Fold an inference-mode BatchNorm into ``layer``'s weight and bias, in place."""
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.affine else torch.ones_like(std)
+    beta = bn.bias if bn.affine else torch.zeros_like(std)
+    k = gamma / std  # (C_out,)
+    weight = layer.weight
+    layer.weight = nn.Parameter(weight * k.reshape(-1, *([1] * (weight.dim() - 1))))
+    bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+    layer.bias = nn.Parameter(beta + (bias - bn.running_mean) * k)
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def apply_chains(
+    model: nn.Module, chains: list[Chain], take_activation: set[str]
+) -> dict[str, nn.Module]:
+    """Fold each chain in ``model`` (in place); the BN becomes ``nn.Identity``.
+
+    For chains whose layer is in ``take_activation`` the ReLU is detached too (replaced by
+    ``nn.Identity``) and returned as ``{layer_name: relu}``, for the quant wrapper to own.
+    """
+    activations: dict[str, nn.Module] = {}
+    for chain in chains:
+        try:
+            layer, bn = get_module(model, chain[0]), get_module(model, chain[1])
+        except AttributeError as err:
+            raise ValueError(f"fusion {list(chain)} names a module the model lacks: {err}") from None
+        if not isinstance(layer, FOLDABLE) or not isinstance(bn, NORMS):
+            raise ValueError(
+                f"fusion {list(chain)} must start with a Conv1d/Conv2d/Linear followed by a "
+                f"BatchNorm, got {type(layer).__name__} and {type(bn).__name__}"
+            )
+        fold_bn(layer, bn)
+        set_module(model, chain[1], nn.Identity())
+        if len(chain) > 2 and chain[0] in take_activation:
+            activations[chain[0]] = get_module(model, chain[2])
+            set_module(model, chain[2], nn.Identity())
+    if any(isinstance(m, NORMS) and m.training for m in model.modules()) and chains:
+        warnings.warn("BatchNorm layers were folded with their running statistics although the "
+                      "model is in training mode", stacklevel=3)
+    return activations

@@ -1,0 +1,125 @@
+"""Torch custom ops with the exact semantics of ONNX's quantization operators.
+
+Deploy modules (``lowbit.convert``) compute with these ops, so eager PyTorch and ONNX Runtime run
+the same arithmetic, and the exporter maps each op one-to-one onto ONNX nodes
+(``translation_table``): integer weights stay integer initializers feeding ``DequantizeLinear``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import onnxscript
+import torch
+
+from lowbit.numerics import dequantize, dynamic_qparams
+
+# ---------------------------------------------------------------------------- eager semantics
+
+
+def _expand(p: torch.Tensor, x: torch.Tensor, axis: int, block_size: int) -> torch.Tensor:
+    if p.dim() == 0:
+        return p
+    axis = axis % x.dim()
+    if block_size > 0:
+        p = p.repeat_interleave(block_size, dim=axis)
+        return p
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return p.reshape(shape)
+
+
+@torch.library.custom_op("lowbit::quantize_linear", mutates_args=())
+def quantize_linear(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int, qmin: int, qmax: int
+) -> torch.Tensor:
+    """ONNX QuantizeLinear (codes in ``zero_point``'s dtype), saturating to ``[qmin, qmax]``."""
+    q = torch.round(x / _expand(scale, x, axis, 0)) + _expand(zero_point, x, axis, 0).float()
+    return q.clamp(qmin, qmax).to(zero_point.dtype)
+
+
+@quantize_linear.register_fake
+def _(x, scale, zero_point, axis, qmin, qmax):  # noqa: ANN001, ANN202
+    return torch.empty_like(x, dtype=zero_point.dtype)
+
+
+@torch.library.custom_op("lowbit::dequantize_linear", mutates_args=())
+def dequantize_linear(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int, block_size: int
+) -> torch.Tensor:
+    """ONNX DequantizeLinear; ``block_size > 0`` is opset 21's blocked form."""
+    s = _expand(scale, q, axis, block_size)
+    z = _expand(zero_point, q, axis, block_size)
+    return (q.float() - z.float()) * s
+
+
+@dequantize_linear.register_fake
+def _(q, scale, zero_point, axis, block_size):  # noqa: ANN001, ANN202
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+@torch.library.custom_op("lowbit::dynamic_linear", mutates_args=())
+def dynamic_linear(
+    x: torch.Tensor, weight_t: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """``DynamicQuantizeLinear(x) → MatMulInteger(·, weight_t) → ·(x_scale·w_scale) + bias``.
+
+    ``weight_t`` is ``(in, out)`` int8 codes. The integer product is exact (float64 holds every
+    int32 sum), so the result equals ONNX Runtime's.
+    """
+    x_scale, x_zero_point = dynamic_qparams(x)
+    xq = torch.clamp(torch.round(x / x_scale) + x_zero_point, 0, 255)
+    acc = (xq.double() - x_zero_point.double()) @ dequantize(weight_t, torch.ones(()),
+                                                             w_zero_point).double()
+    return acc.float() * (x_scale * w_scale) + bias
+
+
+@dynamic_linear.register_fake
+def _(x, weight_t, w_scale, w_zero_point, bias):  # noqa: ANN001, ANN202
+    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
+
+
+# ---------------------------------------------------------------------------- ONNX translation
+
+_OPSETS = {v: getattr(onnxscript, f"opset{v}") for v in range(13, 24)
+           if hasattr(onnxscript, f"opset{v}")}
+
+
+def translation_table(opset: int) -> dict[Any, Any]:
+    """``custom_translation_table`` for ``torch.onnx.export(dynamo=True)`` at ``opset``."""
+    if opset not in _OPSETS:
+        raise ValueError(f"`opset` must be one of {sorted(_OPSETS)}, got {opset!r}")
+    op = _OPSETS[opset]
+
+    def q_linear(x, scale, zero_point, axis: int, qmin: int, qmax: int):  # noqa: ANN001, ANN202
+        q = op.QuantizeLinear(x, scale, zero_point, axis=axis)
+        # Grids narrower than the storage type (4-bit codes in int8, narrow range) saturate
+        # with an integer Clip; full 8-bit grids need none.
+        return _clip(op, q, zero_point, qmin, qmax)
+
+    def dq_linear(q, scale, zero_point, axis: int, block_size: int):  # noqa: ANN001, ANN202
+        if block_size > 0:
+            return op.DequantizeLinear(q, scale, zero_point, axis=axis, block_size=block_size)
+        return op.DequantizeLinear(q, scale, zero_point, axis=axis)
+
+    def dyn_linear(x, weight_t, w_scale, w_zero_point, bias):  # noqa: ANN001, ANN202
+        xq, x_scale, x_zero_point = op.DynamicQuantizeLinear(x)
+        acc = op.MatMulInteger(xq, weight_t, x_zero_point, w_zero_point)
+        y = op.Mul(op.Cast(acc, to=1), op.Mul(x_scale, w_scale))
+        return op.Add(y, bias)
+
+    return {
+        torch.ops.lowbit.quantize_linear.default: q_linear,
+        torch.ops.lowbit.dequantize_linear.default: dq_linear,
+        torch.ops.lowbit.dynamic_linear.default: dyn_linear,
+    }
+
+
+def _clip(op: Any, q: Any, zero_point: Any, qmin: int, qmax: int) -> Any:
+    # onnxscript traces this Python: the branch is decided at export time, per node.
+    if (qmin, qmax) in ((-128, 127), (0, 255)):
+        return q
+    lo = op.CastLike(op.Constant(value_int=qmin), zero_point)
+    hi = op.CastLike(op.Constant(value_int=qmax), zero_point)
+    return op.Clip(q, lo, hi)

@@ -1,0 +1,117 @@
+"""Uniform fake quantization with observed ranges (method ``"ste"``).
+
+Post-training quantization uses it with any observer; quantization-aware training (Jacob et
+al.) uses the same module in ``train()`` mode, where weight ranges follow the current weights
+and activation ranges follow the observer (``ema`` for moving averages). The gradient is the
+straight-through estimator, zero where values saturate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lowbit.config import QuantSpec
+from lowbit.numerics import dynamic_qparams, fake_quantize, qparams_from_range
+from lowbit.quantizers.base import QParams, Quantizer, Role
+from lowbit.registry import OBSERVERS, QUANTIZERS
+
+
+def to_rows(x: torch.Tensor, axis: int | None, group_size: int | None) -> torch.Tensor:
+    """View ``x`` as ``(rows, values)``: one row per scale the quantizer will hold."""
+    if axis is None:
+        return x.reshape(1, -1)
+    if group_size is not None:
+        out, inp = x.shape[0], x.shape[1]
+        blocks = x.reshape(out, inp // group_size, group_size, -1)  # (O, I/G, G, rest)
+        return blocks.reshape(out * (inp // group_size), -1)
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
+@QUANTIZERS.register("ste")
+class UniformQuantizer(Quantizer):
+    """Observer-driven uniform quantizer: ranges in, scale and zero point out."""
+
+    supported_bits = tuple(range(1, 9))
+
+    def __init__(self, spec: QuantSpec, *, role: Role, axis: int | None) -> None:
+        super().__init__(spec, role=role, axis=axis)
+        self.observer = OBSERVERS.get(spec.observer, field="QuantSpec.observer")(spec)
+        # Shapes are set on the first freeze (they depend on the tensor); see _load_from_state_dict.
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.dynamic:
+            scale, zero_point = dynamic_qparams(x)
+            return fake_quantize(x, scale, zero_point, self.grid)
+        if self.training or self.observing:
+            self.observe(x)
+            if self.training:
+                self.freeze()
+        if self.observing or not bool(self.initialized):
+            return x
+        return fake_quantize(x, self.scale, self.zero_point, self.grid, self.axis, self.group_size)
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Feed ``x`` to the observer (weights: their current value only)."""
+        if not bool(torch.isfinite(x).all()):
+            where = f"layer {self.layer_name!r}" if self.layer_name else "a layer"
+            raise ValueError(f"the {self.role} of {where} holds NaN or Inf values; "
+                             "check the calibration data and the model's float output")
+        if self.role == "weight":
+            self.observer.reset()
+        self.observer.update(to_rows(x.detach().float(), self.axis, self.group_size))
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Turn the observer's range into scale and zero point."""
+        if not self.observer.has_data():
+            return
+        lo, hi = self.observer.range()
+        scale, zero_point = qparams_from_range(lo, hi, self.grid, symmetric=self.spec.symmetric)
+        shape = self._param_shape(scale.numel())
+        self.scale = scale.reshape(shape).to(self.scale.device)
+        self.zero_point = zero_point.reshape(shape).to(self.scale.device)
+        self.initialized.fill_(True)
+
+    def _param_shape(self, n: int) -> tuple[int, ...]:
+        if self.axis is None:
+            return ()
+        if self.group_size is not None:
+            rows_per_out = self._blocks_per_row
+            return (n // rows_per_out, rows_per_out)
+        return (n,)
+
+    def is_ready(self) -> bool:
+        return self.spec.dynamic or bool(self.initialized)
+
+    def qparams(self) -> QParams:
+        if not self.is_ready():
+            raise ValueError(
+                f"the {self.role} quantizer of layer {self.layer_name!r} has no range yet; "
+                "run lowbit.calibrate(model, batches) (or train) before convert"
+            )
+        return QParams(self.scale.detach().clone(), self.zero_point.detach().clone(),
+                       self.grid, self.axis, self.group_size)
+
+    def set_weight_shape(self, shape: torch.Size) -> None:
+        """Weights only: remember how many blocks a row holds (per-group granularity)."""
+        if self.group_size is not None:
+            if shape[1] % self.group_size:
+                raise ValueError(
+                    f"layer {self.layer_name!r}: `group_size` {self.group_size} does not divide "
+                    f"its {shape[1]} input channels"
+                )
+            self._blocks_per_row = shape[1] // self.group_size
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # scale / zero_point take their shape from the tensor they quantize; resize before load.
+        for name in ("scale", "zero_point"):
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key]).to(self.scale.device))
+        super()._load_from_state_dict(state_dict, prefix, *args)

@@ -25,9 +25,16 @@ FUNCTIONS: dict[object, tuple[str, type[nn.Module]]] = {
 FUNCTIONAL_TYPES = {"add", "matmul"}
 
 
+class _Tracer(fx.Tracer):
+    """Keeps ``Add``/``MatMul`` modules whole, so their own ``a + b`` is not found again."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (Add, MatMul)) or super().is_leaf_module(m, qualname)
+
+
 def _trace(model: nn.Module, example_inputs: Sequence[object] | None) -> fx.GraphModule:
     try:
-        traced = fx.symbolic_trace(model)
+        traced = fx.GraphModule(model, _Tracer().trace(model))
     except Exception as err:  # noqa: BLE001 - report any tracing failure the same way
         raise NotImplementedError(
             "rules for 'add'/'matmul' need a model that torch.fx can trace, and this one does "

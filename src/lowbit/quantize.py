@@ -52,7 +52,9 @@ def quantize(
     model = model if inplace else copy.deepcopy(model)
     quantized = {layer.name for layer in the_plan.quantized}
     activations = apply_chains(model, list(the_plan.fusions), quantized)
-    functional = {layer.name for layer in the_plan.quantized if layer.type in FUNCTIONAL_TYPES}
+    # Functional ops are plan entries with no module behind them yet (``op_add``...).
+    functional = {layer.name for layer in the_plan.quantized
+                  if layer.type in FUNCTIONAL_TYPES and not _has_module(model, layer.name)}
     if functional:
         model = insert_functional(model, functional, example_inputs)
 
@@ -77,6 +79,14 @@ def quantize(
         warnings.warn(f"lowbit left {len(floats)} layer(s) in float: {listed}", stacklevel=2)
     setattr(model, PLAN_ATTR, the_plan)
     return model
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:

@@ -31,7 +31,7 @@ from lowbit.export.verify import verify
 from lowbit.nn import QuantLayer
 from lowbit.ops import translation_table
 
-DEFAULT_OPSET = 18
+DEFAULT_OPSET = 19
 BLOCKED_OPSET = 21  # DequantizeLinear with block_size
 
 

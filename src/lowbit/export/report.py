@@ -40,7 +40,7 @@ class ExportReport:
         p = self.parity
         codes = ("n/a (no quantized activations)" if p.codes_identical is None else
                  f"{100 * p.codes_identical:.3f}% identical ({p.codes_total} codes, "
-                 f"{p.tensors_compared} tensors)")
+                 f"{p.tensors_compared} tensors, max diff {p.codes_max_diff})")
         lines = [
             f"ONNX file      {self.onnx_path}  (opset {self.opset})",
             f"size           {self.onnx_bytes / 1024:.1f} KiB vs ~{self.float_bytes / 1024:.1f} "

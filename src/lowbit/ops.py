@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import onnxscript
 import torch
 
 from lowbit.numerics import dequantize, dynamic_qparams
@@ -82,15 +81,17 @@ def _(x, weight_t, w_scale, w_zero_point, bias):  # noqa: ANN001, ANN202
 
 # ---------------------------------------------------------------------------- ONNX translation
 
-_OPSETS = {v: getattr(onnxscript, f"opset{v}") for v in range(13, 24)
-           if hasattr(onnxscript, f"opset{v}")}
+SUPPORTED_OPSETS = range(13, 24)
 
 
 def translation_table(opset: int) -> dict[Any, Any]:
     """``custom_translation_table`` for ``torch.onnx.export(dynamo=True)`` at ``opset``."""
-    if opset not in _OPSETS:
-        raise ValueError(f"`opset` must be one of {sorted(_OPSETS)}, got {opset!r}")
-    op = _OPSETS[opset]
+    import onnxscript
+
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in SUPPORTED_OPSETS:
+        raise ValueError(f"`opset` must be an int in {SUPPORTED_OPSETS.start}.."
+                         f"{SUPPORTED_OPSETS.stop - 1}, got {opset!r}")
+    op = getattr(onnxscript, f"opset{opset}")
 
     def q_linear(x, scale, zero_point, axis: int, qmin: int, qmax: int):  # noqa: ANN001, ANN202
         q = op.QuantizeLinear(x, scale, zero_point, axis=axis)

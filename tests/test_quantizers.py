@@ -1,0 +1,86 @@
+"""The quantizer interface: modes, state dicts, errors, repr."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit import QuantConfig, QuantSpec
+from lowbit.quantizers import make_quantizer
+from lowbit.registry import QUANTIZERS
+
+
+def test_modes_train_observe_eval():
+    q = make_quantizer(QuantSpec(bits=8, symmetric=False), role="input", channel_axis=1)
+    x = torch.randn(64) * 3
+    q.eval()
+    assert torch.equal(q(x), x), "an uncalibrated quantizer passes values through"
+    q.observing = True
+    assert torch.equal(q(x), x), "observing records ranges, changes nothing"
+    q.observing = False
+    q.freeze()
+    y = q(x)
+    assert not torch.equal(y, x) and (y - x).abs().max() <= q.scale / 2 + 1e-6
+    q.train()
+    wide = torch.randn(64) * 10
+    q(wide)
+    assert q.scale > 20 / 255, "training mode follows the ranges it sees"
+
+
+def test_weight_range_follows_the_current_weight_in_training():
+    layer = lowbit.quantize(nn.Sequential(nn.Linear(4, 4)), QuantConfig.preset("w8a8"))[0]
+    before = layer.weight_quant.scale.clone()
+    with torch.no_grad():
+        layer.weight.mul_(2)
+    layer.train()
+    layer.weight_quant(layer.weight)
+    assert torch.allclose(layer.weight_quant.scale, 2 * before)
+
+
+def test_state_dict_round_trips_into_a_fresh_quantized_model():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    cfg = QuantConfig.preset("w8a8")
+    qm = lowbit.quantize(model.eval(), cfg)
+    lowbit.calibrate(qm, [torch.randn(4, 3, 8, 8) for _ in range(3)], progress=False)
+    state = qm.state_dict()
+    fresh = lowbit.quantize(model.eval(), cfg)
+    fresh.load_state_dict(state)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), qm(x))
+    assert all(torch.equal(a, fresh.state_dict()[k]) for k, a in state.items())
+
+
+def test_nan_in_the_input_names_the_layer():
+    qm = lowbit.quantize(nn.Sequential(nn.Linear(4, 2)), QuantConfig.preset("w8a8"))
+    batch = torch.randn(2, 4)
+    batch[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layer '0'.*NaN"):
+        lowbit.calibrate(qm, [batch], progress=False)
+
+
+def test_per_group_needs_a_group_size_that_divides_the_inputs():
+    spec = QuantSpec(bits=4, granularity="per_group", group_size=3)
+    cfg = QuantConfig(rules=[lowbit.LayerRule(types=["Linear"], weight=spec)])
+    with pytest.raises(ValueError, match="group_size.*3.*16"):
+        lowbit.quantize(nn.Sequential(nn.Linear(16, 4)), cfg)
+
+
+def test_per_group_is_for_weights_only():
+    with pytest.raises(NotImplementedError, match="weights only"):
+        make_quantizer(QuantSpec(granularity="per_group", group_size=8), role="input",
+                       channel_axis=1)
+
+
+def test_repr_says_bits_granularity_observer_and_method():
+    q = make_quantizer(QuantSpec(bits=4, granularity="per_channel", observer="kl"),
+                       role="weight", channel_axis=0)
+    assert "int4, symmetric, per_channel, observer=kl, method=ste" in repr(q)
+
+
+def test_unknown_method_lists_registered_ones():
+    with pytest.raises(ValueError, match=r"method.*\['ste'"):
+        QuantSpec(method="nope")
+    assert "ste" in QUANTIZERS

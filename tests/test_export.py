@@ -50,7 +50,7 @@ CASES = {
     "conv2d-grouped": (lambda: nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(),
                                              nn.Conv2d(8, 8, 3, groups=8, padding=1)),
                        (4, 4, 10, 10), [LayerRule(types=["Conv2d"], weight=W8, input=A8)]),
-    "per-tensor-w4-output": (lambda: nn.Sequential(nn.Linear(16, 16), nn.ReLU()), (8, 16),
+    "per-tensor-w4-output": (lambda: nn.Sequential(nn.Linear(16, 16)), (8, 16),
                              [LayerRule(types=["Linear"], weight=QuantSpec(bits=4),
                                         input=A8, output=A8)]),
     "a4-narrow": (lambda: nn.Sequential(nn.Linear(16, 16)), (8, 16),

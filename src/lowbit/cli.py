@@ -35,7 +35,10 @@ def load_object(ref: str, what: str) -> Any:
         sys.modules.setdefault(path.stem, module)
         spec.loader.exec_module(module)
     else:
-        module = importlib.import_module(target)
+        try:
+            module = importlib.import_module(target)
+        except ImportError as err:
+            raise ValueError(f"{what}: cannot import {target!r}: {err}") from None
     if not hasattr(module, name):
         raise ValueError(f"{what}: {target!r} has no attribute {name!r}")
     return getattr(module, name)
@@ -48,7 +51,10 @@ def build_model(ref: str, weights: str | None) -> Any:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"--model factory must return a torch.nn.Module, got {type(model).__name__}")
     if weights:
-        model.load_state_dict(load_weights(weights))
+        try:
+            model.load_state_dict(load_weights(weights))
+        except RuntimeError as err:
+            raise ValueError(f"--weights {weights!r} do not fit the model: {err}") from None
     return model.eval()
 
 
@@ -72,6 +78,8 @@ def load_batches(ref: str, batch_size: int) -> list[Any]:
     import numpy as np
     import torch
 
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive int, got {batch_size}")
     if ref.endswith((".npy", ".npz")):
         if not Path(ref).is_file():
             raise ValueError(f"--data file {ref!r} does not exist")
@@ -216,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (TypeError, ValueError, NotImplementedError) as err:
+    except (TypeError, ValueError, NotImplementedError, OSError) as err:
         print(f"lowbit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

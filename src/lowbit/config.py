@@ -362,6 +362,8 @@ def write_structured(path: str | os.PathLike, data: dict[str, Any]) -> None:
 def read_structured(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     fmt = _format_of(path)
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} does not exist or is not a file")
     text = path.read_text()
     if fmt == "yaml":
         import yaml

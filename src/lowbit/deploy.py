@@ -94,6 +94,7 @@ class DeployLayer(nn.Module):
     def __init__(self, wrapper: Any) -> None:
         super().__init__()
         self.layer_name = wrapper.layer_name
+        self.layer_type = type(wrapper).float_type.__name__
         self.input_qdq = _qdq(wrapper.input_quant)
         self.output_qdq = _qdq(wrapper.output_quant)
         self.activation = wrapper.activation
@@ -147,6 +148,7 @@ class DynamicLinear(nn.Module):
     def __init__(self, wrapper: Any) -> None:
         super().__init__()
         self.layer_name = wrapper.layer_name
+        self.layer_type = "Linear"
         qparams = wrapper.weight_quant.qparams()
         if qparams.group_size is not None or qparams.grid.bits != 8 or not qparams.grid.signed:
             raise NotImplementedError(
@@ -180,6 +182,7 @@ class DeployBinary(nn.Module):
     def __init__(self, wrapper: Any) -> None:
         super().__init__()
         self.layer_name = wrapper.layer_name
+        self.layer_type = wrapper.op_name
         self.input_qdq = _qdq(wrapper.input_quant)
         self.other_qdq = _qdq(wrapper.other_quant)
         self.output_qdq = _qdq(wrapper.output_quant)

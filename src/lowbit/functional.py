@@ -81,7 +81,7 @@ def insert_functional(
         name = f"op_{node.name}"
         if name not in names or not _is_tensor_call(node, example_inputs is not None):
             continue
-        traced.add_submodule(name, FUNCTIONS[node.target][1]())
+        traced.add_submodule(name, FUNCTIONS[node.target][1]().train(model.training))
         with traced.graph.inserting_after(node):
             new = traced.graph.call_module(name, args=node.args)
         node.replace_all_uses_with(new)

@@ -130,6 +130,7 @@ def apply_chains(
     ``nn.Identity``) and returned as ``{layer_name: relu}``, for the quant wrapper to own.
     """
     activations: dict[str, nn.Module] = {}
+    folded_in_training = False
     for chain in chains:
         try:
             layer, bn = get_module(model, chain[0]), get_module(model, chain[1])
@@ -140,12 +141,14 @@ def apply_chains(
                 f"fusion {list(chain)} must start with a Conv1d/Conv2d/Linear followed by a "
                 f"BatchNorm, got {type(layer).__name__} and {type(bn).__name__}"
             )
+        folded_in_training |= bn.training
         fold_bn(layer, bn)
-        set_module(model, chain[1], nn.Identity())
+        set_module(model, chain[1], nn.Identity().train(bn.training))
         if len(chain) > 2 and chain[0] in take_activation:
-            activations[chain[0]] = get_module(model, chain[2])
-            set_module(model, chain[2], nn.Identity())
-    if any(isinstance(m, NORMS) and m.training for m in model.modules()) and chains:
+            act = get_module(model, chain[2])
+            activations[chain[0]] = act
+            set_module(model, chain[2], nn.Identity().train(act.training))
+    if folded_in_training:
         warnings.warn("BatchNorm layers were folded with their running statistics although the "
                       "model is in training mode", stacklevel=3)
     return activations

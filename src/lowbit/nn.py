@@ -42,6 +42,7 @@ class QuantLayer:
 
     float_type: type[nn.Module]
     input_axis: int = 1  # channel axis of the layer's activations
+    dynamic_input: bool = False  # has a deploy form for run-time quantized inputs
 
     weight_quant: Quantizer | None
     input_quant: Quantizer | None
@@ -50,6 +51,11 @@ class QuantLayer:
 
     def _init_quant(self, specs: LayerSpecs, name: str) -> None:
         module: Any = self
+        if specs.input is not None and specs.input.dynamic and not self.dynamic_input:
+            raise NotImplementedError(
+                f"layer {name!r} ({type(self).float_type.__name__}): dynamic inputs are "
+                "supported on Linear layers only (ONNX MatMulInteger)"
+            )
         weight = getattr(module, "weight", None)
         module.weight_quant = make_quantizer(specs.weight, role="weight", channel_axis=0,
                                              layer_name=name)
@@ -81,6 +87,7 @@ def init_weight_quantizer(quantizer: Quantizer, weight: torch.Tensor) -> None:
 class QuantLinear(nn.Linear, QuantLayer):
     float_type = nn.Linear
     input_axis = -1
+    dynamic_input = True
 
     @classmethod
     def from_float(cls, module: nn.Linear, specs: LayerSpecs, name: str = "") -> QuantLinear:

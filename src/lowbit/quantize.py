@@ -49,12 +49,17 @@ def quantize(
             f"supported types: {LAYERS.names()})"
         )
 
+    functional = {layer.name for layer in the_plan.quantized
+                  if layer.type in FUNCTIONAL_TYPES and not _has_module(model, layer.name)}
+    if functional and inplace:
+        raise NotImplementedError(
+            "inplace=True cannot be combined with rules for functional 'add'/'matmul' ops: "
+            f"inserting {sorted(functional)} builds a new traced module; use inplace=False"
+        )
     model = model if inplace else copy.deepcopy(model)
     quantized = {layer.name for layer in the_plan.quantized}
     activations = apply_chains(model, list(the_plan.fusions), quantized)
     # Functional ops are plan entries with no module behind them yet (``op_add``...).
-    functional = {layer.name for layer in the_plan.quantized
-                  if layer.type in FUNCTIONAL_TYPES and not _has_module(model, layer.name)}
     if functional:
         model = insert_functional(model, functional, example_inputs)
 

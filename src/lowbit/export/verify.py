@@ -71,7 +71,8 @@ class _CodeRecorder:
 
     def __init__(self, model: nn.Module) -> None:
         self.codes: dict[str, list[np.ndarray]] = {}
-        self.outputs: dict[int, float] = {}
+        # Kept alive (not ids, which Python reuses) so model outputs can be matched by identity.
+        self.outputs: list[tuple[torch.Tensor, float]] = []
         self.handles = []
         for name, m in model.named_modules():
             if isinstance(m, QuantizeDequantize):
@@ -83,7 +84,7 @@ class _CodeRecorder:
         def hook(m: QuantizeDequantize, args: tuple, out: torch.Tensor) -> None:
             self.codes.setdefault(f"{name}.scale", []).append(m.codes(args[0]).numpy())
             if m.scale.dim() == 0:
-                self.outputs[id(out)] = float(m.scale)
+                self.outputs.append((out, float(m.scale)))
         return hook
 
     def _dynamic_hook(self, name: str):  # noqa: ANN202
@@ -151,7 +152,7 @@ def verify(model: nn.Module, path: Path, input_sets: Sequence[Sequence[Any]],
             diff = np.abs(r.numpy().astype(np.float64) - g.astype(np.float64))
             worst = float(diff.max()) if diff.size else 0.0
             parity.output_max_abs = max(parity.output_max_abs, worst)
-            unit = recorder.outputs.get(id(r))
+            unit = next((s for t, s in recorder.outputs if t is r), None)
             if unit is None:
                 amax = float(r.abs().max()) if r.numel() else 0.0
                 unit = amax / 127 if amax > 0 else 1.0

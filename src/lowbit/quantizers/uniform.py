@@ -33,7 +33,8 @@ def to_rows(x: torch.Tensor, axis: int | None, group_size: int | None) -> torch.
 class UniformQuantizer(Quantizer):
     """Observer-driven uniform quantizer: ranges in, scale and zero point out."""
 
-    supported_bits = tuple(range(1, 9))
+    # One bit has no uniform grid around zero; binary methods own it.
+    supported_bits = tuple(range(2, 9))
 
     def __init__(self, spec: QuantSpec, *, role: Role, axis: int | None) -> None:
         super().__init__(spec, role=role, axis=axis)

@@ -112,11 +112,9 @@ def ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
 
 def export_float(model: nn.Module, path: Path, example: torch.Tensor) -> None:
     """Plain FP32 ONNX export (dynamic batch) for size and latency baselines."""
-    import contextlib
-    import io
+    from lowbit.export.onnx import quiet_exporter
 
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+    with quiet_exporter():
         program = torch.onnx.export(model.eval(), (example,), dynamo=True, verbose=False,
                                     dynamic_shapes=({0: torch.export.Dim("batch")},))
         program.save(str(path))

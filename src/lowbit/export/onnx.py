@@ -143,14 +143,28 @@ def strip_metadata(proto: Any) -> Any:
     return proto
 
 
-def _torch_export(model: nn.Module, inputs: tuple[Any, ...], out: Path, opset: int,
-                  dynamic_shapes: Any, input_names: Any, output_names: Any) -> None:
-    # The exporter prints progress lines and warns about its own internals; keep them out of the
-    # user's console unless it fails, in which case the captured text is part of the error.
+@contextlib.contextmanager
+def quiet_exporter():
+    """Keep the exporter's progress prints, warnings and log lines (e.g. "torchvision is not
+    installed") out of the user's console; the captured text is returned on failure."""
+    import logging
+
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
     log = io.StringIO()
+    logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(log):
             warnings.simplefilter("ignore")
+            yield log
+    finally:
+        logger.setLevel(level)
+
+
+def _torch_export(model: nn.Module, inputs: tuple[Any, ...], out: Path, opset: int,
+                  dynamic_shapes: Any, input_names: Any, output_names: Any) -> None:
+    try:
+        with quiet_exporter() as log:
             program = torch.onnx.export(
                 model, inputs, dynamo=True, opset_version=opset, verbose=False,
                 custom_translation_table=translation_table(opset),
@@ -160,4 +174,4 @@ def _torch_export(model: nn.Module, inputs: tuple[Any, ...], out: Path, opset: i
             )
             program.save(str(out))
     except Exception as err:
-        raise RuntimeError(f"torch.onnx.export failed: {err}\n{log.getvalue()[-2000:]}") from err
+        raise RuntimeError(f"torch.onnx.export failed: {err}") from err

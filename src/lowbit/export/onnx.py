@@ -164,7 +164,7 @@ def quiet_exporter():
 def _torch_export(model: nn.Module, inputs: tuple[Any, ...], out: Path, opset: int,
                   dynamic_shapes: Any, input_names: Any, output_names: Any) -> None:
     try:
-        with quiet_exporter() as log:
+        with quiet_exporter():
             program = torch.onnx.export(
                 model, inputs, dynamo=True, opset_version=opset, verbose=False,
                 custom_translation_table=translation_table(opset),

@@ -212,3 +212,22 @@ def test_auto_weight_dtype_avoids_saturating_kernels(vnni, machine, want, monkey
     dtype, reason = encoding.resolve_weight_dtype("auto")
     assert dtype == want and reason.startswith("auto")
     assert encoding.resolve_weight_dtype("int8") == ("int8", "as requested")
+
+
+def test_a_saturating_export_is_reported_with_the_fix(tmp_path, quiet, monkeypatch):
+    """Large uint8 codes times full-range int8 weights: exact on VNNI, wrong without it."""
+    from lowbit.export import encoding
+
+    model = nn.Sequential(nn.Linear(256, 64)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.sign(torch.randn(64, 256)))  # every weight at ±127
+    cfg = QuantConfig(rules=[LayerRule(types=["Linear"], weight=W8, input=A8, output=A8)])
+    qm = lowbit.quantize(model, cfg)
+    x = torch.rand(32, 256) * 4 + 1  # all inputs near the top of the uint8 grid
+    lowbit.calibrate(qm, [x], progress=False)
+    dm = lowbit.convert(qm)
+    exact = lowbit.export_onnx(dm, tmp_path / "u.onnx", (x,), weight_dtype="uint8")
+    assert exact.parity.codes_max_diff <= 1
+    if encoding.cpu_has_vnni() is False:  # this CPU saturates: the report must say so
+        with pytest.warns(UserWarning, match="weight_dtype='uint8'"):
+            lowbit.export_onnx(dm, tmp_path / "s.onnx", (x,), weight_dtype="int8")

@@ -326,3 +326,12 @@ def test_quantize_keeps_each_layers_training_flag() -> None:
     assert all(m.training for m in qm.modules())
     qm = _quantize(cnn().eval(), CFG)
     assert not any(m.training for m in qm.modules() if not isinstance(m, nn.Identity))
+
+
+@pytest.mark.parametrize("preset", QuantConfig.presets())
+def test_every_preset_plan_round_trips(preset: str, tmp_path: Path) -> None:
+    the_plan = lowbit.plan(cnn(), QuantConfig.preset(preset))
+    assert the_plan.quantized, "every preset quantizes the CNN's layers"
+    for suffix in (".yaml", ".json"):
+        the_plan.to_file(tmp_path / f"plan{suffix}")
+        assert Plan.from_file(tmp_path / f"plan{suffix}") == the_plan

@@ -41,13 +41,12 @@ def set_calibrating(model: nn.Module, enabled: bool, *, reset: bool = True) -> N
         if q.spec.dynamic:
             continue
         if enabled:
-            if reset and hasattr(q, "observer"):
-                q.observer.reset()
+            if reset:
+                q.reset_statistics()
             q.observing = True
         elif q.observing:
             q.observing = False
-            if hasattr(q, "freeze"):
-                q.freeze()
+            q.freeze()
 
 
 @contextmanager

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -170,8 +171,9 @@ class LayerRule:
     keeps the layers it matches in float.
     """
 
-    types: tuple[str, ...] = ()
-    names: tuple[str, ...] = ()
+    # Lists are accepted; __post_init__ stores tuples.
+    types: Sequence[str] = ()
+    names: Sequence[str] = ()
     weight: QuantSpec | None = None
     input: QuantSpec | None = None
     output: QuantSpec | None = None
@@ -260,7 +262,7 @@ class QuantConfig:
     is the one that will run.
     """
 
-    rules: tuple[LayerRule, ...] = field(default_factory=tuple)
+    rules: Sequence[LayerRule] = field(default_factory=tuple)  # a list is stored as a tuple
     fuse_bn: bool = True
 
     def __post_init__(self) -> None:

@@ -12,12 +12,25 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
 from torch import nn
 
 OBSERVERS = ("minmax", "ema", "percentile", "kl", "mse")
+
+
+class DemoRow(TypedDict):
+    """One row of the demo table (``run_demo`` returns them, ``format_table`` prints them)."""
+
+    variant: str
+    accuracy: float
+    sqnr_db: float
+    kib: float
+    ms_b64: float
+    codes_identical: float | None
+    max_lsb: float | None
 
 
 @dataclass
@@ -117,6 +130,8 @@ def export_float(model: nn.Module, path: Path, example: torch.Tensor) -> None:
     with quiet_exporter():
         program = torch.onnx.export(model.eval(), (example,), dynamo=True, verbose=False,
                                     dynamic_shapes=({0: torch.export.Dim("batch")},))
+        if program is None:
+            raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNXProgram")
         program.save(str(path))
     import onnx
 
@@ -127,7 +142,7 @@ def export_float(model: nn.Module, path: Path, example: torch.Tensor) -> None:
 
 def run_demo(out_dir: str | Path = "lowbit-demo", *, epochs: int = 20, weight_bits: int = 8,
              observers: tuple[str, ...] = OBSERVERS, calib_size: int = 512,
-             progress: bool = True) -> list[dict[str, object]]:
+             progress: bool = True) -> list[DemoRow]:
     """Train, quantize with each observer, export, run in ONNX Runtime; returns table rows."""
     import lowbit
     from lowbit import LayerRule, QuantConfig, QuantSpec
@@ -147,7 +162,7 @@ def run_demo(out_dir: str | Path = "lowbit-demo", *, epochs: int = 20, weight_bi
         ref = model(data.x_test)
     fp32_path = out / "digits_fp32.onnx"
     export_float(model, fp32_path, data.x_test[:64])
-    rows: list[dict[str, object]] = [{
+    rows: list[DemoRow] = [{
         "variant": "fp32", "accuracy": accuracy(ort_logits(fp32_path, x_test), data.y_test),
         "sqnr_db": float("inf"), "kib": fp32_path.stat().st_size / 1024,
         "ms_b64": ort_latency_ms(fp32_path, batch), "codes_identical": None, "max_lsb": None,
@@ -179,7 +194,7 @@ def run_demo(out_dir: str | Path = "lowbit-demo", *, epochs: int = 20, weight_bi
     return rows
 
 
-def format_table(rows: list[dict[str, object]]) -> str:
+def format_table(rows: list[DemoRow]) -> str:
     head = (f"{'variant':<18} {'accuracy':>8} {'SQNR dB':>8} {'size KiB':>9} {'ms/b64':>7} "
             f"{'codes =':>8} {'max LSB':>8}")
     lines = [head, "-" * len(head)]

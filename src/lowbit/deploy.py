@@ -20,6 +20,9 @@ from lowbit.quantizers import QParams
 class QuantizeDequantize(nn.Module):
     """A frozen activation quantizer: ``DequantizeLinear(QuantizeLinear(x))``."""
 
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
     def __init__(self, qparams: QParams) -> None:
         super().__init__()
         grid = qparams.grid
@@ -54,6 +57,10 @@ def _run(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
 
 class IntWeight(nn.Module):
     """Integer weight codes with their scale and zero point (per tensor, channel or block)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, qparams: QParams) -> None:
         super().__init__()
@@ -90,6 +97,10 @@ class IntWeight(nn.Module):
 
 class DeployLayer(nn.Module):
     """Common parts: optional input/output quantizers, a fused activation, a float bias."""
+
+    weight: IntWeight | None
+    float_weight: torch.Tensor  # registered only when the weight is not quantized
+    bias: torch.Tensor | None
 
     def __init__(self, wrapper: Any) -> None:
         super().__init__()
@@ -144,6 +155,11 @@ class DeployConv(DeployLayer):
 
 class DynamicLinear(nn.Module):
     """Linear with int8 weights whose input is quantized at run time (``dynamic=True``)."""
+
+    weight_t: torch.Tensor
+    weight_scale: torch.Tensor
+    weight_zero_point: torch.Tensor
+    bias: torch.Tensor
 
     def __init__(self, wrapper: Any) -> None:
         super().__init__()

@@ -11,6 +11,8 @@ output feeds only the BN); otherwise from adjacent children of ``nn.Sequential``
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
@@ -93,22 +95,28 @@ def _unique(chains: list[Chain]) -> list[Chain]:
     return out
 
 
-def _compatible(layer: nn.Module, bn: nn.Module) -> bool:
+def _compatible(layer: Any, bn: Any) -> bool:
+    # Called with a FOLDABLE layer and a NORMS module (checked by both callers).
     out = layer.out_channels if isinstance(layer, (nn.Conv1d, nn.Conv2d)) else layer.out_features
     return bn.num_features == out and bn.track_running_stats and bn.running_mean is not None
 
 
 @torch.no_grad()
-def fold_bn(layer: nn.Module, bn: nn.Module) -> None:
+def fold_bn(
+    layer: nn.Conv1d | nn.Conv2d | nn.Linear, bn: nn.BatchNorm1d | nn.BatchNorm2d
+) -> None:
     """Fold an inference-mode BatchNorm into ``layer``'s weight and bias, in place."""
-    std = torch.sqrt(bn.running_var + bn.eps)
+    # Optional in torch's types: None only with track_running_stats=False (see _compatible).
+    running_mean = cast(torch.Tensor, bn.running_mean)
+    running_var = cast(torch.Tensor, bn.running_var)
+    std = torch.sqrt(running_var + bn.eps)
     gamma = bn.weight if bn.affine else torch.ones_like(std)
     beta = bn.bias if bn.affine else torch.zeros_like(std)
     k = gamma / std  # (C_out,)
     weight = layer.weight
     layer.weight = nn.Parameter(weight * k.reshape(-1, *([1] * (weight.dim() - 1))))
-    bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-    layer.bias = nn.Parameter(beta + (bias - bn.running_mean) * k)
+    bias = layer.bias if layer.bias is not None else torch.zeros_like(running_mean)
+    layer.bias = nn.Parameter(beta + (bias - running_mean) * k)
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -122,7 +130,7 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def apply_chains(
-    model: nn.Module, chains: list[Chain], take_activation: set[str]
+    model: nn.Module, chains: Sequence[Sequence[str]], take_activation: set[str]
 ) -> dict[str, nn.Module]:
     """Fold each chain in ``model`` (in place); the BN becomes ``nn.Identity``.
 

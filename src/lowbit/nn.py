@@ -76,11 +76,9 @@ class QuantLayer:
 
 def init_weight_quantizer(quantizer: Quantizer, weight: torch.Tensor) -> None:
     """Weights are known up front: set the range from them right away (PTQ needs no data)."""
-    if hasattr(quantizer, "set_weight_shape"):
-        quantizer.set_weight_shape(weight.shape)
-    if hasattr(quantizer, "observe"):
-        quantizer.observe(weight)
-        quantizer.freeze()
+    quantizer.set_weight_shape(weight.shape)
+    quantizer.observe(weight)
+    quantizer.freeze()
 
 
 @LAYERS.register("Linear")
@@ -108,11 +106,12 @@ class QuantLinear(nn.Linear, QuantLayer):
 class _QuantConvNd(QuantLayer):
     @classmethod
     def from_float(cls, module: Any, specs: LayerSpecs, name: str = "") -> Any:
-        new = cls(module.in_channels, module.out_channels, module.kernel_size,
-                  stride=module.stride, padding=module.padding, dilation=module.dilation,
-                  groups=module.groups, bias=module.bias is not None,
-                  padding_mode=module.padding_mode,
-                  device=module.weight.device, dtype=module.weight.dtype)
+        conv_cls: Any = cls  # a QuantConv1d/QuantConv2d: takes the torch conv's arguments
+        new = conv_cls(module.in_channels, module.out_channels, module.kernel_size,
+                       stride=module.stride, padding=module.padding, dilation=module.dilation,
+                       groups=module.groups, bias=module.bias is not None,
+                       padding_mode=module.padding_mode,
+                       device=module.weight.device, dtype=module.weight.dtype)
         new.weight, new.bias = module.weight, module.bias
         new._init_quant(specs, name)
         return new
@@ -155,6 +154,7 @@ class _QuantBinary(nn.Module, QuantLayer):
 
     float_type: type[nn.Module]
     input_axis = 1
+    other_quant: Quantizer | None
 
     def __init__(self) -> None:
         super().__init__()

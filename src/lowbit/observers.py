@@ -23,6 +23,8 @@ from lowbit.registry import OBSERVERS
 class Observer(nn.Module):
     """Base class: keeps the spec; subclasses fill ``update`` / ``range``."""
 
+    count: torch.Tensor
+
     def __init__(self, spec: QuantSpec) -> None:
         super().__init__()
         self.spec = spec
@@ -53,6 +55,9 @@ class Observer(nn.Module):
 class MinMaxObserver(Observer):
     """Running min / max over everything seen."""
 
+    lo: torch.Tensor
+    hi: torch.Tensor
+
     def __init__(self, spec: QuantSpec) -> None:
         super().__init__(spec)
         self.register_buffer("lo", torch.zeros(0))
@@ -80,6 +85,9 @@ class EMAObserver(Observer):
     The first batch sets the range; later ones blend in as ``v = rate * v + (1 - rate) * batch``
     with ``rate = spec.moving_rate``.
     """
+
+    lo: torch.Tensor
+    hi: torch.Tensor
 
     def __init__(self, spec: QuantSpec) -> None:
         super().__init__(spec)
@@ -142,6 +150,9 @@ class HistogramObserver(MinMaxObserver):
     ``lo = max(row_min, -t)``, ``hi = min(row_max, t)``: non-negative data keeps its minimum and
     signed data is clipped symmetrically (a histogram of ``|x|`` cannot tell the two signs apart).
     """
+
+    hist_max: torch.Tensor
+    hist: torch.Tensor
 
     def __init__(self, spec: QuantSpec) -> None:
         super().__init__(spec)

@@ -65,8 +65,9 @@ class Plan:
     """Per-layer choices (``layers``), BN fusions to apply first (``fusions``) and the float
     layers lowbit found but cannot quantize, each with the reason (``skipped``)."""
 
-    layers: tuple[LayerPlan, ...] = ()
-    fusions: tuple[tuple[str, ...], ...] = ()
+    # Lists are accepted; __post_init__ stores tuples (of tuples, for fusions).
+    layers: Sequence[LayerPlan] = ()
+    fusions: Sequence[Sequence[str]] = ()
     skipped: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

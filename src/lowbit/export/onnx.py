@@ -176,6 +176,8 @@ def _torch_export(model: nn.Module, inputs: tuple[Any, ...], out: Path, opset: i
                 input_names=list(input_names) if input_names else None,
                 output_names=list(output_names) if output_names else None,
             )
+            if program is None:
+                raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNXProgram")
             program.save(str(out))
     except Exception as err:
         raise RuntimeError(f"torch.onnx.export failed: {err}") from err

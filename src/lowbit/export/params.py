@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ def layer_qparams(module: nn.Module) -> dict[str, QParams]:
     if isinstance(module, DynamicLinear):
         out["weight"] = module.weight_qparams()
     elif isinstance(getattr(module, "weight", None), IntWeight):
-        out["weight"] = module.weight.qparams()
+        out["weight"] = cast(IntWeight, module.weight).qparams()
     for key in ("input", "other", "output"):
         qdq = getattr(module, f"{key}_qdq", None)
         if isinstance(qdq, QuantizeDequantize):
@@ -68,7 +68,9 @@ def packed_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
         qp = layer_qparams(module).get("weight")
         if qp is None:
             continue
-        codes = module.weight_t.t() if isinstance(module, DynamicLinear) else module.weight.codes
+        # A weight entry means an IntWeight (layer_qparams) unless the layer is a DynamicLinear.
+        codes = (module.weight_t.t() if isinstance(module, DynamicLinear)
+                 else cast(IntWeight, module.weight).codes)
         bits = qp.grid.bits
         pack_width = next(w for w in (1, 2, 4, 8) if w >= bits)
         unsigned = codes.to(torch.int64) - qp.grid.qmin

@@ -192,7 +192,7 @@ def verify(model: nn.Module, path: Path, input_sets: Sequence[Sequence[Any]],
     parity.codes_identical = same / total if total else None
     parity.output_max_lsb = max_lsb
     parity.lsb_unit = "; ".join(sorted(units))
-    worst = sorted(((k.rsplit(".", 1)[0], d / n) for k, (d, n) in per_key.items() if d), key=lambda
-                   kv: -kv[1])
-    parity.worst_layers = worst[:5]
+    ranked = sorted(((k.rsplit(".", 1)[0], d / n) for k, (d, n) in per_key.items() if d), key=lambda
+                    kv: -kv[1])
+    parity.worst_layers = ranked[:5]
     return parity

@@ -86,6 +86,21 @@ class Quantizer(nn.Module):
     def qparams(self) -> QParams:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # Hooks with do-nothing defaults, so callers never probe with hasattr. Algorithms whose
+    # parameters are learned rather than observed keep them as they are.
+
+    def set_weight_shape(self, shape: torch.Size) -> None:
+        """Weights only: told the weight's shape once, before any data."""
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Record statistics of ``x``."""
+
+    def freeze(self) -> None:
+        """Turn recorded statistics into quantization parameters."""
+
+    def reset_statistics(self) -> None:
+        """Forget recorded statistics (a new calibration starts)."""
+
     def is_ready(self) -> bool:
         """True once the quantizer has parameters to quantize with (calibrated or trained)."""
         return True

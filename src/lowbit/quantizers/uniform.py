@@ -8,7 +8,7 @@ straight-through estimator, zero where values saturate.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,6 +16,9 @@ from lowbit.config import QuantSpec
 from lowbit.numerics import dynamic_qparams, fake_quantize, qparams_from_range
 from lowbit.quantizers.base import QParams, Quantizer, Role
 from lowbit.registry import OBSERVERS, QUANTIZERS
+
+if TYPE_CHECKING:
+    from lowbit.observers import Observer
 
 
 def to_rows(x: torch.Tensor, axis: int | None, group_size: int | None) -> torch.Tensor:
@@ -35,6 +38,11 @@ class UniformQuantizer(Quantizer):
 
     # One bit has no uniform grid around zero; binary methods own it.
     supported_bits = tuple(range(2, 9))
+
+    observer: Observer
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    initialized: torch.Tensor
 
     def __init__(self, spec: QuantSpec, *, role: Role, axis: int | None) -> None:
         super().__init__(spec, role=role, axis=axis)
@@ -78,6 +86,9 @@ class UniformQuantizer(Quantizer):
         self.scale = scale.reshape(shape).to(self.scale.device)
         self.zero_point = zero_point.reshape(shape).to(self.scale.device)
         self.initialized.fill_(True)
+
+    def reset_statistics(self) -> None:
+        self.observer.reset()
 
     def _param_shape(self, n: int) -> tuple[int, ...]:
         if self.axis is None:

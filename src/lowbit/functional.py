@@ -77,10 +77,11 @@ def insert_functional(
 ) -> fx.GraphModule:
     """A traced copy of ``model`` whose listed functional calls are ``Add``/``MatMul`` modules."""
     traced = _trace(model, example_inputs)
-    for node in list(traced.graph.nodes):
+    # Pick the calls before rewriting: a new node carries no shape metadata of its own.
+    picked = [node for node in traced.graph.nodes if f"op_{node.name}" in names
+              and _is_tensor_call(node, example_inputs is not None)]
+    for node in picked:
         name = f"op_{node.name}"
-        if name not in names or not _is_tensor_call(node, example_inputs is not None):
-            continue
         traced.add_submodule(name, FUNCTIONS[node.target][1]().train(model.training))
         with traced.graph.inserting_after(node):
             new = traced.graph.call_module(name, args=node.args)

@@ -14,6 +14,7 @@ from lowbit.fuse import apply_chains, set_module
 from lowbit.nn import QuantLayer
 from lowbit.plan import Plan, plan
 from lowbit.registry import LAYERS
+from lowbit.share import share_input_quantizers
 
 PLAN_ATTR = "lowbit_plan"
 
@@ -77,6 +78,7 @@ def quantize(
         if layer.name in activations:
             wrapper.activation = activations.pop(layer.name)
         set_module(model, layer.name, wrapper)
+    share_input_quantizers(model)
 
     floats = the_plan.float_layers
     if floats:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.numerics import quantize
 from lowbit.ops import dequantize_linear, dynamic_linear, quantize_linear
 from lowbit.quantizers import QParams
 
@@ -64,8 +65,6 @@ class IntWeight(nn.Module):
 
     def __init__(self, weight: torch.Tensor, qparams: QParams) -> None:
         super().__init__()
-        from lowbit.numerics import quantize
-
         self.grid = qparams.grid
         self.axis = 0 if qparams.axis is None else qparams.axis
         self.block_size = qparams.group_size or 0

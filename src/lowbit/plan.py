@@ -201,5 +201,6 @@ def _resolve(config: QuantConfig, name: str, type_name: str) -> LayerPlan:
     rule = config.resolve(name, type_name)
     if rule is None:
         return LayerPlan(name=name, type=type_name)
-    return LayerPlan(name=name, type=type_name, weight=rule.weight if type_name not in
-                     FUNCTIONAL_TYPES else None, input=rule.input, output=rule.output)
+    weight = None if type_name in FUNCTIONAL_TYPES else rule.weight  # add/matmul hold no weight
+    return LayerPlan(name=name, type=type_name, weight=weight, input=rule.input,
+                     output=rule.output)

@@ -59,7 +59,7 @@ def session(path: str | Path, threads: int | None = None, model: Any = None):  #
 
 
 def feed(sess: Any, inputs: Sequence[Any]) -> dict[str, np.ndarray]:
-    tensors = [t for t in _flatten(list(inputs))]
+    tensors = _flatten(list(inputs))
     names = [i.name for i in sess.get_inputs()]
     if len(names) != len(tensors):
         raise ValueError(f"the ONNX model takes {len(names)} inputs, got {len(tensors)} tensors")

@@ -84,3 +84,16 @@ def test_unknown_method_lists_registered_ones():
     with pytest.raises(ValueError, match=r"method.*\['ste'"):
         QuantSpec(method="nope")
     assert "ste" in QUANTIZERS
+
+
+def test_bias_lands_on_the_int32_grid_of_input_times_weight_scale():
+    qm = lowbit.quantize(nn.Sequential(nn.Linear(8, 4)), QuantConfig.preset("w8a8"))
+    layer = qm[0]
+    assert torch.equal(layer.effective_bias(), layer.bias), "uncalibrated: float bias"
+    lowbit.calibrate(qm, [torch.randn(16, 8)], progress=False)
+    step = layer.input_quant.scale * layer.weight_quant.scale  # (4,)
+    ticks = layer.effective_bias() / step
+    assert torch.allclose(ticks, ticks.round(), atol=1e-3)
+    assert (layer.effective_bias() - layer.bias).abs().max() <= step.max() / 2 + 1e-7
+    dm = lowbit.convert(qm)
+    assert torch.equal(dm[0].bias, layer.effective_bias())

@@ -114,7 +114,7 @@ class DeployLayer(nn.Module):
         else:
             self.register_buffer("float_weight", weight.clone())
             self.weight = None
-        bias = wrapper.bias
+        bias = wrapper.effective_bias()  # on the int32 grid of s_x·s_w, as integer kernels add it
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def dequantized_weight(self) -> torch.Tensor:

@@ -152,6 +152,15 @@ def dynamic_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, zero_point
 
 
+DYNAMIC_GRID = IntRange(8, signed=False)
+
+
+def dynamic_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ONNX ``DynamicQuantizeLinear``: uint8 codes (as float), scale and zero point of ``x``."""
+    scale, zero_point = dynamic_qparams(x)
+    return quantize(x, scale, zero_point, DYNAMIC_GRID), scale, zero_point
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes ``< 2**bits`` (bits in 1, 2, 4, 8) into a flat uint8 tensor.
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lowbit.numerics import dequantize, dynamic_qparams
+from lowbit.numerics import dequantize, dynamic_quantize
 
 # ---------------------------------------------------------------------------- eager semantics
 
@@ -67,8 +67,7 @@ def dynamic_linear(
     ``weight_t`` is ``(in, out)`` int8 codes. The integer product is exact (float64 holds every
     int32 sum), so the result equals ONNX Runtime's.
     """
-    x_scale, x_zero_point = dynamic_qparams(x)
-    xq = torch.clamp(torch.round(x / x_scale) + x_zero_point, 0, 255)
+    xq, x_scale, x_zero_point = dynamic_quantize(x)
     acc = (xq.double() - x_zero_point.double()) @ dequantize(weight_t, torch.ones(()),
                                                              w_zero_point).double()
     return acc.float() * (x_scale * w_scale) + bias

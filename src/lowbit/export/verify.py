@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lowbit.deploy import DynamicLinear, QuantizeDequantize
-from lowbit.numerics import dynamic_qparams
+from lowbit.numerics import dynamic_quantize
 
 
 @dataclass
@@ -89,10 +89,8 @@ class _CodeRecorder:
 
     def _dynamic_hook(self, name: str):  # noqa: ANN202
         def hook(m: DynamicLinear, args: tuple, out: torch.Tensor) -> None:
-            x = args[0]
-            scale, zp = dynamic_qparams(x)
-            q = torch.clamp(torch.round(x / scale) + zp, 0, 255).to(torch.uint8)
-            self.codes.setdefault(f"{name}.weight_t", []).append(q.numpy())
+            codes = dynamic_quantize(args[0])[0].to(torch.uint8)
+            self.codes.setdefault(f"{name}.weight_t", []).append(codes.numpy())
         return hook
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from models import Residual
 from torch import nn
 
 import lowbit
@@ -13,15 +14,6 @@ from lowbit import LayerRule, QuantConfig, QuantSpec
 
 A8 = QuantSpec(bits=8, symmetric=False)
 DYNAMIC = QuantSpec(bits=8, symmetric=False, dynamic=True)
-
-
-class Residual(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(x)) + x
 
 
 def _residual_config() -> QuantConfig:

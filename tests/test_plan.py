@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import Residual
 from torch import nn
 
 import lowbit
@@ -47,17 +48,6 @@ class Wired(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.bn(self.conv(x)))
         return self.head(y.mean(dim=(2, 3)))
-
-
-class Residual(nn.Module):
-    """A residual ``x + y`` written as plain Python in forward."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(x)) + x
 
 
 class WithUnsupported(nn.Module):

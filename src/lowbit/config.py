@@ -24,6 +24,9 @@ from lowbit.registry import LAYERS, OBSERVERS, QUANTIZERS
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 TARGETS = ("weight", "input", "output")
+POSITIONS = ("first", "last")
+# QuantSpec fields that only some algorithms read (each quantizer class lists its ``options``).
+METHOD_OPTIONS = ("alpha_init", "xnor")
 CONFIG_VERSION = 1
 
 
@@ -50,6 +53,12 @@ class QuantSpec:
     ``group_size`` input channels (weights only). ``observer`` estimates ranges; its parameters
     use PaddleSlim's names and defaults. ``dynamic`` quantizes an activation from its own
     min/max at run time (ONNX ``DynamicQuantizeLinear``: uint8, affine, per tensor).
+
+    ``method`` picks the algorithm (``"ste"``, ``"lsq"``, ``"pact"``, ``"dorefa"``,
+    ``"binary"``, ``"slb"``; ``QUANTIZERS`` lists them). ``quant_delay`` keeps the tensor in
+    float for its first training steps (MindSpore ``quant_delay``, NNI ``quant_start_step``;
+    counted in training forwards of the quantizer). ``alpha_init`` is PACT's initial clip
+    (``None``: from the first batch); ``xnor`` gives binary weights a per-filter scale mean|W|.
     """
 
     bits: int = 8
@@ -66,11 +75,14 @@ class QuantSpec:
     upsample_bins: int = 64
     hist_percent: float = 0.99999
     moving_rate: float = 0.9
+    quant_delay: int = 0
+    alpha_init: float | None = None
+    xnor: bool = False
 
     def __post_init__(self) -> None:
         o = "QuantSpec"
         _check_type(o, "bits", self.bits, int)
-        for name in ("symmetric", "narrow_range", "dynamic"):
+        for name in ("symmetric", "narrow_range", "dynamic", "xnor"):
             _check_type(o, name, getattr(self, name), bool)
         if self.signed is not None:
             _check_type(o, "signed", self.signed, bool)
@@ -79,8 +91,10 @@ class QuantSpec:
         for name in ("axis", "group_size"):
             if getattr(self, name) is not None:
                 _check_type(o, name, getattr(self, name), int)
-        for name in ("bins", "upsample_bins"):
+        for name in ("bins", "upsample_bins", "quant_delay"):
             _check_type(o, name, getattr(self, name), int)
+        if self.alpha_init is not None:
+            _check_type(o, "alpha_init", self.alpha_init, (float, int))
         for name in ("hist_percent", "moving_rate"):
             _check_type(o, name, getattr(self, name), (float, int))
 
@@ -99,6 +113,11 @@ class QuantSpec:
                 f"QuantSpec.`bits` must be one of {list(allowed_bits)} for method "
                 f"{self.method!r}, got {self.bits}"
             )
+        self._check_method_options(method)
+        if self.quant_delay < 0:
+            raise ValueError(f"QuantSpec.`quant_delay` must be >= 0 training steps, got {self.quant_delay}")
+        if self.alpha_init is not None and not self.alpha_init > 0:
+            raise ValueError(f"QuantSpec.`alpha_init` must be > 0 or None, got {self.alpha_init}")
         if self.granularity == "per_group":
             if self.group_size is None or self.group_size < 1:
                 raise ValueError(
@@ -127,6 +146,19 @@ class QuantSpec:
                 "(ONNX DynamicQuantizeLinear); set bits=8, symmetric=False, "
                 "granularity='per_tensor'"
             )
+
+    def _check_method_options(self, method: Any) -> None:
+        # Options that only one algorithm reads must not be set for another: honour every field.
+        used = set(getattr(method, "options", ()))
+        for name in METHOD_OPTIONS:
+            default = next(f.default for f in fields(self) if f.name == name)
+            if getattr(self, name) != default and name not in used:
+                users = sorted(m for m in QUANTIZERS
+                               if name in getattr(QUANTIZERS.get(m), "options", ()))
+                raise ValueError(
+                    f"QuantSpec.`{name}` is only used by method(s) {users}, got "
+                    f"{name}={getattr(self, name)!r} with method={self.method!r}"
+                )
 
     @property
     def is_signed(self) -> bool:
@@ -164,8 +196,10 @@ def _spec_or_none(data: Any) -> QuantSpec | None:
 class LayerRule:
     """Which layers a rule selects and the specs it gives them.
 
-    A layer matches when its type is in ``types`` (empty: any type) and its qualified name
-    matches one of ``names`` (empty: any name). Name patterns are globs (``"features.*"``) or,
+    A layer matches when its type is in ``types`` (empty: any type), its qualified name
+    matches one of ``names`` (empty: any name) and, if ``positions`` is given, it is the
+    ``"first"`` or ``"last"`` layer with a weight in model order (the usual place for a low-bit
+    recipe to keep 8 bits). Name patterns are globs (``"features.*"``) or,
     with a ``"re:"`` prefix, regular expressions matched against the whole name. The last
     matching rule of a config decides all three specs; a rule whose specs are all ``None``
     keeps the layers it matches in float.
@@ -174,12 +208,13 @@ class LayerRule:
     # Lists are accepted; __post_init__ stores tuples.
     types: Sequence[str] = ()
     names: Sequence[str] = ()
+    positions: Sequence[str] = ()
     weight: QuantSpec | None = None
     input: QuantSpec | None = None
     output: QuantSpec | None = None
 
     def __post_init__(self) -> None:
-        for name in ("types", "names"):
+        for name in ("types", "names", "positions"):
             value = getattr(self, name)
             if isinstance(value, str):
                 raise TypeError(
@@ -195,6 +230,11 @@ class LayerRule:
             object.__setattr__(self, name, tuple(value))
         for t in self.types:
             LAYERS.get(t, field="LayerRule.types")
+        for position in self.positions:
+            if position not in POSITIONS:
+                raise ValueError(
+                    f"LayerRule.`positions` must hold values of {list(POSITIONS)}, got {position!r}"
+                )
         for pattern in self.names:
             if pattern.startswith("re:"):
                 try:
@@ -209,6 +249,16 @@ class LayerRule:
                 raise TypeError(
                     f"LayerRule.`{target}` must be a QuantSpec or None, got {type(spec).__name__}"
                 )
+        for target in TARGETS:
+            spec = getattr(self, target)
+            role = "weight" if target == "weight" else "activation"
+            roles = getattr(QUANTIZERS.get(spec.method), "roles", ("weight", "activation")) \
+                if spec is not None else ()
+            if spec is not None and role not in roles:
+                raise ValueError(
+                    f"LayerRule.`{target}`: method {spec.method!r} quantizes "
+                    f"{' and '.join(r + 's' for r in roles)} only, not {role}s"
+                )
         if self.weight is not None and self.weight.dynamic:
             raise ValueError("LayerRule.`weight` cannot be dynamic; `dynamic` is for activations")
         if self.output is not None and self.output.dynamic:
@@ -217,8 +267,10 @@ class LayerRule:
                 "where an integer kernel consumes it, i.e. on a layer's `input`"
             )
 
-    def matches(self, name: str, type_name: str) -> bool:
+    def matches(self, name: str, type_name: str, positions: frozenset[str] = frozenset()) -> bool:
         if self.types and type_name not in self.types:
+            return False
+        if self.positions and not positions.intersection(self.positions):
             return False
         return not self.names or any(_name_matches(p, name) for p in self.names)
 
@@ -228,6 +280,8 @@ class LayerRule:
             out["types"] = list(self.types)
         if self.names:
             out["names"] = list(self.names)
+        if self.positions:
+            out["positions"] = list(self.positions)
         for target in TARGETS:
             spec = getattr(self, target)
             out[target] = None if spec is None else spec.to_dict()
@@ -237,13 +291,14 @@ class LayerRule:
     def from_dict(cls, data: dict[str, Any]) -> LayerRule:
         if not isinstance(data, dict):
             raise TypeError(f"a LayerRule must be a mapping, got {type(data).__name__}")
-        allowed = {"types", "names", *TARGETS}
+        allowed = {"types", "names", "positions", *TARGETS}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise ValueError(f"unknown LayerRule field(s) {unknown}; allowed: {sorted(allowed)}")
         return cls(
             types=data.get("types", ()),
             names=data.get("names", ()),
+            positions=data.get("positions", ()),
             **{t: _spec_or_none(data.get(t)) for t in TARGETS},
         )
 
@@ -280,10 +335,11 @@ class QuantConfig:
         object.__setattr__(self, "rules", tuple(self.rules))
         _check_type("QuantConfig", "fuse_bn", self.fuse_bn, bool)
 
-    def resolve(self, name: str, type_name: str) -> LayerRule | None:
+    def resolve(self, name: str, type_name: str,
+                positions: frozenset[str] = frozenset()) -> LayerRule | None:
         """The last rule that matches a layer, or ``None``."""
         for rule in reversed(self.rules):
-            if rule.matches(name, type_name):
+            if rule.matches(name, type_name, positions):
                 return rule
         return None
 

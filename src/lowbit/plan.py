@@ -176,13 +176,19 @@ def plan(
 
     layers: list[LayerPlan] = []
     skipped: dict[str, str] = {}
+    found: list[tuple[str, str]] = []
     for name, module in model.named_modules():
         type_name = quant_type_for(module)
         if type_name is None:
             if isinstance(module, WEIGHTED_FLOAT_TYPES):
                 skipped[name] = f"{type(module).__name__} is not supported yet"
             continue
-        layers.append(_resolve(config, name, type_name))
+        found.append((name, type_name))
+    weighted = [name for name, type_name in found if type_name not in FUNCTIONAL_TYPES]
+    for name, type_name in found:
+        positions = frozenset(p for p, n in (("first", weighted[:1]), ("last", weighted[-1:]))
+                              if name in n)
+        layers.append(_resolve(config, name, type_name, positions))
 
     wanted = {t for rule in config.rules for t in rule.types} & FUNCTIONAL_TYPES
     if wanted:
@@ -197,8 +203,9 @@ def plan(
     return Plan(layers=layers, fusions=fusions, skipped=skipped)
 
 
-def _resolve(config: QuantConfig, name: str, type_name: str) -> LayerPlan:
-    rule = config.resolve(name, type_name)
+def _resolve(config: QuantConfig, name: str, type_name: str,
+             positions: frozenset[str] = frozenset()) -> LayerPlan:
+    rule = config.resolve(name, type_name, positions)
     if rule is None:
         return LayerPlan(name=name, type=type_name)
     weight = None if type_name in FUNCTIONAL_TYPES else rule.weight  # add/matmul hold no weight

@@ -5,11 +5,18 @@ tensor whose values lie on the integer grid of its ``QuantSpec``. Its state live
 parameters, so ``state_dict`` round-trips; ``qparams()`` hands the frozen scale and zero point to
 ``convert`` and the exporter.
 
-Modes, the same for every algorithm:
-- ``training`` (``module.train()``): update ranges / learned parameters and fake-quantize
-  (quantization-aware training);
+Modes, the same for every algorithm (``forward`` dispatches; subclasses fill the parts):
 - ``observing`` (set by ``lowbit.calibrate``): record statistics, pass values through unchanged;
-- otherwise (eval): fake-quantize with the frozen parameters.
+- ``training`` (``module.train()``): ``train_forward`` updates ranges / learned parameters and
+  fake-quantizes with a gradient (quantization-aware training). For the first
+  ``spec.quant_delay`` training forwards the value passes through and ``warm_up`` may record
+  statistics;
+- otherwise (eval): ``eval_forward`` fake-quantizes with frozen parameters, giving exactly what
+  the deploy model computes.
+
+Adding an algorithm is one file: subclass ``Quantizer``, fill ``train_forward``,
+``eval_forward`` and ``qparams`` (or ``quantize_weight`` for value sets that are not a scaled
+integer grid), and register it with ``@QUANTIZERS.register("name")``.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import torch
 from torch import nn
 
 from lowbit.config import QuantSpec
-from lowbit.numerics import IntRange
+from lowbit.numerics import IntRange, quantize
 from lowbit.registry import QUANTIZERS
 
 Role = Literal["weight", "input", "output"]
@@ -53,6 +60,7 @@ class QParams:
             "signed": self.grid.signed,
             "qmin": self.grid.qmin,
             "qmax": self.grid.qmax,
+            "odd": self.grid.odd,
             "granularity": self.granularity,
             "axis": self.axis,
             "group_size": self.group_size,
@@ -66,28 +74,88 @@ class Quantizer(nn.Module):
 
     ``axis`` is the resolved channel axis (``None`` per tensor); ``layer_name`` is set by the
     owning layer so that errors can name it.
+
+    Class attributes describe the algorithm to the config and the layers: ``supported_bits``,
+    ``roles`` (``"weight"`` and/or ``"activation"``), ``options`` (the QuantSpec fields only
+    this algorithm reads) and ``folds_bn``: whether a following BatchNorm is folded into the
+    weight *before* quantization while training (scaled grids: ste, lsq), or stays a BatchNorm
+    after the layer and is folded into the per-channel dequantization scale at convert
+    (fixed value sets that carry no scale of their own: dorefa, binary, slb).
     """
 
     supported_bits: tuple[int, ...] = tuple(range(1, 9))
+    roles: tuple[str, ...] = ("weight", "activation")
+    options: tuple[str, ...] = ()
+    folds_bn: bool = True
+    odd_grid: bool = False  # codes are the odd integers of IntRange(odd=True)
+
+    train_steps: torch.Tensor
 
     def __init__(self, spec: QuantSpec, *, role: Role, axis: int | None) -> None:
         super().__init__()
         self.spec = spec
         self.role = role
         self.axis = axis
-        self.grid = IntRange(spec.bits, spec.is_signed, spec.narrow_range)
+        self.grid = IntRange(spec.bits, spec.is_signed or self.odd_grid, spec.narrow_range,
+                             odd=self.odd_grid)
         self.layer_name = ""
         self.observing = False
+        if spec.quant_delay:
+            # Training forwards seen (a buffer: a resumed run continues the count).
+            self.register_buffer("train_steps", torch.zeros((), dtype=torch.int64))
 
     @property
     def group_size(self) -> int | None:
         return self.spec.group_size if self.spec.granularity == "per_group" else None
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.observe(x)
+            return x
+        if self.training:
+            if self.spec.quant_delay:
+                self.train_steps += 1
+                if int(self.train_steps) <= self.spec.quant_delay:
+                    self.warm_up(x)
+                    return x
+            return self.train_forward(x)
+        return self.eval_forward(x)
+
+    def train_forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Fake-quantize with a gradient, updating ranges / learned state."""
+        raise NotImplementedError
+
+    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Fake-quantize with frozen state: exactly what the deploy model computes."""
+        raise NotImplementedError
+
     def qparams(self) -> QParams:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, QParams]:
+        """Integer codes (as a float tensor of integers) and qparams of a weight, for convert.
+
+        ``dequantize(codes, qparams)`` equals ``eval_forward(weight)``. The default quantizes
+        with ``qparams()``; value sets that are not a scaled grid of the weight override it.
+        """
+        qp = self.qparams()
+        return quantize(weight.detach().float(), qp.scale, qp.zero_point, qp.grid, qp.axis,
+                        qp.group_size), qp
+
+    def loss(self) -> torch.Tensor | None:
+        """This quantizer's term of ``lowbit.quant_loss`` (e.g. PACT's alpha²), or None."""
+        return None
+
+    @torch.no_grad()
+    def constrain_(self, weight: torch.Tensor) -> None:
+        """Weights only: keep the latent float weight valid after an optimizer step, in place
+        (called by ``lowbit.schedules``; binary weights clip to [-1, 1])."""
+
     # Hooks with do-nothing defaults, so callers never probe with hasattr. Algorithms whose
     # parameters are learned rather than observed keep them as they are.
+
+    def warm_up(self, x: torch.Tensor) -> None:
+        """Training forward during ``quant_delay``: may record statistics, returns nothing."""
 
     def set_weight_shape(self, shape: torch.Size) -> None:
         """Weights only: told the weight's shape once, before any data."""
@@ -115,6 +183,8 @@ class Quantizer(nn.Module):
         else:
             parts.append(f"observer={s.observer}")
         parts.append(f"method={s.method}")
+        if s.quant_delay:
+            parts.append(f"quant_delay={s.quant_delay}")
         return ", ".join(parts)
 
 

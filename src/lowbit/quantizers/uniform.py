@@ -13,7 +13,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lowbit.config import QuantSpec
-from lowbit.numerics import dynamic_qparams, fake_quantize, qparams_from_range
+from lowbit.numerics import (
+    dynamic_qparams,
+    fake_quantize,
+    fused_fake_quantize,
+    qparams_from_range,
+)
 from lowbit.quantizers.base import QParams, Quantizer, Role
 from lowbit.registry import OBSERVERS, QUANTIZERS
 
@@ -51,18 +56,40 @@ class UniformQuantizer(Quantizer):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
         self.register_buffer("initialized", torch.tensor(False))
+        self._stale = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.dynamic:
             scale, zero_point = dynamic_qparams(x)
             return fake_quantize(x, scale, zero_point, self.grid)
-        if self.training or self.observing:
-            self.observe(x)
-            if self.training:
-                self.freeze()
-        if self.observing or not bool(self.initialized):
+        return super().forward(x)
+
+    def train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """QAT: update the range from ``x`` (weights: this value; activations: the observer,
+        e.g. ``ema``), then fake-quantize with torch's fused kernel and a straight-through
+        gradient that is zero where values saturate."""
+        self._track(x)
+        self._stale = self.role == "weight"  # the optimizer will move the weight
+        return fused_fake_quantize(x, self.scale, self.zero_point, self.grid, self.axis,
+                                   self.group_size)
+
+    def warm_up(self, x: torch.Tensor) -> None:
+        self._track(x)  # ranges are ready when quant_delay ends
+
+    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._stale and self.role == "weight":
+            self._track(x)  # a trained weight: its range follows its final value
+            self._stale = False
+        if not bool(self.initialized):
             return x
         return fake_quantize(x, self.scale, self.zero_point, self.grid, self.axis, self.group_size)
+
+    @torch.no_grad()
+    def _track(self, x: torch.Tensor) -> None:
+        if self.role == "weight":
+            self.observer.reset()
+        self.observer.update(to_rows(x.detach().float(), self.axis, self.group_size))
+        self.freeze()
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:

@@ -1,18 +1,20 @@
 """lowbit: quantize PyTorch models to 8, 4, 2 and 1 bit and export integer ONNX.
 
-The flow is five verbs: ``plan`` → ``quantize`` → ``calibrate`` (or train) → ``convert`` →
-``export_onnx``; everything in between is driven by one ``QuantConfig``.
+The flow is five verbs: ``plan`` → ``quantize`` → ``calibrate`` → ``convert`` → ``export_onnx``
+(``prepare_qat`` + your training loop + ``schedules`` in place of ``quantize`` + ``calibrate``
+for quantization-aware training); everything in between is driven by one ``QuantConfig``.
 """
 
 from lowbit import nn as _nn  # noqa: F401  (registers the layer types)
-from lowbit import observers, quantizers  # noqa: F401  (fill the registries)
+from lowbit import observers, quantizers, schedules  # noqa: F401  (fill the registries)
 from lowbit.calibrate import calibrate, set_calibrating
 from lowbit.config import LayerRule, QuantConfig, QuantSpec
 from lowbit.convert import convert
 from lowbit.export.onnx import export_onnx
 from lowbit.export.report import ExportReport
 from lowbit.plan import LayerPlan, Plan, plan
-from lowbit.quantize import quantize
+from lowbit.quantize import prepare_qat, quantize
+from lowbit.regularizers import quant_loss
 
 __all__ = [
     "ExportReport",
@@ -25,7 +27,10 @@ __all__ = [
     "convert",
     "export_onnx",
     "plan",
+    "prepare_qat",
+    "quant_loss",
     "quantize",
+    "schedules",
     "set_calibrating",
 ]
 __version__ = "0.1.0"

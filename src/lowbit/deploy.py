@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.nn import fold_scale
 from lowbit.numerics import quantize
-from lowbit.ops import dequantize_linear, dynamic_linear, quantize_linear
-from lowbit.quantizers import QParams
+from lowbit.ops import binarize, dequantize_linear, dynamic_linear, quantize_linear
+from lowbit.quantizers import QParams, Quantizer
 
 
 class QuantizeDequantize(nn.Module):
@@ -48,8 +49,39 @@ class QuantizeDequantize(nn.Module):
         return f"{kind}{self.grid.bits}, scale shape={tuple(self.scale.shape)}"
 
 
-def _qdq(quantizer: Any) -> QuantizeDequantize | None:
-    return None if quantizer is None else QuantizeDequantize(quantizer.qparams())
+class BinarizeDequantize(nn.Module):
+    """A frozen binary activation: codes ±1 (``x >= 0`` → +1) times a scale."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+    def __init__(self, qparams: QParams) -> None:
+        super().__init__()
+        self.grid = qparams.grid
+        self.register_buffer("scale", qparams.scale.float())
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dequantize_linear(binarize(x), self.scale, self.zero_point, 1, 0)
+
+    def qparams(self) -> QParams:
+        return QParams(self.scale, self.zero_point, self.grid, None)
+
+    def extra_repr(self) -> str:
+        return "binary"
+
+
+def _qdq(quantizer: Quantizer | None) -> nn.Module | None:
+    """The frozen deploy form of an activation quantizer."""
+    if quantizer is None:
+        return None
+    qparams = quantizer.qparams()
+    if qparams.grid.odd:
+        if qparams.grid.bits != 1:
+            raise NotImplementedError(f"layer {quantizer.layer_name!r}: activations on a "
+                                      f"{qparams.grid.bits}-bit odd grid have no deploy form")
+        return BinarizeDequantize(qparams)
+    return QuantizeDequantize(qparams)
 
 
 def _run(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
@@ -63,13 +95,12 @@ class IntWeight(nn.Module):
     scale: torch.Tensor
     zero_point: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor, qparams: QParams) -> None:
+    def __init__(self, codes: torch.Tensor, qparams: QParams) -> None:
         super().__init__()
+        weight = codes  # the shape is what matters below
         self.grid = qparams.grid
         self.axis = 0 if qparams.axis is None else qparams.axis
         self.block_size = qparams.group_size or 0
-        codes = quantize(weight.detach().float(), qparams.scale, qparams.zero_point, qparams.grid,
-                         qparams.axis, qparams.group_size)
         scale, zero_point = qparams.scale.float(), qparams.zero_point
         if self.block_size:
             # ONNX blocked DequantizeLinear wants scale with the weight's rank.
@@ -80,6 +111,13 @@ class IntWeight(nn.Module):
         self.register_buffer("codes", codes.to(self.grid.storage_dtype))
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point.to(self.grid.storage_dtype))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, qparams: QParams) -> IntWeight:
+        """Quantize a float weight with fixed qparams (round half to even, saturate)."""
+        codes = quantize(weight.detach().float(), qparams.scale, qparams.zero_point, qparams.grid,
+                         qparams.axis, qparams.group_size)
+        return cls(codes, qparams)
 
     def forward(self) -> torch.Tensor:
         return dequantize_linear(self.codes, self.scale, self.zero_point, self.axis,
@@ -108,13 +146,18 @@ class DeployLayer(nn.Module):
         self.input_qdq = _qdq(wrapper.input_quant)
         self.output_qdq = _qdq(wrapper.output_quant)
         self.activation = wrapper.activation
-        weight = wrapper.weight.detach()
-        if wrapper.weight_quant is not None:
-            self.weight = IntWeight(weight, wrapper.weight_quant.qparams())
-        else:
-            self.register_buffer("float_weight", weight.clone())
-            self.weight = None
-        bias = wrapper.effective_bias()  # on the int32 grid of s_x·s_w, as integer kernels add it
+        with torch.no_grad():
+            weight, bias, k = wrapper.folded_weight_and_bias()  # BatchNorm folded in, if any
+            if wrapper.weight_quant is not None:
+                codes, qparams = wrapper.weight_quant.quantize_weight(weight.detach())
+                if k is not None:  # a fixed value set: the BN goes into the scale
+                    codes, qparams = _fold_into_scale(codes, qparams, k)
+                self.weight = IntWeight(codes, qparams)
+                # On the int32 grid of s_x·s_w, as integer kernels add it.
+                bias = wrapper.effective_bias(bias, qparams.scale)
+            else:
+                self.register_buffer("float_weight", weight.detach().clone())
+                self.weight = None
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -124,6 +167,20 @@ class DeployLayer(nn.Module):
         if self.activation is not None:
             y = self.activation(y)
         return _run(self.output_qdq, y)
+
+
+def _fold_into_scale(codes: torch.Tensor, qparams: QParams,
+                     k: torch.Tensor) -> tuple[torch.Tensor, QParams]:
+    """``codes · s · k`` with the per-channel BN factor ``k`` as the dequantization scale
+    ``s·|k|``; channels with ``k < 0`` negate their codes (odd grids are symmetric)."""
+    if not qparams.grid.odd or qparams.axis not in (None, 0):
+        raise NotImplementedError("only odd value grids scaled per tensor or per output "
+                                  "channel (axis 0) keep a BatchNorm in their scale")
+    shape = (-1,) + (1,) * (codes.dim() - 1)
+    codes = codes * torch.where(k < 0, -1.0, 1.0).reshape(shape)
+    scale = fold_scale(qparams.scale, k, codes.shape[0])
+    zero_point = torch.zeros(scale.shape, dtype=torch.int32)
+    return codes, QParams(scale, zero_point, qparams.grid, 0)
 
 
 class DeployLinear(DeployLayer):
@@ -164,13 +221,14 @@ class DynamicLinear(nn.Module):
         super().__init__()
         self.layer_name = wrapper.layer_name
         self.layer_type = "Linear"
-        qparams = wrapper.weight_quant.qparams()
-        if qparams.group_size is not None or qparams.grid.bits != 8 or not qparams.grid.signed:
+        codes, qparams = wrapper.weight_quant.quantize_weight(wrapper.weight.detach())
+        grid = qparams.grid
+        if qparams.group_size is not None or grid.bits != 8 or not grid.signed or grid.odd:
             raise NotImplementedError(
                 f"layer {wrapper.layer_name!r}: dynamic inputs need int8 signed weights per "
                 "tensor or per channel (ONNX MatMulInteger)"
             )
-        weight = IntWeight(wrapper.weight.detach(), qparams)
+        weight = IntWeight(codes, qparams)
         self.grid = qparams.grid
         self.register_buffer("weight_t", weight.codes.t().contiguous())  # (in, out) for MatMul
         self.register_buffer("weight_scale", weight.scale)

@@ -130,16 +130,23 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def apply_chains(
-    model: nn.Module, chains: Sequence[Sequence[str]], take_activation: set[str]
-) -> dict[str, nn.Module]:
+    model: nn.Module, chains: Sequence[Sequence[str]], take_activation: set[str],
+    keep_bn: bool = False,
+) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
     """Fold each chain in ``model`` (in place); the BN becomes ``nn.Identity``.
 
     For chains whose layer is in ``take_activation`` the ReLU is detached too (replaced by
     ``nn.Identity``) and returned as ``{layer_name: relu}``, for the quant wrapper to own.
+    With ``keep_bn`` (quantization-aware training) chains of those layers are not folded: the
+    BN is detached and returned as ``{layer_name: bn}`` for the wrapper to fold while training,
+    and chains of other layers stay as they are (a float layer keeps a trainable BN).
     """
     activations: dict[str, nn.Module] = {}
+    norms: dict[str, nn.Module] = {}
     folded_in_training = False
     for chain in chains:
+        if keep_bn and chain[0] not in take_activation:
+            continue
         try:
             layer, bn = get_module(model, chain[0]), get_module(model, chain[1])
         except AttributeError as err:
@@ -149,8 +156,11 @@ def apply_chains(
                 f"fusion {list(chain)} must start with a Conv1d/Conv2d/Linear followed by a "
                 f"BatchNorm, got {type(layer).__name__} and {type(bn).__name__}"
             )
-        folded_in_training |= bn.training
-        fold_bn(layer, bn)
+        if keep_bn:
+            norms[chain[0]] = bn
+        else:
+            folded_in_training |= bn.training
+            fold_bn(layer, bn)
         set_module(model, chain[1], nn.Identity().train(bn.training))
         if len(chain) > 2 and chain[0] in take_activation:
             act = get_module(model, chain[2])
@@ -158,5 +168,6 @@ def apply_chains(
             set_module(model, chain[2], nn.Identity().train(act.training))
     if folded_in_training:
         warnings.warn("BatchNorm layers were folded with their running statistics although the "
-                      "model is in training mode", stacklevel=3)
-    return activations
+                      "model is in training mode; for training use lowbit.prepare_qat",
+                      stacklevel=4)
+    return activations, norms

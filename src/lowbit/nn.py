@@ -49,6 +49,8 @@ class QuantLayer:
     input_quant: Quantizer | None
     output_quant: Quantizer | None
     activation: nn.Module | None
+    bn: nn.Module | None
+    freeze_bn: int | None
 
     def _init_quant(self, specs: LayerSpecs, name: str) -> None:
         module: Any = self
@@ -65,6 +67,8 @@ class QuantLayer:
         module.output_quant = make_quantizer(specs.output, role="output",
                                              channel_axis=self.input_axis, layer_name=name)
         module.activation = None
+        module.bn = None  # a BatchNorm folded while training (lowbit.prepare_qat)
+        module.freeze_bn = None
         module.layer_name = name
         if module.weight_quant is not None and weight is not None:
             init_weight_quantizer(module.weight_quant, weight)
@@ -74,27 +78,136 @@ class QuantLayer:
         return [q for q in (module.weight_quant, module.input_quant, module.output_quant)
                 if q is not None]
 
-    def effective_bias(self) -> torch.Tensor | None:
+    def effective_bias(self, bias: torch.Tensor | None = None,
+                       weight_scale: torch.Tensor | None = None) -> torch.Tensor | None:
         """The bias as integer kernels apply it: on the int32 grid of ``s_input · s_weight``.
 
         ONNX Runtime's QLinearConv/QGemm add ``round(b / (s_x·s_w))`` to the int32 accumulator;
         simulating that rounding here keeps the torch model and ONNX Runtime on the same codes
         (on the digits CNN it took identical codes from 99.8% to 99.999%). The bias stays float
-        where there is no integer accumulator: float or dynamic inputs, per-channel inputs,
-        per-group weights, or ranges not calibrated yet.
+        where there is no integer accumulator: float, dynamic, binary or per-channel inputs,
+        per-group weights, or ranges not calibrated yet. ``bias``/``weight_scale`` default to
+        the layer's own (BN folding passes the folded ones).
         """
         module: Any = self
-        bias, x_q, w_q = module.bias, module.input_quant, module.weight_quant
-        if bias is None or x_q is None or w_q is None or x_q.spec.dynamic:
+        bias = module.bias if bias is None else bias
+        x_q, w_q = module.input_quant, module.weight_quant
+        if bias is None or x_q is None or w_q is None or x_q.spec.dynamic or x_q.grid.odd:
             return bias
-        if x_q.axis is not None or w_q.group_size is not None or not (x_q.is_ready() and
-                                                                         w_q.is_ready()):
+        if x_q.axis is not None or w_q.group_size is not None or x_q.observing or not (
+                x_q.is_ready() and w_q.is_ready()):
             return bias
-        x_scale, w_scale = getattr(x_q, "scale", None), getattr(w_q, "scale", None)
-        if x_scale is None or w_scale is None or x_q.observing:
-            return bias
+        if weight_scale is None:
+            weight_scale = getattr(w_q, "scale", None)
+        if weight_scale is None:
+            if module.training:
+                return bias  # a value set whose scale follows the weight: rounded in eval only
+            weight_scale = w_q.quantize_weight(module.weight)[1].scale
+        x_scale = x_q.qparams().scale.to(bias.device)
+        w_scale = weight_scale.detach()
         step = (x_scale * w_scale).reshape(-1) if w_scale.dim() else x_scale * w_scale
         return round_ste(bias / step) * step
+
+    # ------------------------------------------------------------------ BatchNorm folding
+
+    def _bn_factor(self) -> torch.Tensor:
+        """``k = γ / sqrt(running_var + eps)`` per output channel, (C_out,)."""
+        bn: Any = self.bn
+        std = torch.sqrt(bn.running_var + bn.eps)
+        return bn.weight / std if bn.affine else 1.0 / std
+
+    def _folded_bias(self, k: torch.Tensor) -> torch.Tensor:
+        """``b' = β + (b − μ)·k``: the bias of the layer with its BatchNorm folded in."""
+        module: Any = self
+        bn: Any = self.bn
+        bias = module.bias if module.bias is not None else torch.zeros_like(bn.running_mean)
+        beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+        return beta + (bias - bn.running_mean) * k
+
+    def bn_uses_batch_stats(self) -> bool:
+        """Training with BatchNorm not yet frozen (``freeze_bn`` steps, or ``bn.eval()``)."""
+        module: Any = self
+        bn: Any = self.bn
+        return module.training and bn.training and not module.bn_frozen()
+
+    def bn_frozen(self) -> bool:
+        module: Any = self
+        after = module.freeze_bn
+        return after is not None and int(module.bn_steps) >= after
+
+    def _forward_weighted(self, x: torch.Tensor, op: Any) -> torch.Tensor:
+        """Input quantizer → ``op(x, weight, bias)`` (with BN folding) → activation → output."""
+        module: Any = self
+        x = _apply(module.input_quant, x)
+        if module.bn is None:
+            y = op(x, _apply(module.weight_quant, module.weight), module.effective_bias())
+        else:
+            y = self._forward_bn(x, op)
+        if module.activation is not None:
+            y = module.activation(y)
+        return _apply(module.output_quant, y)
+
+    def _forward_bn(self, x: torch.Tensor, op: Any) -> torch.Tensor:
+        """Training-time BN folding (Jacob et al.; ALGORITHMS.md §1).
+
+        Scaled grids (``folds_bn``): the weight is quantized as ``W·k`` with the running-stat
+        factor ``k``; while BN uses batch statistics the output is divided by ``k`` and
+        normalised by the batch (torch.ao's ``conv_fused``), afterwards the layer is exactly the
+        folded one. Fixed value sets (binary, DoReFa, SLB) carry no scale: the BN stays after
+        the layer and folds into the per-channel dequantization scale at convert.
+        """
+        module: Any = self
+        bn: Any = self.bn
+        w_q = module.weight_quant
+        batch_stats = self.bn_uses_batch_stats()
+        if module.training and module.freeze_bn is not None:
+            module.bn_steps += 1
+        k = self._bn_factor()
+        shape = (-1,) + (1,) * (module.weight.dim() - 1)  # broadcast over (C_out, ...)
+        out_shape = (1, -1) + (1,) * (module.weight.dim() - 2)  # over (N, C_out, ...)
+        if w_q is None or w_q.folds_bn:
+            if not batch_stats:
+                folded = module.weight * k.reshape(shape)
+                w_scale = getattr(w_q, "scale", None) if w_q is not None else None
+                w = _apply(w_q, folded)
+                return op(x, w, self.effective_bias(self._folded_bias(k), w_scale))
+            y = op(x, _apply(w_q, module.weight * k.detach().reshape(shape)), None)
+            y = y / k.detach().reshape(out_shape)
+            if module.bias is not None:
+                y = y + module.bias.reshape(out_shape)
+        else:
+            if not batch_stats:
+                if module.training:
+                    w = w_q(module.weight) * k.reshape(shape)
+                    return op(x, w, self._folded_bias(k))
+                # Eval: exactly what convert will build (codes · s·k, bias on its int32 grid).
+                codes, qp = w_q.quantize_weight(module.weight)
+                scale = fold_scale(qp.scale, k, codes.shape[0]).detach()
+                w = codes * scale.reshape(shape)
+                return op(x, w, self.effective_bias(self._folded_bias(k), scale))
+            y = op(x, w_q(module.weight), module.bias)
+        return bn(y)  # in training mode: batch statistics, running statistics updated
+
+    def folded_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None,
+                                              torch.Tensor | None]:
+        """``(weight to quantize, bias, k)`` for convert: with a BN, scaled grids get
+        ``W·k`` and ``k = None``; fixed value sets get ``W`` and the factor ``k`` to fold into
+        their dequantization scale."""
+        module: Any = self
+        if module.bn is None:
+            return module.weight, module.bias, None
+        k = self._bn_factor()
+        bias = self._folded_bias(k)
+        w_q = module.weight_quant
+        if w_q is None or w_q.folds_bn:
+            shape = (-1,) + (1,) * (module.weight.dim() - 1)
+            return module.weight * k.reshape(shape), bias, None
+        return module.weight, bias, k
+
+
+def fold_scale(scale: torch.Tensor, k: torch.Tensor, channels: int) -> torch.Tensor:
+    """Per-channel dequantization scale ``s·|k|`` (a scalar ``s`` is broadcast)."""
+    return scale.float().expand(channels) * k.abs() if scale.dim() == 0 else scale * k.abs()
 
 
 def init_weight_quantizer(quantizer: Quantizer, weight: torch.Tensor) -> None:
@@ -119,11 +232,7 @@ class QuantLinear(nn.Linear, QuantLayer):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _apply(self.input_quant, x)
-        y = F.linear(x, _apply(self.weight_quant, self.weight), self.effective_bias())
-        if self.activation is not None:
-            y = self.activation(y)
-        return _apply(self.output_quant, y)
+        return self._forward_weighted(x, F.linear)
 
 
 class _QuantConvNd(QuantLayer):
@@ -141,12 +250,7 @@ class _QuantConvNd(QuantLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         module: Any = self
-        x = _apply(module.input_quant, x)
-        y = module._conv_forward(x, _apply(module.weight_quant, module.weight),
-                                 module.effective_bias())
-        if module.activation is not None:
-            y = module.activation(y)
-        return _apply(module.output_quant, y)
+        return self._forward_weighted(x, module._conv_forward)
 
 
 @LAYERS.register("Conv1d")

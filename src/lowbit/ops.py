@@ -57,6 +57,17 @@ def _(q, scale, zero_point, axis, block_size):  # noqa: ANN001, ANN202
     return torch.empty_like(q, dtype=torch.float32)
 
 
+@torch.library.custom_op("lowbit::binarize", mutates_args=())
+def binarize(x: torch.Tensor) -> torch.Tensor:
+    """Binary activation codes: int8 +1 where ``x >= 0``, -1 elsewhere (sign with sign(0)=+1)."""
+    return torch.where(x >= 0, 1, -1).to(torch.int8)
+
+
+@binarize.register_fake
+def _(x):  # noqa: ANN001, ANN202
+    return torch.empty_like(x, dtype=torch.int8)
+
+
 @torch.library.custom_op("lowbit::dynamic_linear", mutates_args=())
 def dynamic_linear(
     x: torch.Tensor, weight_t: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor,
@@ -109,11 +120,25 @@ def translation_table(opset: int) -> dict[Any, Any]:
         y = op.Mul(op.Cast(acc, to=1), op.Mul(x_scale, w_scale))
         return op.Add(y, bias)
 
+    def binarize_(x):  # noqa: ANN001, ANN202
+        one = op.Constant(value=onnx_int8(1))
+        return op.Where(op.GreaterOrEqual(x, op.CastLike(op.Constant(value_float=0.0), x)),
+                        one, op.Neg(one))
+
     return {
+        torch.ops.lowbit.binarize.default: binarize_,
         torch.ops.lowbit.quantize_linear.default: q_linear,
         torch.ops.lowbit.dequantize_linear.default: dq_linear,
         torch.ops.lowbit.dynamic_linear.default: dyn_linear,
     }
+
+
+def onnx_int8(value: int) -> Any:
+    """A scalar int8 ONNX tensor (for constants inside translations)."""
+    import numpy as np
+    import onnx
+
+    return onnx.numpy_helper.from_array(np.array(value, dtype=np.int8))
 
 
 def _clip(op: Any, q: Any, zero_point: Any, qmin: int, qmax: int) -> Any:

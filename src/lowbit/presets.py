@@ -8,8 +8,9 @@ uint8 affine per-tensor activations (ONNX Runtime's u8s8 path).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from lowbit.config import LayerRule, QuantConfig, QuantSpec
+from lowbit.config import Granularity, LayerRule, QuantConfig, QuantSpec
 
 WEIGHT_LAYERS = ["Conv1d", "Conv2d", "Linear"]
 
@@ -44,8 +45,72 @@ def w8() -> QuantConfig:
     ])
 
 
+# ------------------------------------------------------------- quantization-aware training
+# Low-bit recipes keep the first and last layers with weights at 8 bits (LSQ, DoReFa, BNN and
+# XNOR papers all treat them apart): a rule with ``positions`` that comes last, so it wins.
+
+
+def _qat_weights(bits: int, method: str = "ste", **extra: Any) -> QuantSpec:
+    gran: Granularity = "per_channel" if method in ("ste", "lsq") else "per_tensor"
+    return QuantSpec(bits=bits, symmetric=True, granularity=gran, method=method, **extra)
+
+
+def _qat_activations(bits: int = 8, method: str = "ste") -> QuantSpec:
+    if method == "binary":
+        return QuantSpec(bits=1, method="binary")
+    observer = "ema" if method == "ste" else "minmax"
+    return QuantSpec(bits=bits, symmetric=False, observer=observer, method=method)
+
+
+def _qat(weight: QuantSpec, input: QuantSpec | None) -> QuantConfig:
+    rules = [LayerRule(types=WEIGHT_LAYERS, weight=weight, input=input)]
+    if weight.bits < 8 or (input is not None and input.bits < 8):
+        edges_input = None if input is None else _qat_activations(8)
+        rules.append(LayerRule(types=WEIGHT_LAYERS, positions=["first", "last"],
+                               weight=_qat_weights(8), input=edges_input))
+    return QuantConfig(rules=rules)
+
+
+def _recipe(weight: tuple[Any, ...], input: tuple[Any, ...] | None,
+            **weight_extra: Any) -> Callable[[], QuantConfig]:
+    """A preset builder; specs are built when called (the quantizer registry is full by then)."""
+
+    def build() -> QuantConfig:
+        return _qat(_qat_weights(*weight, **weight_extra),
+                    None if input is None else _qat_activations(*input))
+
+    return build
+
+
+QAT_PRESETS: dict[str, Callable[[], QuantConfig]] = {
+    # Jacob et al.: straight-through fake quant, EMA activation ranges.
+    "w8a8-qat": _recipe((8,), (8,)),
+    "w4a8-qat": _recipe((4,), (8,)),
+    # LSQ: learned step sizes for weights and activations.
+    "w4a8-lsq": _recipe((4, "lsq"), (8, "lsq")),
+    "w4a4-lsq": _recipe((4, "lsq"), (4, "lsq")),
+    "w2a2-lsq": _recipe((2, "lsq"), (2, "lsq")),
+    # PACT activations (learned clip) with LSQ weights.
+    "w2a2-pact": _recipe((2, "lsq"), (2, "pact")),
+    "w4a4-pact": _recipe((4, "lsq"), (4, "pact")),
+    # DoReFa weights (tanh-normalised), float activations.
+    "w2-dorefa": _recipe((2, "dorefa"), None),
+    "w4-dorefa": _recipe((4, "dorefa"), None),
+    # Binary: BNN (sign weights and activations), XNOR (per-filter scale, 8-bit activations).
+    "w1a1-bnn": _recipe((1, "binary"), (1, "binary")),
+    "w1a8-xnor": _recipe((1, "binary"), (8,), xnor=True),
+    # SLB: weights searched over a discrete value set, 8-bit or float activations.
+    "w1a8-slb": _recipe((1, "slb"), (8,)),
+    "w2a8-slb": _recipe((2, "slb"), (8,)),
+    "w4a8-slb": _recipe((4, "slb"), (8,)),
+    "w1-slb": _recipe((1, "slb"), None),
+    "w2-slb": _recipe((2, "slb"), None),
+    "w4-slb": _recipe((4, "slb"), None),
+}
+
 PRESETS: dict[str, Callable[[], QuantConfig]] = {
     "w8a8": w8a8,
     "w4a8": w4a8,
     "w8": w8,
+    **QAT_PRESETS,
 }

@@ -5,13 +5,15 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
+import torch
 from torch import nn
 
 from lowbit.config import QuantConfig
 from lowbit.functional import FUNCTIONAL_TYPES, insert_functional
 from lowbit.fuse import apply_chains, set_module
-from lowbit.nn import QuantLayer
+from lowbit.nn import QuantLayer, init_weight_quantizer
 from lowbit.plan import Plan, plan
 from lowbit.registry import LAYERS
 from lowbit.share import share_input_quantizers
@@ -32,6 +34,40 @@ def quantize(
     BatchNorm layers listed in the plan's fusions are folded into the preceding layer first.
     Layers that stay in float are named in one warning and in ``model.lowbit_plan``.
     """
+    return _quantize(model, config, example_inputs, inplace, qat=False)
+
+
+def prepare_qat(
+    model: nn.Module,
+    config: QuantConfig | Plan,
+    *,
+    example_inputs: Sequence[object] | None = None,
+    inplace: bool = False,
+    freeze_bn: int | None = None,
+) -> nn.Module:
+    """A quantized copy of ``model`` for quantization-aware training, in ``train()`` mode.
+
+    Like ``quantize``, but each Conv/Linear → BatchNorm chain keeps its BatchNorm inside the
+    quant layer and folds it while training (Jacob et al.; MindSpore ``bn_fold``): batch
+    statistics until ``freeze_bn`` training steps of the layer have run (``None``: never
+    frozen; MindSpore ``freeze_bn``), running statistics after, and exactly the folded layer in
+    eval mode and after ``lowbit.convert``. Train it with your own loop and optimizer; see
+    ``lowbit.schedules`` for temperature, BN re-estimation and binary weight clipping.
+    """
+    if freeze_bn is not None and (isinstance(freeze_bn, bool) or not isinstance(freeze_bn, int)):
+        raise TypeError(f"`freeze_bn` must be an int (training steps) or None, got "
+                        f"{type(freeze_bn).__name__} {freeze_bn!r}")
+    if freeze_bn is not None and freeze_bn < 0:
+        raise ValueError(f"`freeze_bn` must be >= 0 training steps, got {freeze_bn}")
+    qm = _quantize(model, config, example_inputs, inplace, qat=True, freeze_bn=freeze_bn)
+    from lowbit.schedules import attach_state
+
+    attach_state(qm)
+    return qm.train()
+
+
+def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequence[object] | None,
+              inplace: bool, *, qat: bool, freeze_bn: int | None = None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(config, QuantConfig):
@@ -59,7 +95,7 @@ def quantize(
         )
     model = model if inplace else copy.deepcopy(model)
     quantized = {layer.name for layer in the_plan.quantized}
-    activations = apply_chains(model, list(the_plan.fusions), quantized)
+    activations, norms = apply_chains(model, list(the_plan.fusions), quantized, keep_bn=qat)
     # Functional ops are plan entries with no module behind them yet (``op_add``...).
     if functional:
         model = insert_functional(model, functional, example_inputs)
@@ -77,15 +113,31 @@ def quantize(
         wrapper.train(float_module.training)
         if layer.name in activations:
             wrapper.activation = activations.pop(layer.name)
+        if layer.name in norms:
+            attach_bn(wrapper, norms.pop(layer.name), freeze_bn)
         set_module(model, layer.name, wrapper)
     share_input_quantizers(model)
 
     floats = the_plan.float_layers
     if floats:
         listed = "; ".join(f"{n or '<model>'}: {why}" for n, why in floats.items())
-        warnings.warn(f"lowbit left {len(floats)} layer(s) in float: {listed}", stacklevel=2)
+        warnings.warn(f"lowbit left {len(floats)} layer(s) in float: {listed}", stacklevel=3)
     setattr(model, PLAN_ATTR, the_plan)
     return model
+
+
+def attach_bn(wrapper: Any, bn: Any, freeze_bn: int | None) -> None:
+    """Give a quant layer the BatchNorm it folds while training."""
+    wrapper.bn = bn
+    wrapper.freeze_bn = freeze_bn
+    if wrapper.weight_quant is not None and wrapper.weight_quant.folds_bn:
+        # The quantized weight is now W·k: its initial range (or LSQ step) must be that one's.
+        weight, _, _ = wrapper.folded_weight_and_bias()
+        wrapper.weight_quant.reset_statistics()
+        init_weight_quantizer(wrapper.weight_quant, weight.detach())
+    # Training steps seen (a buffer, so a resumed run freezes at the same step).
+    wrapper.register_buffer("bn_steps", torch.zeros((), dtype=torch.int64,
+                                                    device=bn.running_mean.device))
 
 
 def _has_module(model: nn.Module, name: str) -> bool:

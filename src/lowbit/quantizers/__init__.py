@@ -1,6 +1,13 @@
 """Differentiable quantizers, one file per algorithm, each registered under its method name."""
 
-from lowbit.quantizers import uniform  # noqa: F401  (registers "ste")
+from lowbit.quantizers import (  # noqa: F401  (each registers its method)
+    binary,
+    dorefa,
+    lsq,
+    pact,
+    slb,
+    uniform,
+)
 from lowbit.quantizers.base import QParams, Quantizer, make_quantizer
 
 __all__ = ["QParams", "Quantizer", "make_quantizer"]

@@ -205,6 +205,19 @@ def test_training_learns_the_step_and_lowers_the_error(fields):
     assert q.scale.item() != pytest.approx(start) and losses[-1] < 0.5 * losses[0]
 
 
+def test_a_step_pushed_below_zero_keeps_learning():
+    q = lsq(4, granularity="per_channel").train()
+    w = torch.randn(3, 8)
+    q(w).square().sum().backward()
+    before, grad = q(w).detach(), q.scale.grad.clone()
+    with torch.no_grad():
+        q.scale.neg_()  # an overshooting optimizer step
+    q.scale.grad = None
+    q(w).square().sum().backward()
+    assert torch.equal(q(w), before) and torch.equal(q.scale.grad, -grad), "steps by |scale|"
+    assert (q.qparams().scale > 0).all() and torch.equal(q.eval()(w), before)
+
+
 def test_uncalibrated_eval_passes_through():
     x = torch.randn(4, 3)
     assert torch.equal(lsq(8, "input", 1).eval()(x), x)

@@ -146,6 +146,16 @@ def test_training_learns_alpha_and_lowers_the_error():
     assert q.alpha.item() > 0.5 and losses[-1] < 0.5 * losses[0]
 
 
+def test_alpha_pushed_below_zero_keeps_learning():
+    q = pact(4, symmetric=False, alpha_init=1.0).train()
+    with torch.no_grad():
+        q.alpha.neg_()  # an overshooting optimizer step
+    x = torch.tensor([0.5, 2.0, 3.0])
+    q(x).sum().backward()
+    assert q.alpha.grad == -2, "clips at |alpha|; the gradient follows the sign"
+    assert q.qparams().scale == pytest.approx(1 / 15) and q(x).max().item() == pytest.approx(1)
+
+
 def test_uncalibrated_eval_passes_through():
     x = torch.randn(4, 3)
     assert torch.equal(pact().eval()(x), x)

@@ -85,24 +85,26 @@ class QuantLayer:
         ONNX Runtime's QLinearConv/QGemm add ``round(b / (s_x·s_w))`` to the int32 accumulator;
         simulating that rounding here keeps the torch model and ONNX Runtime on the same codes
         (on the digits CNN it took identical codes from 99.8% to 99.999%). The bias stays float
-        where there is no integer accumulator: float, dynamic, binary or per-channel inputs,
-        per-group weights, or ranges not calibrated yet. ``bias``/``weight_scale`` default to
+        where there is no integer accumulator: float, dynamic or per-channel inputs, per-group
+        weights, or ranges not calibrated yet. Binary inputs are rounded too: ONNX Runtime
+        quantizes the bias of any Conv/Gemm whose input and weight come from DequantizeLinear. ``bias``/``weight_scale`` default to
         the layer's own (BN folding passes the folded ones).
         """
         module: Any = self
         bias = module.bias if bias is None else bias
         x_q, w_q = module.input_quant, module.weight_quant
-        if bias is None or x_q is None or w_q is None or x_q.spec.dynamic or x_q.grid.odd:
+        if bias is None or x_q is None or w_q is None or x_q.spec.dynamic:
             return bias
         if x_q.axis is not None or w_q.group_size is not None or x_q.observing or not (
                 x_q.is_ready() and w_q.is_ready()):
             return bias
         if weight_scale is None:
-            weight_scale = getattr(w_q, "scale", None)
-        if weight_scale is None:
-            if module.training:
+            if w_q.folds_bn:  # a scaled grid (ste, lsq): the scale is the quantizer's own
+                weight_scale = w_q.qparams().scale
+            elif module.training:
                 return bias  # a value set whose scale follows the weight: rounded in eval only
-            weight_scale = w_q.quantize_weight(module.weight)[1].scale
+            else:
+                weight_scale = w_q.quantize_weight(module.weight)[1].scale
         x_scale = x_q.qparams().scale.to(bias.device)
         w_scale = weight_scale.detach()
         step = (x_scale * w_scale).reshape(-1) if w_scale.dim() else x_scale * w_scale
@@ -167,10 +169,9 @@ class QuantLayer:
         out_shape = (1, -1) + (1,) * (module.weight.dim() - 2)  # over (N, C_out, ...)
         if w_q is None or w_q.folds_bn:
             if not batch_stats:
-                folded = module.weight * k.reshape(shape)
-                w_scale = getattr(w_q, "scale", None) if w_q is not None else None
-                w = _apply(w_q, folded)
-                return op(x, w, self.effective_bias(self._folded_bias(k), w_scale))
+                w = _apply(w_q, module.weight * k.reshape(shape))
+                # After the quantizer ran: it may have refreshed its scale from this weight.
+                return op(x, w, self.effective_bias(self._folded_bias(k)))
             y = op(x, _apply(w_q, module.weight * k.detach().reshape(shape)), None)
             y = y / k.detach().reshape(out_shape)
             if module.bias is not None:

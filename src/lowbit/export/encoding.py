@@ -55,11 +55,17 @@ def resolve_weight_dtype(choice: str) -> tuple[str, str]:
 
 
 def _saturation_prone(grid: IntRange) -> bool:
-    return grid.bits == 8 and grid.signed
+    # vpmaddubsw overflows int16 when 255·(|w1| + |w2|) > 32767: codes beyond ±64 can.
+    return grid.signed and max(-grid.qmin, grid.qmax) > 64
 
 
 def _shift(codes: torch.Tensor) -> torch.Tensor:
     return (codes.to(torch.int16) + 128).to(torch.uint8)
+
+
+def _unsigned(grid: IntRange) -> IntRange:
+    # An odd grid shifted by 128 is no longer odd-centred: describe it as plain uint8 codes.
+    return IntRange(8, signed=False, narrow=grid.narrow and not grid.odd)
 
 
 def with_unsigned_weights(model: nn.Module) -> nn.Module:
@@ -68,8 +74,8 @@ def with_unsigned_weights(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, IntWeight) and _saturation_prone(m.grid):
             m.codes, m.zero_point = _shift(m.codes), _shift(m.zero_point)
-            m.grid = IntRange(8, signed=False, narrow=m.grid.narrow)
+            m.grid = _unsigned(m.grid)
         elif isinstance(m, DynamicLinear) and _saturation_prone(m.grid):
             m.weight_t, m.weight_zero_point = _shift(m.weight_t), _shift(m.weight_zero_point)
-            m.grid = IntRange(8, signed=False, narrow=m.grid.narrow)
+            m.grid = _unsigned(m.grid)
     return model

@@ -3,7 +3,8 @@
 ``quant_params.json`` lists, per layer, the bits, signedness, granularity, axis, scales and
 zero points of its weight, inputs and output — what a runtime or a vendor converter needs.
 The safetensors file holds the weight codes packed to their bit width (1/2/4-bit codes several
-to a byte, shifted to unsigned by ``-qmin``), with each tensor's shape and bits in the metadata.
+to a byte, stored as ``(code - qmin) / step``: step 2 for the odd grids of binary, DoReFa and
+SLB weights), with each tensor's shape, bits, qmin and step in the metadata.
 """
 
 from __future__ import annotations
@@ -73,12 +74,15 @@ def packed_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
                  else cast(IntWeight, module.weight).codes)
         bits = qp.grid.bits
         pack_width = next(w for w in (1, 2, 4, 8) if w >= bits)
-        unsigned = codes.to(torch.int64) - qp.grid.qmin
+        # Odd grids (binary, DoReFa, SLB) step by 2: (code - qmin) / 2 fits in `bits`.
+        unsigned = torch.div(codes.to(torch.int64) - qp.grid.qmin, qp.grid.step,
+                             rounding_mode="floor")
         tensors[f"{name}.weight"] = pack_bits(unsigned, pack_width)
         tensors[f"{name}.weight_scale"] = qp.scale.float().contiguous()
         tensors[f"{name}.weight_zero_point"] = qp.zero_point.to(torch.int32).contiguous()
         meta[f"{name}.weight"] = json.dumps({"bits": bits, "pack_bits": pack_width,
-                                             "qmin": qp.grid.qmin, "shape": list(codes.shape),
+                                             "qmin": qp.grid.qmin, "step": qp.grid.step,
+                                             "shape": list(codes.shape),
                                              "axis": qp.axis, "group_size": qp.group_size})
     return tensors, meta
 
@@ -90,7 +94,7 @@ def unpack_weight(tensors: dict[str, torch.Tensor], meta: dict[str, str],
     numel = 1
     for d in info["shape"]:
         numel *= d
-    codes = unpack_bits(tensors[key], info["pack_bits"], numel) + info["qmin"]
+    codes = unpack_bits(tensors[key], info["pack_bits"], numel) * info.get("step", 1) + info["qmin"]
     return codes.reshape(info["shape"])
 
 

@@ -68,6 +68,9 @@ class DoReFaQuantizer(Quantizer):
             raise ValueError("QuantSpec.`narrow_range` must be False for method 'dorefa' (its "
                              "grids are fixed), got narrow_range=True")
         if role == "weight":
+            if spec.bits == 8:
+                raise ValueError("QuantSpec.`bits` must be in 1..7 for 'dorefa' weights (8-bit "
+                                 "odd codes ±255 do not fit int8 storage), got bits=8")
             if spec.signed is False:
                 raise ValueError("QuantSpec.`signed` must be True or None for 'dorefa' weights "
                                  "(values in [-1, 1] on an odd signed grid), got signed=False")

@@ -23,8 +23,10 @@ Initialization (an ``initialized`` buffer records it):
   weight, so the learned step starts from the weight quantization begins with; activations do
   nothing and initialize on the first quantized batch (from the network after its warm-up).
 
-Keep ``scale`` (and the zero point) out of weight decay. The scale is clamped to ``MIN_SCALE``
-in every forward; ``qparams`` hands out the same clamped value.
+Keep ``scale`` (and the zero point) out of weight decay. Every forward steps by
+``|scale|`` clamped to ``MIN_SCALE`` (``qparams`` hands out the same value): an optimizer step
+that overshoots zero (easy with Adam, which undoes ``g``) flips the sign and keeps learning,
+where a plain clamp would freeze the step at its floor with a zero gradient.
 """
 
 from __future__ import annotations
@@ -138,7 +140,7 @@ class LSQQuantizer(Quantizer):
             self._set(*self.initial_qparams(x))
         self._check_channels(x)
         g = self.grad_factor(x)
-        scale = grad_scale(self.scale.clamp_min(MIN_SCALE), g)
+        scale = grad_scale(self.scale.abs().clamp_min(MIN_SCALE), g)
         if self.spec.symmetric:
             return lsq_fake_quantize(x, scale, self.grid.qmin - self.mid,
                                      self.grid.qmax - self.mid, self.axis)
@@ -208,7 +210,7 @@ class LSQQuantizer(Quantizer):
 
     def _frozen(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The scale and integer zero point (as float) that eval and deploy use."""
-        scale = self.scale.detach().clamp_min(MIN_SCALE)
+        scale = self.scale.detach().abs().clamp_min(MIN_SCALE)
         zero_point = torch.round(self.zero_point.detach()).clamp(self.grid.qmin, self.grid.qmax)
         return scale, zero_point
 

@@ -17,6 +17,8 @@ split the gradient in half at ties); the rounding passes the gradient straight t
 the spec's observer) replaces it with the observed range (``hi``; signed: ``max(-lo, hi)``);
 otherwise the first training batch sets it to its max (signed: max ``|x|``). ``loss()`` is the
 paper's ``alpha²`` (``lowbit.quant_loss`` sums these; multiply by λ). ``warm_up`` does nothing.
+The clip level used is ``|alpha|`` (at least ``qmax·MIN_SCALE``), so an optimizer step past zero
+flips the sign and keeps learning instead of freezing at a floor with a zero gradient.
 """
 
 from __future__ import annotations
@@ -73,13 +75,13 @@ class PACTQuantizer(Quantizer):
     def scale(self) -> torch.Tensor:
         """The frozen step ``alpha / qmax`` (what ``qparams`` hands out and the layers'
         integer bias uses)."""
-        return self.alpha.detach().clamp_min(self.min_alpha) / self.grid.qmax
+        return self.alpha.detach().abs().clamp_min(self.min_alpha) / self.grid.qmax
 
     def train_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Clip with the paper's gradients, then fake-quantize straight through."""
         if not self.is_ready():
             self._set(self.initial_alpha(x))
-        alpha = self.alpha.clamp_min(self.min_alpha)
+        alpha = self.alpha.abs().clamp_min(self.min_alpha)
         if self.grid.signed:
             lo = alpha * (self.grid.qmin / self.grid.qmax)
             y = torch.where(x >= alpha, alpha, torch.where(x <= lo, lo, x))

@@ -84,6 +84,12 @@ class UniformQuantizer(Quantizer):
             return x
         return fake_quantize(x, self.scale, self.zero_point, self.grid, self.axis, self.group_size)
 
+    def quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, QParams]:
+        if self._stale:
+            self._track(weight)  # as eval_forward: a trained weight's range is its final one
+            self._stale = False
+        return super().quantize_weight(weight)
+
     @torch.no_grad()
     def _track(self, x: torch.Tensor) -> None:
         if self.role == "weight":

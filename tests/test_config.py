@@ -385,3 +385,66 @@ def test_yaml_file_is_editable_text(tmp_path: Path) -> None:
     path.write_text(text)
     rule = QuantConfig.from_file(path).rules[0]
     assert rule.weight is not None and rule.weight.bits == 4
+
+
+# ---------------------------------------------------------------- QAT fields and rules
+
+
+@pytest.mark.parametrize("spec, match", [
+    (dict(xnor=True), r"`xnor` is only used by method\(s\) \['binary'\]"),
+    (dict(alpha_init=6.0), r"`alpha_init` is only used by method\(s\) \['pact'\]"),
+    (dict(bits=1), r"`bits` must be one of \[2, .*\] for method 'ste'"),
+    (dict(bits=3, method="slb"), r"`bits` must be one of \[1, 2, 4\] for method 'slb'"),
+    (dict(bits=2, method="binary"), r"`bits` must be one of \[1\] for method 'binary'"),
+    (dict(method="pact", alpha_init=0.0), r"`alpha_init` must be > 0"),
+    (dict(quant_delay=-3), r"`quant_delay` must be >= 0"),
+], ids=["xnor-ste", "alpha-ste", "ste-1bit", "slb-3bit", "binary-2bit", "alpha-zero",
+        "delay-negative"])
+def test_method_options_are_checked_against_the_method(spec, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        QuantSpec(**spec)
+
+
+def test_method_options_type_errors() -> None:
+    with pytest.raises(TypeError, match=r"QuantSpec.`xnor` must be bool"):
+        QuantSpec(bits=1, method="binary", xnor=1)
+    with pytest.raises(TypeError, match=r"QuantSpec.`alpha_init` must be float or int"):
+        QuantSpec(method="pact", alpha_init="6")
+
+
+@pytest.mark.parametrize("target, method, match", [
+    ("input", "slb", "'slb' quantizes weights only"),
+    ("weight", "pact", "'pact' quantizes activations only"),
+])
+def test_rules_check_which_tensors_a_method_quantizes(target, method, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        LayerRule(**{target: QuantSpec(bits=2, method=method)})
+
+
+def test_positions_select_the_first_and_last_weighted_layers() -> None:
+    import torch.nn as tnn
+
+    import lowbit
+
+    model = tnn.Sequential(tnn.Conv2d(1, 2, 3), tnn.ReLU(), tnn.Conv2d(2, 2, 3), tnn.Flatten(),
+                           tnn.Linear(2, 2))
+    eight = QuantSpec(bits=8, granularity="per_channel")
+    cfg = QuantConfig(rules=[LayerRule(types=["Conv2d", "Linear"], weight=QuantSpec(bits=4)),
+                             LayerRule(positions=["first", "last"], weight=eight)])
+    bits = {layer.name: layer.weight.bits for layer in lowbit.plan(model, cfg).layers}
+    assert bits == {"0": 8, "2": 4, "4": 8}
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"`positions` must hold values of \['first', 'last'\]"):
+        LayerRule(positions=["middle"])
+    with pytest.raises(TypeError, match="LayerRule.`positions` must be a list"):
+        LayerRule(positions="first")
+
+
+@pytest.mark.parametrize("name", ["w8a8-qat", "w4a8-lsq", "w2a2-pact", "w2-dorefa", "w1a1-bnn",
+                                  "w1a8-xnor", "w2a8-slb", "w1-slb"])
+def test_qat_presets_keep_first_and_last_layers_at_eight_bits(name) -> None:
+    cfg = QuantConfig.preset(name)
+    if cfg.rules[0].weight.bits < 8 or (cfg.rules[0].input and cfg.rules[0].input.bits < 8):
+        edge = cfg.rules[-1]
+        assert edge.positions == ("first", "last") and edge.weight.bits == 8
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg

@@ -14,10 +14,14 @@ from lowbit.export.onnx import export_onnx
 from lowbit.export.report import ExportReport
 from lowbit.plan import LayerPlan, Plan, plan
 from lowbit.quantize import prepare_qat, quantize
+from lowbit.quantizers import QParams, Quantizer
+from lowbit.registry import QUANTIZERS
 from lowbit.regularizers import quant_loss
 
 __all__ = [
     "ExportReport",
+    "QParams",
+    "Quantizer",
     "LayerPlan",
     "LayerRule",
     "Plan",
@@ -30,7 +34,12 @@ __all__ = [
     "prepare_qat",
     "quant_loss",
     "quantize",
+    "register_quantizer",
     "schedules",
     "set_calibrating",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+register_quantizer = QUANTIZERS.register
+"""Decorator: ``@lowbit.register_quantizer("name")`` on a ``lowbit.Quantizer`` subclass makes
+``QuantSpec(method="name")`` use it (PaddleSlim's ``weight_quantize`` / ``act_quantize``)."""

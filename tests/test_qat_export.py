@@ -114,3 +114,32 @@ def test_low_bit_layers_hold_only_their_value_set(preset, values, exported):
     middle = dm[3].weight  # the first and last layers are 8-bit by the preset's rule
     for channel in middle.codes.to(torch.int64):
         assert channel.unique().numel() <= values
+
+
+def test_activation_modules_quantize_their_output_where_a_rule_names_them(tmp_path):
+    """NNI's BNN recipe: binary weights, binary outputs of every Hardtanh."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Hardtanh(),
+                          nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(64, 3))
+    cfg = QuantConfig(rules=[
+        lowbit.LayerRule(types=["Conv2d", "Linear"],
+                         weight=lowbit.QuantSpec(bits=1, method="binary")),
+        lowbit.LayerRule(types=["Hardtanh"], output=lowbit.QuantSpec(bits=1, method="binary"))])
+    assert [layer.type for layer in lowbit.plan(model, cfg).layers] == \
+        ["Conv2d", "Hardtanh", "Conv2d", "Linear"], "ReLU has no rule: not a plan entry"
+    qm = lowbit.prepare_qat(model, cfg)
+    assert type(qm[2]).__name__ == "QuantHardtanh" and qm[0].activation is None
+    assert isinstance(qm[3].activation, nn.ReLU), "a ReLU without a rule still fuses"
+    x = torch.randn(4, 1, 8, 8)
+    out = qm[2](torch.randn(5, 4, 6, 6))
+    assert set(out.unique().tolist()) <= {-1.0, 1.0}
+    qm(x)
+    dm = lowbit.convert(qm.eval())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = lowbit.export_onnx(dm, tmp_path / "bnn.onnx", (x,))
+    assert report.parity.output_max_lsb <= 1.0
+    params = json.loads(report.params_path.read_text())
+    assert params["layers"]["2"]["output"]["bits"] == 1
+    assert len(lowbit.plan(model, QuantConfig.preset("w8a8")).layers) == 3, \
+        "activations stay out of plans whose rules do not name them"

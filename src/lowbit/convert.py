@@ -7,9 +7,16 @@ from typing import Any
 
 from torch import nn
 
-from lowbit.deploy import DeployBinary, DeployConv, DeployLinear, DynamicLinear
+from lowbit.deploy import DeployActivation, DeployBinary, DeployConv, DeployLinear, DynamicLinear
 from lowbit.fuse import set_module
-from lowbit.nn import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear, _QuantBinary
+from lowbit.nn import (
+    QuantConv1d,
+    QuantConv2d,
+    QuantLayer,
+    QuantLinear,
+    _QuantActivation,
+    _QuantBinary,
+)
 
 
 def _deploy_linear(wrapper: Any) -> nn.Module:
@@ -28,6 +35,8 @@ def to_deploy(wrapper: QuantLayer) -> nn.Module:
         return DeployConv(wrapper)
     if isinstance(wrapper, _QuantBinary):
         return DeployBinary(wrapper)
+    if isinstance(wrapper, _QuantActivation):
+        return DeployActivation(wrapper)
     raise NotImplementedError(f"no deploy form for {type(wrapper).__name__}")  # pragma: no cover
 
 

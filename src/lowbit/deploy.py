@@ -268,3 +268,18 @@ class DeployBinary(nn.Module):
 
     def extra_repr(self) -> str:
         return f"op={self.op}"
+
+
+class DeployActivation(nn.Module):
+    """Deploy form of a quantized activation module (``QuantReLU``, ``QuantHardtanh``...)."""
+
+    def __init__(self, wrapper: Any) -> None:
+        super().__init__()
+        self.layer_name = wrapper.layer_name
+        self.layer_type = type(wrapper).float_type.__name__
+        self.input_qdq = _qdq(wrapper.input_quant)
+        self.output_qdq = _qdq(wrapper.output_quant)
+        self.module = wrapper.module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _run(self.output_qdq, self.module(_run(self.input_qdq, x)))

@@ -136,7 +136,8 @@ def apply_chains(
     """Fold each chain in ``model`` (in place); the BN becomes ``nn.Identity``.
 
     For chains whose layer is in ``take_activation`` the ReLU is detached too (replaced by
-    ``nn.Identity``) and returned as ``{layer_name: relu}``, for the quant wrapper to own.
+    ``nn.Identity``) and returned as ``{layer_name: relu}``, for the quant wrapper to own —
+    unless the ReLU is itself in ``take_activation`` (a rule quantizes it as a layer).
     With ``keep_bn`` (quantization-aware training) chains of those layers are not folded: the
     BN is detached and returned as ``{layer_name: bn}`` for the wrapper to fold while training,
     and chains of other layers stay as they are (a float layer keeps a trainable BN).
@@ -162,7 +163,7 @@ def apply_chains(
             folded_in_training |= bn.training
             fold_bn(layer, bn)
         set_module(model, chain[1], nn.Identity().train(bn.training))
-        if len(chain) > 2 and chain[0] in take_activation:
+        if len(chain) > 2 and chain[0] in take_activation and chain[2] not in take_activation:
             act = get_module(model, chain[2])
             activations[chain[0]] = act
             set_module(model, chain[2], nn.Identity().train(act.training))

@@ -329,6 +329,37 @@ class QuantMatMul(_QuantBinary):
         return torch.matmul(a, b)
 
 
+class _QuantActivation(nn.Module, QuantLayer):
+    """An activation module (``ReLU``, ``ReLU6``, ``Hardtanh``) with input/output quantizers:
+    NNI's ``quant_types: ['output']`` on activations, e.g. binary outputs after ``Hardtanh``."""
+
+    float_type: type[nn.Module]
+    input_axis = 1
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    @classmethod
+    def from_float(cls, module: nn.Module, specs: LayerSpecs, name: str = "") -> Any:
+        if specs.weight is not None:
+            raise ValueError(f"layer {name!r} ({cls.float_type.__name__}) has no weight; "
+                             "its rule's `weight` spec cannot apply")
+        new = cls(module)
+        new._init_quant(specs, name)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _apply(self.output_quant, self.module(_apply(self.input_quant, x)))
+
+
+# Quantizable only where a rule names the type (they would crowd every plan otherwise).
+ACTIVATION_TYPES = {"ReLU", "ReLU6", "Hardtanh"}
+for _float in (nn.ReLU, nn.ReLU6, nn.Hardtanh):
+    LAYERS.register(_float.__name__)(
+        type(f"Quant{_float.__name__}", (_QuantActivation,), {"float_type": _float}))
+
+
 def quant_type_for(module: nn.Module) -> str | None:
     """The registered layer-type name for a float module (exact type match), or None."""
     for name in LAYERS:

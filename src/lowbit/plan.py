@@ -25,7 +25,7 @@ from lowbit.config import (
 )
 from lowbit.functional import FUNCTIONAL_TYPES, find_functional
 from lowbit.fuse import NORMS, find_chains
-from lowbit.nn import LayerSpecs, quant_type_for
+from lowbit.nn import ACTIVATION_TYPES, LayerSpecs, quant_type_for
 from lowbit.registry import LAYERS
 
 # Float layers with weights that lowbit cannot quantize (yet): listed, never skipped silently.
@@ -177,14 +177,18 @@ def plan(
     layers: list[LayerPlan] = []
     skipped: dict[str, str] = {}
     found: list[tuple[str, str]] = []
+    named = {t for rule in config.rules for t in rule.types}
     for name, module in model.named_modules():
         type_name = quant_type_for(module)
+        if type_name in ACTIVATION_TYPES and type_name not in named:
+            continue  # activations take part only where a rule names their type
         if type_name is None:
             if isinstance(module, WEIGHTED_FLOAT_TYPES):
                 skipped[name] = f"{type(module).__name__} is not supported yet"
             continue
         found.append((name, type_name))
-    weighted = [name for name, type_name in found if type_name not in FUNCTIONAL_TYPES]
+    weighted = [name for name, type_name in found
+                if type_name not in FUNCTIONAL_TYPES | ACTIVATION_TYPES]
     for name, type_name in found:
         positions = frozenset(p for p, n in (("first", weighted[:1]), ("last", weighted[-1:]))
                               if name in n)
@@ -208,6 +212,7 @@ def _resolve(config: QuantConfig, name: str, type_name: str,
     rule = config.resolve(name, type_name, positions)
     if rule is None:
         return LayerPlan(name=name, type=type_name)
-    weight = None if type_name in FUNCTIONAL_TYPES else rule.weight  # add/matmul hold no weight
+    # add/matmul and activations hold no weight
+    weight = None if type_name in FUNCTIONAL_TYPES | ACTIVATION_TYPES else rule.weight
     return LayerPlan(name=name, type=type_name, weight=weight, input=rule.input,
                      output=rule.output)

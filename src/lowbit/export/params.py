@@ -16,7 +16,15 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lowbit.deploy import DeployBinary, DeployLayer, DynamicLinear, IntWeight, QuantizeDequantize
+from lowbit.deploy import (
+    BinarizeDequantize,
+    DeployActivation,
+    DeployBinary,
+    DeployLayer,
+    DynamicLinear,
+    IntWeight,
+    QuantizeDequantize,
+)
 from lowbit.numerics import pack_bits, unpack_bits
 from lowbit.quantizers import QParams
 
@@ -24,7 +32,7 @@ PARAMS_FORMAT = "lowbit.quant_params"
 
 
 def deploy_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    kinds = (DeployLayer, DynamicLinear, DeployBinary)
+    kinds = (DeployLayer, DynamicLinear, DeployBinary, DeployActivation)
     return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
 
 
@@ -37,7 +45,7 @@ def layer_qparams(module: nn.Module) -> dict[str, QParams]:
         out["weight"] = cast(IntWeight, module.weight).qparams()
     for key in ("input", "other", "output"):
         qdq = getattr(module, f"{key}_qdq", None)
-        if isinstance(qdq, QuantizeDequantize):
+        if isinstance(qdq, (QuantizeDequantize, BinarizeDequantize)):
             out[key] = qdq.qparams()
     return out
 

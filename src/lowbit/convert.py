@@ -17,6 +17,7 @@ from lowbit.nn import (
     _QuantActivation,
     _QuantBinary,
 )
+from lowbit.quantize import follow_model_device
 
 
 def _deploy_linear(wrapper: Any) -> nn.Module:
@@ -53,8 +54,11 @@ def convert(model: nn.Module) -> nn.Module:
                          "lowbit.calibrate) first")
     deployed = copy.deepcopy(model)
     if isinstance(deployed, QuantLayer):
-        return to_deploy(deployed).eval()
+        single = to_deploy(deployed)
+        follow_model_device(single, like=model)
+        return single.eval()
     for name, module in list(deployed.named_modules()):
         if isinstance(module, QuantLayer):
             set_module(deployed, name, to_deploy(module))
+    follow_model_device(deployed, like=model)
     return deployed.eval()

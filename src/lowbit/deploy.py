@@ -179,7 +179,7 @@ def _fold_into_scale(codes: torch.Tensor, qparams: QParams,
     shape = (-1,) + (1,) * (codes.dim() - 1)
     codes = codes * torch.where(k < 0, -1.0, 1.0).reshape(shape)
     scale = fold_scale(qparams.scale, k, codes.shape[0])
-    zero_point = torch.zeros(scale.shape, dtype=torch.int32)
+    zero_point = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
     return codes, QParams(scale, zero_point, qparams.grid, 0)
 
 

@@ -117,6 +117,7 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
             attach_bn(wrapper, norms.pop(layer.name), freeze_bn)
         set_module(model, layer.name, wrapper)
     share_input_quantizers(model)
+    follow_model_device(model)
 
     floats = the_plan.float_layers
     if floats:
@@ -124,6 +125,14 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
         warnings.warn(f"lowbit left {len(floats)} layer(s) in float: {listed}", stacklevel=3)
     setattr(model, PLAN_ATTR, the_plan)
     return model
+
+
+def follow_model_device(model: nn.Module, like: nn.Module | None = None) -> None:
+    """Put new quantizers (built on the CPU) where the model (or ``like``) lives, when it lives
+    on one device."""
+    devices = {p.device for p in (like or model).parameters()}
+    if len(devices) == 1:
+        model.to(devices.pop())
 
 
 def attach_bn(wrapper: Any, bn: Any, freeze_bn: int | None) -> None:

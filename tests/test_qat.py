@@ -184,3 +184,20 @@ def test_resume_from_state_dict_gives_the_same_next_steps_bit_for_bit(preset, tm
     x = torch.randn(4, 1, 8, 8)
     qm.eval(), resumed.eval()
     assert torch.equal(qm(x), resumed(x))
+
+
+@pytest.mark.parametrize("preset", ["w8a8-qat", "w4a8-lsq", "w1a8-xnor", "w2-slb"])
+def test_a_loaded_checkpoint_evaluates_and_converts_like_the_trained_model(preset, tmp_path,
+                                                                           quiet):
+    model = trained_bn(conv_bn_net())
+    qm = lowbit.prepare_qat(model, QuantConfig.preset(preset))
+    opt = torch.optim.SGD(qm.parameters(), lr=0.05, momentum=0.9)
+    _train(qm, opt, lowbit.schedules.for_model(qm, epochs=2), _batches(3, 5))
+    torch.save(qm.state_dict(), tmp_path / "qat.pt")
+    loaded = lowbit.prepare_qat(model, QuantConfig.preset(preset))
+    loaded.load_state_dict(torch.load(tmp_path / "qat.pt", weights_only=True))
+    x = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        expected = qm.eval()(x)
+        assert torch.equal(loaded.eval()(x), expected)
+        assert torch.equal(lowbit.convert(loaded)(x), lowbit.convert(qm)(x))

@@ -154,6 +154,9 @@ class UniformQuantizer(Quantizer):
             self._blocks_per_row = shape[1] // self.group_size
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # A saved weight range is one optimizer step behind the saved weight: re-derive it from
+        # the loaded weight before eval / convert, as the trained model itself does.
+        self._stale = self.role == "weight"
         # scale / zero_point take their shape from the tensor they quantize; resize before load.
         for name in ("scale", "zero_point"):
             key = prefix + name

@@ -51,8 +51,12 @@ def load_digits(seed: int = 0) -> Digits:
     x = (data.images / 16.0).astype(np.float32)[:, None]  # (1797, 1, 8, 8)
     xtr, xte, ytr, yte = train_test_split(x, data.target, test_size=0.2, random_state=seed,
                                           stratify=data.target)
-    return Digits(torch.from_numpy(xtr), torch.from_numpy(ytr).long(),
-                  torch.from_numpy(xte), torch.from_numpy(yte).long())
+    # Plain NCHW strides: numpy's (64, 1, 8, 1) for the size-1 channel reads as channels-last.
+    def images(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).clone(memory_format=torch.contiguous_format)
+
+    return Digits(images(xtr), torch.from_numpy(ytr).long(),
+                  images(xte), torch.from_numpy(yte).long())
 
 
 class DigitsCNN(nn.Sequential):

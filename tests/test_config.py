@@ -414,7 +414,6 @@ def test_method_options_type_errors() -> None:
 
 @pytest.mark.parametrize("target, method, match", [
     ("input", "slb", "'slb' quantizes weights only"),
-    ("weight", "pact", "'pact' quantizes activations only"),
 ])
 def test_rules_check_which_tensors_a_method_quantizes(target, method, match) -> None:
     with pytest.raises(ValueError, match=match):

@@ -97,3 +97,30 @@ def test_bias_lands_on_the_int32_grid_of_input_times_weight_scale():
     assert (layer.effective_bias() - layer.bias).abs().max() <= step.max() / 2 + 1e-7
     dm = lowbit.convert(qm)
     assert torch.equal(dm[0].bias, layer.effective_bias())
+
+
+def test_set_qparams_fixes_a_range_from_outside():
+    q = make_quantizer(QuantSpec(bits=8, symmetric=False), role="input", channel_axis=1)
+    q.set_qparams(1 / 127.5, 128)
+    assert q.is_ready() and q.qparams().zero_point.item() == 128
+    x = torch.tensor([-0.5, 0.0, 2.0])
+    assert torch.allclose(q.eval()(x), torch.tensor([-64 / 127.5, 0.0, 127 / 127.5]))
+    with pytest.raises(ValueError, match="`scale` must be > 0"):
+        q.set_qparams(0.0, 0)
+    with pytest.raises(ValueError, match=r"`zero_point` must lie in \[0, 255\]"):
+        q.set_qparams(0.1, 300)
+    with pytest.raises(ValueError, match="`zero_point` must hold integers"):
+        q.set_qparams(0.1, torch.tensor(1.5))
+    lsq = make_quantizer(QuantSpec(bits=2, method="slb"), role="weight", channel_axis=0)
+    with pytest.raises(NotImplementedError, match="'slb' does not take fixed qparams"):
+        lsq.set_qparams(0.1, 0)
+
+
+def test_refresh_weight_range_follows_a_replaced_weight():
+    qm = lowbit.quantize(nn.Sequential(nn.Linear(4, 4)), QuantConfig(rules=[
+        lowbit.LayerRule(types=["Linear"], weight=QuantSpec(bits=8))]))
+    with torch.no_grad():
+        qm[0].weight.mul_(3)
+    qm[0].refresh_weight_range()
+    dm = lowbit.convert(qm)
+    assert torch.allclose(dm[0].weight.scale, qm[0].weight.abs().max() / 127)

@@ -161,12 +161,19 @@ def test_uncalibrated_eval_passes_through():
     assert torch.equal(pact().eval()(x), x)
 
 
+def test_weights_clip_symmetrically_at_alpha():
+    """PaddleSlim's weight_preprocess_type='PACT': a signed grid clipped at ±alpha."""
+    spec = QuantSpec(bits=4, method="pact", alpha_init=0.5, narrow_range=True)
+    assert LayerRule(weight=spec).weight is spec
+    q = make_quantizer(spec, role="weight", channel_axis=0).train()
+    w = torch.linspace(-1, 1, 21).requires_grad_()
+    out = q(w)
+    assert out.min().item() == pytest.approx(-0.5) and out.max().item() == pytest.approx(0.5)
+    out.sum().backward()
+    assert q.alpha.grad.item() == pytest.approx(float((w >= 0.5).sum() - (w <= -0.5).sum()))
+
+
 def test_validation_errors_name_the_problem():
-    spec = QuantSpec(method="pact")
-    with pytest.raises(ValueError, match="activations only.*'weight'"):
-        make_quantizer(spec, role="weight", channel_axis=0)
-    with pytest.raises(ValueError, match="activations only"):
-        LayerRule(weight=spec)
     with pytest.raises(NotImplementedError, match="per_channel"):
         pact(granularity="per_channel")
     with pytest.raises(ValueError, match="dynamic"):

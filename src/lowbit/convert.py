@@ -10,11 +10,11 @@ from torch import nn
 from lowbit.deploy import DeployActivation, DeployBinary, DeployConv, DeployLinear, DynamicLinear
 from lowbit.fuse import set_module
 from lowbit.nn import (
+    QuantActivation,
     QuantConv1d,
     QuantConv2d,
     QuantLayer,
     QuantLinear,
-    _QuantActivation,
     _QuantBinary,
 )
 from lowbit.quantize import follow_model_device
@@ -36,7 +36,7 @@ def to_deploy(wrapper: QuantLayer) -> nn.Module:
         return DeployConv(wrapper)
     if isinstance(wrapper, _QuantBinary):
         return DeployBinary(wrapper)
-    if isinstance(wrapper, _QuantActivation):
+    if isinstance(wrapper, QuantActivation):
         return DeployActivation(wrapper)
     raise NotImplementedError(f"no deploy form for {type(wrapper).__name__}")  # pragma: no cover
 

@@ -73,6 +73,13 @@ class QuantLayer:
         if module.weight_quant is not None and weight is not None:
             init_weight_quantizer(module.weight_quant, weight)
 
+    def refresh_weight_range(self) -> None:
+        """Call after replacing the weight outside training (loading float parameters):
+        observer-driven weight ranges follow the new weight at the next eval or convert."""
+        module: Any = self
+        if module.weight_quant is not None:
+            module.weight_quant.weight_changed()
+
     def quantizers(self) -> list[Quantizer]:
         module: Any = self
         return [q for q in (module.weight_quant, module.input_quant, module.output_quant)
@@ -329,9 +336,11 @@ class QuantMatMul(_QuantBinary):
         return torch.matmul(a, b)
 
 
-class _QuantActivation(nn.Module, QuantLayer):
+class QuantActivation(nn.Module, QuantLayer):
     """An activation module (``ReLU``, ``ReLU6``, ``Hardtanh``) with input/output quantizers:
-    NNI's ``quant_types: ['output']`` on activations, e.g. binary outputs after ``Hardtanh``."""
+    NNI's ``quant_types: ['output']`` on activations, e.g. binary outputs after ``Hardtanh``.
+    Subclass it with another ``float_type`` (e.g. ``nn.Identity``) for a standalone fake-quant
+    node (MindSpore's ``FakeQuantWithMinMaxObserver``)."""
 
     float_type: type[nn.Module]
     input_axis = 1
@@ -357,7 +366,7 @@ class _QuantActivation(nn.Module, QuantLayer):
 ACTIVATION_TYPES = {"ReLU", "ReLU6", "Hardtanh"}
 for _float in (nn.ReLU, nn.ReLU6, nn.Hardtanh):
     LAYERS.register(_float.__name__)(
-        type(f"Quant{_float.__name__}", (_QuantActivation,), {"float_type": _float}))
+        type(f"Quant{_float.__name__}", (QuantActivation,), {"float_type": _float}))
 
 
 def quant_type_for(module: nn.Module) -> str | None:

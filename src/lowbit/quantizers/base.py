@@ -142,6 +142,15 @@ class Quantizer(nn.Module):
         return quantize(weight.detach().float(), qp.scale, qp.zero_point, qp.grid, qp.axis,
                         qp.group_size), qp
 
+    def set_qparams(self, scale: torch.Tensor | float, zero_point: torch.Tensor | int) -> None:
+        """Fix this quantizer's scale and zero point from outside (e.g. MindSpore's export
+        ``mean``/``std_dev`` for a network input). Training may still move them."""
+        raise NotImplementedError(f"method {self.spec.method!r} does not take fixed qparams")
+
+    def weight_changed(self) -> None:
+        """The layer's weight was replaced outside training (loaded, edited): re-derive
+        whatever follows it before the next eval forward or convert."""
+
     def loss(self) -> torch.Tensor | None:
         """This quantizer's term of ``lowbit.quant_loss`` (e.g. PACT's alpha²), or None."""
         return None

@@ -42,7 +42,7 @@ class PACTQuantizer(Quantizer):
     """Activation quantizer with a learned clip level ``alpha``."""
 
     supported_bits = tuple(range(2, 9))
-    roles = ("activation",)
+    roles = ("weight", "activation")  # PaddleSlim also clips weights with PACT
     options = ("alpha_init",)
     folds_bn = True
 
@@ -53,9 +53,6 @@ class PACTQuantizer(Quantizer):
 
     def __init__(self, spec: QuantSpec, *, role: Role, axis: int | None) -> None:
         super().__init__(spec, role=role, axis=axis)
-        if role == "weight":
-            raise ValueError("method 'pact' clips activations only (role 'input' or 'output'), "
-                             "got role 'weight'; use method 'lsq' or 'ste' for weights")
         if spec.granularity != "per_tensor":
             raise NotImplementedError(
                 f"method 'pact' learns one clip level per tensor; granularity="

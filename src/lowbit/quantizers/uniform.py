@@ -123,6 +123,24 @@ class UniformQuantizer(Quantizer):
     def reset_statistics(self) -> None:
         self.observer.reset()
 
+    @torch.no_grad()
+    def set_qparams(self, scale: torch.Tensor | float, zero_point: torch.Tensor | int) -> None:
+        scale = torch.as_tensor(scale, dtype=torch.float32, device=self.scale.device)
+        zero_point = torch.as_tensor(zero_point, device=self.scale.device)
+        if not bool((scale > 0).all()):
+            raise ValueError(f"`scale` must be > 0, got {scale.tolist()}")
+        if zero_point.is_floating_point() and not bool((zero_point == zero_point.round()).all()):
+            raise ValueError(f"`zero_point` must hold integers, got {zero_point.tolist()}")
+        if not bool(((zero_point >= self.grid.qmin) & (zero_point <= self.grid.qmax)).all()):
+            raise ValueError(f"`zero_point` must lie in [{self.grid.qmin}, {self.grid.qmax}], "
+                             f"got {zero_point.tolist()}")
+        self.scale = scale.clone()
+        self.zero_point = zero_point.to(torch.int32).clone()
+        self.initialized.fill_(True)
+
+    def weight_changed(self) -> None:
+        self._stale = self.role == "weight"
+
     def _param_shape(self, n: int) -> tuple[int, ...]:
         if self.axis is None:
             return ()
@@ -156,7 +174,7 @@ class UniformQuantizer(Quantizer):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # A saved weight range is one optimizer step behind the saved weight: re-derive it from
         # the loaded weight before eval / convert, as the trained model itself does.
-        self._stale = self.role == "weight"
+        self.weight_changed()
         # scale / zero_point take their shape from the tensor they quantize; resize before load.
         for name in ("scale", "zero_point"):
             key = prefix + name

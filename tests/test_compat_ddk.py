@@ -1,4 +1,4 @@
-"""The vendor DDK's PyTorch plug-in quantization (``lowbit.compat.ddk``): the seed's flow end to
+"""The vendor DDK's PyTorch plug-in quantization (``lowbit.compat.ddk``): the documented flow end to
 end (template → edit → optimize_model → calibrate or train → generate_final_model → ONNX Runtime),
 every error, and the walk down to lowbit's native API."""
 
@@ -77,7 +77,7 @@ def digits():
 
 @pytest.fixture(scope="module")
 def baseline(digits, tmp_path_factory) -> Path:
-    """The seed's prerequisite: a full-precision baseline .pth."""
+    """The documented prerequisite: a full-precision baseline .pth."""
     torch.manual_seed(0)
     model = TinyResNet()
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
@@ -103,7 +103,7 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def edit(path: Path, strategies: dict[str, str]) -> None:
-    """The seed's edit step: change quant_strategy of some layers (with the seed's comment)."""
+    """The documented edit step: change quant_strategy of some layers (with the documented comment)."""
     data = json.loads(path.read_text())
     for key, strategy in strategies.items():
         data["layer_strategy"][key]["quant_strategy"] = strategy
@@ -146,7 +146,7 @@ def config(tmp_path, baseline) -> Path:
 # ------------------------------------------------------------------------ the template
 
 
-def test_generate_config_file_writes_the_seeds_template(config):
+def test_generate_config_file_writes_the_documented_template(config):
     data = json.loads(config.read_text())
     assert list(data) == [f"quant_strategy_for op '{CONV}'", f"quant_strategy_for op '{LINEAR}'",
                           "input_shape", "layer_strategy"]
@@ -175,7 +175,7 @@ def test_each_strategy_is_a_layer_rule_with_its_bits(strategy, bits):
     assert rule.input.symmetric is False and rule.output is None
 
 
-# ------------------------------------------------------------------- the seed's flows
+# ------------------------------------------------------------------- the documented flows
 
 
 def test_calibration_flow_to_onnx_runtime(tmp_path, config, baseline, digits):
@@ -337,7 +337,7 @@ def test_layer_strategy_errors(config, baseline):
 
 def test_config_file_errors(tmp_path, baseline):
     bad = tmp_path / "bad.json"
-    # The seed's own edited example has a full-width comma after "Quant_INT8-8".
+    # The documented own edited example has a full-width comma after "Quant_INT8-8".
     bad.write_text('{"input_shape": "x:1,1,8,8", "layer_strategy": {"conv1/Conv2D": '
                    '{"op_type": "x", "quant_strategy": "Quant_INT8-8"，}}}', encoding="utf-8")
     with pytest.raises(ValueError, match="`config_path` .*bad.json' is not valid JSON: .* line 1"):

@@ -1,4 +1,4 @@
-"""Golden Stick's SlbQuantAwareTraining front end: names, defaults, errors, the seed workflow
+"""Golden Stick's SlbQuantAwareTraining front end: names, defaults, errors, the documented workflow
 on digits (temperature per epoch, BN calibration, convert, ONNX Runtime parity)."""
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def apply_quietly(algo: SlbQuantAwareTraining, net: nn.Module) -> nn.Module:
         return algo.apply(net)
 
 
-def seed_algo(epochs: int) -> SlbQuantAwareTraining:
-    """The seed's configuration, through its setters."""
+def documented_algo(epochs: int) -> SlbQuantAwareTraining:
+    """The documented configuration, through its setters."""
     algo = SlbQuantAwareTraining()
     algo.set_weight_quant_dtype(QuantDtype.INT1)
     algo.set_act_quant_dtype(QuantDtype.INT8)
@@ -136,7 +136,7 @@ def test_config_keys_go_through_the_setters():
     ({"t_start_time": 1.1}, ValueError, r"`t_start_time` must be in \[0.0, 1.0\]"),
     ({"t_end_time": 1.5}, ValueError, r"`t_end_time` must be in \[0.0, 1.0\], got 1.5"),
 ], ids=lambda v: v if isinstance(v, str) else None)
-def test_config_errors_follow_the_seed(config, error, match):
+def test_config_errors_follow_the_docs(config, error, match):
     with pytest.raises(error, match=match):
         SlbQuantAwareTraining(config)
 
@@ -161,7 +161,7 @@ def test_config_errors_follow_the_seed(config, error, match):
     ("set_t_factor", False, TypeError, "`t_factor` must be a float"),
     ("set_t_factor", 0.0, ValueError, "`t_factor` must be > 0.0"),
 ])
-def test_setter_errors_follow_the_seed(setter, value, error, match):
+def test_setter_errors_follow_the_docs(setter, value, error, match):
     algo = SlbQuantAwareTraining()
     with pytest.raises(error, match=match):
         getattr(algo, setter)(value)
@@ -237,7 +237,7 @@ def batches(data, n: int, size: int = 64) -> list[tuple[torch.Tensor, torch.Tens
     ({"epoch_size": 5, "has_trained_epoch": 0, "t_start_time": 0.7, "t_end_time": 0.5},
      ValueError, r"`t_end_time` \(0.5\) must be >= `t_start_time` \(0.7\)"),
 ])
-def test_callbacks_errors_follow_the_seed(setup, error, match):
+def test_callbacks_errors_follow_the_docs(setup, error, match):
     algo = SlbQuantAwareTraining(setup)
     qm = apply_quietly(SlbQuantAwareTraining(), lenet())
     with pytest.raises(error, match=match):
@@ -334,10 +334,10 @@ def train_float(data, steps: int = 60) -> nn.Module:
     return net
 
 
-def test_seed_workflow_on_digits_to_onnx_runtime(digits, tmp_path):
+def test_documented_workflow_on_digits_to_onnx_runtime(digits, tmp_path):
     """apply → callbacks driving a training loop → save → convert(ckpt_path) → ONNX Runtime."""
     epochs = 5
-    algo = seed_algo(epochs)
+    algo = documented_algo(epochs)
     net_qat = apply_quietly(algo, train_float(digits))
     dataset = batches(digits, 4)
     cbs = algo.callbacks(net_qat, dataset)

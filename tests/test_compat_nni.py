@@ -1,4 +1,4 @@
-"""``lowbit.compat.nni``: NNI's quantizers, the seed's examples end to end to ONNX Runtime."""
+"""``lowbit.compat.nni``: NNI's quantizers, the documented examples end to end to ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, data, loss=F.nll_l
 
 
 class Mnist(nn.Module):
-    """The seed's ``Mnist`` (NNI's QAT example), shrunk to 8x8 digits: ReLU6 activation modules."""
+    """The documented ``Mnist`` (NNI's QAT example), shrunk to 8x8 digits: ReLU6 activation modules."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -53,13 +53,13 @@ class Mnist(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu1(self.conv1(x))
         x = F.max_pool2d(self.relu2(self.conv2(x)), 2, 2)
-        x = x.reshape(-1, 16 * 2 * 2)  # the seed's view(); digits batches are channels-last
+        x = x.reshape(-1, 16 * 2 * 2)  # the documented view(); digits batches are channels-last
         x = self.relu3(self.fc1(x))
         return F.log_softmax(self.fc2(x), dim=1)
 
 
 class VGGDigits(nn.Module):
-    """The seed's ``VGG_Cifar10`` in miniature: Hardtanh activations, BN after every binary layer
+    """The documented ``VGG_Cifar10`` in miniature: Hardtanh activations, BN after every binary layer
     (after the max-pool where there is one), a float last layer."""
 
     def __init__(self, num_classes: int = 10) -> None:
@@ -124,7 +124,7 @@ def check_parity(quantizer, x: torch.Tensor) -> None:
     assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max() + 1e-3
 
 
-# ------------------------------------------------------------------ the seed's examples
+# ------------------------------------------------------------------ the documented examples
 
 
 def test_qat_quantizer_seed_example_trains_and_exports_to_onnx(digits, tmp_path, quiet):

@@ -1,5 +1,5 @@
 """Properties of the quantization primitives, and parity with ONNX Runtime's
-QuantizeLinear / DynamicQuantizeLinear (ALGORITHMS.md §0, §9)."""
+QuantizeLinear / DynamicQuantizeLinear (docs/algorithms.md §0, §9)."""
 
 from __future__ import annotations
 

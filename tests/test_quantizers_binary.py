@@ -1,4 +1,4 @@
-"""Binary weights and activations (method "binary", ALGORITHMS.md §5): sign with sign(0) = +1,
+"""Binary weights and activations (method "binary", docs/algorithms.md §5): sign with sign(0) = +1,
 the hardtanh straight-through gradient, XNOR's per-filter scale, clipping, exact codes, errors."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DoReFa (method "dorefa", ALGORITHMS.md §4): values and gradients against tensorpack's
+"""DoReFa (method "dorefa", docs/algorithms.md §4): values and gradients against tensorpack's
 expressions, odd weight codes that dequantize exactly, the activation grid, errors."""
 
 from __future__ import annotations

@@ -240,3 +240,29 @@ def test_validation_errors_name_the_problem():
     q(torch.randn(2, 4))
     with pytest.raises(ValueError, match="4 per-channel steps.*3 channels"):
         q(torch.randn(2, 3))
+
+
+def test_set_qparams_starts_the_learned_step_from_given_values():
+    q = make_quantizer(QuantSpec(bits=8, symmetric=False, method="lsq"), role="input",
+                       channel_axis=1)
+    q.set_qparams(0.5, 3)
+    assert q.is_ready() and q.qparams().scale.item() == 0.5
+    assert q.qparams().zero_point.item() == 3
+    with pytest.raises(ValueError, match="`scale` must be > 0"):
+        q.set_qparams(-1.0, 0)
+    with pytest.raises(ValueError, match=r"`zero_point` must lie in \[0, 255\]"):
+        q.set_qparams(0.1, 256)
+
+
+def test_a_replaced_weight_restarts_its_step_from_the_paper_init():
+    import math
+
+    from lowbit.nn import init_weight_quantizer
+
+    q = make_quantizer(QuantSpec(bits=4, method="lsq"), role="weight", channel_axis=0)
+    w = torch.randn(6, 5)
+    init_weight_quantizer(q, w)
+    new = w * 4
+    q.weight_changed()
+    codes, qp = q.quantize_weight(new)
+    assert qp.scale.item() == pytest.approx(2 * new.abs().mean().item() / math.sqrt(7), rel=1e-6)

@@ -1,6 +1,6 @@
 """Find and fold Conv/Linear → BatchNorm (→ ReLU) chains before quantization.
 
-Inference folding (ALGORITHMS.md §1): ``W' = W·γ/σ``, ``b' = β + (b − μ)·γ/σ`` with
+Inference folding (docs/algorithms.md §1): ``W' = W·γ/σ``, ``b' = β + (b − μ)·γ/σ`` with
 ``σ = sqrt(running_var + eps)``. A folded ReLU moves into the quant wrapper (``activation``) so
 that the output quantizer, if any, sees post-ReLU values.
 

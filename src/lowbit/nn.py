@@ -157,7 +157,7 @@ class QuantLayer:
         return _apply(module.output_quant, y)
 
     def _forward_bn(self, x: torch.Tensor, op: Any) -> torch.Tensor:
-        """Training-time BN folding (Jacob et al.; ALGORITHMS.md §1).
+        """Training-time BN folding (Jacob et al.; docs/algorithms.md §1).
 
         Scaled grids (``folds_bn``): the weight is quantized as ``W·k`` with the running-stat
         factor ``k``; while BN uses batch statistics the output is divided by ``k`` and

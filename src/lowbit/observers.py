@@ -6,7 +6,7 @@ quantizer will hold: 1 row per tensor, C rows per channel) and returns ``lo``/``
 the data are resized on load.
 
 Observers: ``minmax`` and ``ema`` (moving average) track min/max; ``percentile``, ``kl`` and
-``mse`` keep a histogram of ``|x|`` per row and clip it (ALGORITHMS.md §7).
+``mse`` keep a histogram of ``|x|`` per row and clip it (docs/algorithms.md §7).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class MinMaxObserver(Observer):
 
 @OBSERVERS.register("ema")
 class EMAObserver(Observer):
-    """Moving average of each batch's per-row min and max (QAT activations, ALGORITHMS.md §1).
+    """Moving average of each batch's per-row min and max (QAT activations, docs/algorithms.md §1).
 
     The first batch sets the range; later ones blend in as ``v = rate * v + (1 - rate) * batch``
     with ``rate = spec.moving_rate``.

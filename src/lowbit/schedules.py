@@ -10,7 +10,7 @@ so they work with or without a schedule.
 The schedule's position lives in the model (buffers ``lowbit_epoch`` and ``lowbit_step``), and every SLB quantizer holds its temperature, so ``qm.state_dict()`` is a complete
 checkpoint: a schedule built on a model that loaded it continues where the saved run stopped.
 
-SLB temperature (MindSpore Golden Stick, ALGORITHMS.md §6), for the 1-based epoch ``e``
+SLB temperature (MindSpore Golden Stick, docs/algorithms.md §6), for the 1-based epoch ``e``
 (``has_trained_epoch`` included) of ``E = epochs``: ``start = int(E·t_start_time)``,
 ``end = int(E·t_end_time)``; ``t = t_start_val``, times ``t_factor^(min(e, end) − start)``
 once ``e > start``; from ``e ≥ end`` the training forward uses the argmax weights. For E = 100

@@ -1,7 +1,7 @@
 """MindSpore Golden Stick's ``SlbQuantAwareTraining``, translated to PyTorch over lowbit.
 
 Same names, config keys, defaults and errors as ``mindspore_gs.quantization.SlbQuantAwareTraining``
-(ALGORITHMS.md §6); every step is a native lowbit call:
+(docs/algorithms.md §6); every step is a native lowbit call:
 
 - ``apply(network)`` → ``lowbit.prepare_qat`` with one rule for ``Conv2d`` (Golden Stick quantizes
   Conv2d only): ``QuantSpec(bits=b, method="slb")`` weights and, with ``enable_act_quant``, 8-bit

@@ -201,7 +201,7 @@ class Quantizer:
                             f"{config_list!r}")
         entries = [dict(e) for e in config_list]
         for i, entry in enumerate(entries):
-            if isinstance(entry.get("op_types"), str):  # the seed's DoReFa example: 'default'
+            if isinstance(entry.get("op_types"), str):  # the documented DoReFa example: 'default'
                 entry["op_types"] = [entry["op_types"]]
             _Entry(self, i, entry, model).check()
         return entries
@@ -374,7 +374,7 @@ class BNNQuantizer(Quantizer):
 class NaiveQuantizer(Quantizer):
     """8-bit weights, symmetric per tensor from max|W| (post-training: ``lowbit.quantize``).
 
-    ``config_list`` defaults to 8-bit weights of every ``"default"`` layer (the seed calls
+    ``config_list`` defaults to 8-bit weights of every ``"default"`` layer (the docs call
     ``NaiveQuantizer(model).compress()``)."""
 
     quant_types = ("weight",)

@@ -1,5 +1,5 @@
 """Binary weights and activations: BNN (Courbariaux/Hubara 2016) and XNOR-Net (Rastegari 2016),
-method ``"binary"`` (ALGORITHMS.md §5).
+method ``"binary"`` (docs/algorithms.md §5).
 
 Forward ``b = +1 if x >= 0 else −1`` (``torch.sign(0)`` would be 0); backward the hardtanh
 straight-through estimator ``g·1{|x| <= 1}``, so saturated latent values stop learning. Codes are

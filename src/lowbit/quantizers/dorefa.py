@@ -1,6 +1,6 @@
 """DoReFa-Net weight and activation quantization (Zhou et al., 2016), method ``"dorefa"``.
 
-Follows tensorpack's ``examples/DoReFa-Net/dorefa.py`` (ALGORITHMS.md §4). With ``n = 2**k - 1``
+Follows tensorpack's ``examples/DoReFa-Net/dorefa.py`` (docs/algorithms.md §4). With ``n = 2**k - 1``
 and ``quantize_k(r) = round(n·r) / n`` (straight-through rounding):
 
 - weights, ``k > 1``: ``w_q = 2·quantize_k(tanh(w) / (2·max|tanh(w)|) + 1/2) − 1``, the max over

@@ -1,4 +1,4 @@
-"""Learned step size quantization (method ``"lsq"``; Esser et al., ICLR 2020; ALGORITHMS.md §2).
+"""Learned step size quantization (method ``"lsq"``; Esser et al., ICLR 2020; docs/algorithms.md §2).
 
 The step ``scale`` is an ``nn.Parameter`` trained with the task loss:
 ``v̂ = round(clamp(v/s, -Qn, Qp)) · s`` with ``∂v̂/∂s = round(v/s) - v/s`` inside the range,
@@ -124,6 +124,7 @@ class LSQQuantizer(Quantizer):
         self.register_buffer("initialized", torch.tensor(False))
         self._ready = False  # mirrors `initialized` once True: no device sync per forward
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._reinit = False  # set by weight_changed()
 
     def grad_factor(self, x: torch.Tensor) -> float:
         """``g = 1/sqrt(N·Qp)``; N = elements per step (activations: per sample)."""
@@ -134,8 +135,30 @@ class LSQQuantizer(Quantizer):
             n //= x.shape[self.axis]
         return 1.0 / math.sqrt(max(n, 1) * self.levels)
 
+    def set_qparams(self, scale: torch.Tensor | float, zero_point: torch.Tensor | int) -> None:
+        """Start the learned step (and zero point) from given values."""
+        scale = torch.as_tensor(scale, dtype=torch.float32)
+        zero_point = torch.as_tensor(zero_point, dtype=torch.float32)
+        if not bool((scale > 0).all()):
+            raise ValueError(f"`scale` must be > 0, got {scale.tolist()}")
+        if not bool(((zero_point >= self.grid.qmin) & (zero_point <= self.grid.qmax)).all()):
+            raise ValueError(f"`zero_point` must lie in [{self.grid.qmin}, {self.grid.qmax}], "
+                             f"got {zero_point.tolist()}")
+        self._set(scale, zero_point.round())
+
+    def weight_changed(self) -> None:
+        """A replaced weight restarts its step from the paper's init on the next forward."""
+        if self.role == "weight":
+            self._reinit = True
+
+    def _maybe_reinit(self, x: torch.Tensor) -> None:
+        if self._reinit:
+            self._set(*self.initial_qparams(x))
+            self._reinit = False
+
     def train_forward(self, x: torch.Tensor) -> torch.Tensor:
         """LSQ fake quantization; the first batch initializes an uncalibrated quantizer."""
+        self._maybe_reinit(x)
         if not self.is_ready():
             self._set(*self.initial_qparams(x))
         self._check_channels(x)
@@ -148,11 +171,16 @@ class LSQQuantizer(Quantizer):
         return lsq_fake_quantize(x, scale, self.grid.qmin - z, self.grid.qmax - z, self.axis)
 
     def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._maybe_reinit(x)
         if not self.is_ready():
             return x
         self._check_channels(x)
         scale, zero_point = self._frozen()
         return fake_quantize(x, scale, zero_point, self.grid, self.axis)
+
+    def quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, QParams]:
+        self._maybe_reinit(weight.detach())
+        return super().quantize_weight(weight)
 
     def warm_up(self, x: torch.Tensor) -> None:
         """Weights follow their current value until quantization starts; activations wait."""

@@ -1,4 +1,4 @@
-"""PACT: learned activation clipping (method ``"pact"``; Choi et al., 2018; ALGORITHMS.md §3).
+"""PACT: learned activation clipping (method ``"pact"``; Choi et al., 2018; docs/algorithms.md §3).
 
 One clip level ``alpha`` (a scalar ``nn.Parameter``) per activation tensor:
 ``y = clip(x, lo, alpha)``, ``y_q = round(y / s) · s`` with ``s = alpha / qmax``, zero point 0.

@@ -90,11 +90,27 @@ def test_alpha_init_is_ready_at_construction():
     assert not pact().is_ready()
 
 
-@pytest.mark.parametrize(("fields", "expected"), [({"symmetric": False}, 3.0), ({}, 5.0)])
-def test_first_training_batch_sets_alpha_to_its_max(fields, expected):
+@pytest.mark.parametrize("fields", [{"symmetric": False}, {}], ids=["unsigned", "signed"])
+def test_first_training_batch_sets_the_least_error_alpha(fields):
     q = pact(**fields).train()
-    q(torch.tensor([[-5.0, 1.0, 3.0]]))
-    assert q.alpha.item() == expected and bool(q.initialized)
+    x = torch.randn(4096).abs() * (1 if fields else 2) - (0 if fields else 1)
+    x[0] = 40.0  # one outlier: the max would waste the grid on it
+    q(x.reshape(64, 64))
+    alpha = q.alpha.item()
+    assert bool(q.initialized) and 0 < alpha < 20
+
+    def error(a: float) -> float:
+        s = a / q.grid.qmax
+        lo = q.grid.qmin if q.grid.signed else 0
+        return float(((x / s).round().clamp(lo, q.grid.qmax) * s - x).square().mean())
+
+    assert error(alpha) <= min(error(40.0), error(alpha * 0.8), error(alpha * 1.25))
+
+
+def test_first_batch_of_zeros_keeps_a_tiny_positive_alpha():
+    q = pact(symmetric=False).train()
+    q(torch.zeros(3, 3))
+    assert q.alpha.item() > 0 and q.is_ready()
 
 
 @pytest.mark.parametrize(("fields", "expected"), [({"symmetric": False}, 4.0), ({}, 6.0)])

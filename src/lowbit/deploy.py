@@ -132,12 +132,40 @@ class IntWeight(nn.Module):
         return f"{kind}{self.grid.bits}, shape={tuple(self.codes.shape)}"
 
 
+class IntBias(nn.Module):
+    """A bias on the int32 grid of ``s_x·s_w``: int32 codes + ``DequantizeLinear``.
+
+    Stored explicitly so that ONNX Runtime adds exactly this bias whether or not it fuses the
+    layer into an integer kernel (its QDQ transforms round a float bias only inside fused node
+    units)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+    def __init__(self, bias: torch.Tensor, step: torch.Tensor) -> None:
+        super().__init__()
+        step = step.detach().float().reshape(-1) if step.dim() else step.detach().float()
+        self.register_buffer("codes", torch.round(bias.detach().float() / step).to(torch.int32))
+        self.register_buffer("scale", step)
+        self.register_buffer("zero_point", torch.zeros(step.shape, dtype=torch.int32,
+                                                       device=step.device))
+
+    def forward(self) -> torch.Tensor:
+        return dequantize_linear(self.codes, self.scale, self.zero_point, 0, 0)
+
+    def extra_repr(self) -> str:
+        return f"int32, shape={tuple(self.codes.shape)}"
+
+
 class DeployLayer(nn.Module):
-    """Common parts: optional input/output quantizers, a fused activation, a float bias."""
+    """Common parts: optional input/output quantizers, a fused activation, the bias (int32
+    codes where the layer has an integer accumulator, float otherwise)."""
 
     weight: IntWeight | None
     float_weight: torch.Tensor  # registered only when the weight is not quantized
-    bias: torch.Tensor | None
+    float_bias: torch.Tensor | None
+    int_bias: IntBias | None
 
     def __init__(self, wrapper: Any) -> None:
         super().__init__()
@@ -146,6 +174,8 @@ class DeployLayer(nn.Module):
         self.input_qdq = _qdq(wrapper.input_quant)
         self.output_qdq = _qdq(wrapper.output_quant)
         self.activation = wrapper.activation
+        self.int_bias = None
+        step = None
         with torch.no_grad():
             weight, bias, k = wrapper.folded_weight_and_bias()  # BatchNorm folded in, if any
             if wrapper.weight_quant is not None:
@@ -153,12 +183,17 @@ class DeployLayer(nn.Module):
                 if k is not None:  # a fixed value set: the BN goes into the scale
                     codes, qparams = _fold_into_scale(codes, qparams, k)
                 self.weight = IntWeight(codes, qparams)
-                # On the int32 grid of s_x·s_w, as integer kernels add it.
-                bias = wrapper.effective_bias(bias, qparams.scale)
+                step = wrapper.bias_step(qparams.scale)  # the int32 grid of s_x·s_w, if any
             else:
                 self.register_buffer("float_weight", weight.detach().clone())
                 self.weight = None
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        if bias is not None and step is not None:
+            self.int_bias = IntBias(bias, step)
+            bias = None
+        self.register_buffer("float_bias", None if bias is None else bias.detach().clone())
+
+    def bias(self) -> torch.Tensor | None:
+        return self.int_bias() if self.int_bias is not None else self.float_bias
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.float_weight if self.weight is None else self.weight()
@@ -186,7 +221,7 @@ def _fold_into_scale(codes: torch.Tensor, qparams: QParams,
 class DeployLinear(DeployLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _run(self.input_qdq, x)
-        return self.finish(F.linear(x, self.dequantized_weight(), self.bias))
+        return self.finish(F.linear(x, self.dequantized_weight(), self.bias()))
 
 
 class DeployConv(DeployLayer):
@@ -204,7 +239,7 @@ class DeployConv(DeployLayer):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._pad, mode=self.padding_mode)
             padding = 0
-        y = conv(x, self.dequantized_weight(), self.bias, self.stride, padding, self.dilation,
+        y = conv(x, self.dequantized_weight(), self.bias(), self.stride, padding, self.dilation,
                  self.groups)
         return self.finish(y)
 

@@ -89,33 +89,41 @@ class QuantLayer:
                        weight_scale: torch.Tensor | None = None) -> torch.Tensor | None:
         """The bias as integer kernels apply it: on the int32 grid of ``s_input · s_weight``.
 
-        ONNX Runtime's QLinearConv/QGemm add ``round(b / (s_x·s_w))`` to the int32 accumulator;
-        simulating that rounding here keeps the torch model and ONNX Runtime on the same codes
-        (on the digits CNN it took identical codes from 99.8% to 99.999%). The bias stays float
-        where there is no integer accumulator: float, dynamic or per-channel inputs, per-group
-        weights, or ranges not calibrated yet. Binary inputs are rounded too: ONNX Runtime
-        quantizes the bias of any Conv/Gemm whose input and weight come from DequantizeLinear. ``bias``/``weight_scale`` default to
-        the layer's own (BN folding passes the folded ones).
+        ONNX Runtime's QLinearConv/QGemm add ``round(b / (s_x·s_w))`` to the int32 accumulator,
+        and its QDQ transforms quantize a float bias that way wherever they fuse a node unit
+        (input and weight from DequantizeLinear, output into QuantizeLinear). The export
+        therefore stores this bias as int32 codes + DequantizeLinear, and the quant layers
+        compute with the same values, so torch and ONNX Runtime agree whether or not a kernel
+        is fused (on the digits CNN it took identical codes from 99.8% to 99.999%). ``bias`` /
+        ``weight_scale`` default to the layer's own (BN folding passes the folded ones).
         """
         module: Any = self
         bias = module.bias if bias is None else bias
+        step = self.bias_step(weight_scale) if bias is not None else None
+        return bias if step is None else round_ste(bias / step) * step
+
+    def bias_step(self, weight_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The int32 grid ``s_x·s_w`` of the bias (per output channel or scalar), or ``None``
+        where there is no integer accumulator: float, dynamic or per-channel inputs, per-group
+        weights, ranges not calibrated yet (or, while training, a value set whose scale follows
+        the weight)."""
+        module: Any = self
         x_q, w_q = module.input_quant, module.weight_quant
-        if bias is None or x_q is None or w_q is None or x_q.spec.dynamic:
-            return bias
+        if x_q is None or w_q is None or x_q.spec.dynamic:
+            return None
         if x_q.axis is not None or w_q.group_size is not None or x_q.observing or not (
                 x_q.is_ready() and w_q.is_ready()):
-            return bias
+            return None
         if weight_scale is None:
             if w_q.folds_bn:  # a scaled grid (ste, lsq): the scale is the quantizer's own
                 weight_scale = w_q.qparams().scale
             elif module.training:
-                return bias  # a value set whose scale follows the weight: rounded in eval only
+                return None
             else:
                 weight_scale = w_q.quantize_weight(module.weight)[1].scale
-        x_scale = x_q.qparams().scale.to(bias.device)
+        x_scale = x_q.qparams().scale.to(weight_scale.device)
         w_scale = weight_scale.detach()
-        step = (x_scale * w_scale).reshape(-1) if w_scale.dim() else x_scale * w_scale
-        return round_ste(bias / step) * step
+        return (x_scale * w_scale).reshape(-1) if w_scale.dim() else x_scale * w_scale
 
     # ------------------------------------------------------------------ BatchNorm folding
 

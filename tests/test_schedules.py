@@ -120,18 +120,16 @@ def test_bn_recalibration_uses_discrete_weights_and_restores_modes():
     assert qm.training and layer.bn.training and layer.bn.momentum == momentum
 
     # The running mean is the average over the batches of the conv output with argmax weights
-    # (the first layer re-estimates its own BN at the same time, as written out here).
-    for m in reference.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-        if isinstance(m, lowbit.quantizers.Quantizer):
-            m.eval()
+    # (the first, 8-bit ste layer normalises its float conv output by the batch meanwhile).
+    first = reference[0]
+    assert first.weight_quant.folds_bn
     codes, qp = layer.weight_quant.quantize_weight(layer.weight)
     means = []
     with torch.no_grad():
         for x in batches:
-            h = reference[0](x)
+            y0 = first._conv_forward(x, first.weight, first.bias)
+            h = torch.relu(nn.functional.batch_norm(y0, None, None, first.bn.weight,
+                                                    first.bn.bias, training=True))
             y = layer._conv_forward(h, codes * qp.scale, layer.bias)
             means.append(y.mean(dim=(0, 2, 3)))
     assert torch.allclose(layer.bn.running_mean, torch.stack(means).mean(0), atol=1e-5)
@@ -157,3 +155,61 @@ def test_schedule_runs_bn_calibration_after_the_start_epoch():
     assert int(layer.bn.num_batches_tracked) == tracked
     sched.step_epoch()  # epoch 2 > 1: re-estimated over 2 batches
     assert int(layer.bn.num_batches_tracked) == 2
+
+
+def _float_reference_with_bn_stats(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    """The float model whose BatchNorms average these batches' statistics (momentum=None)."""
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    ref.train()
+    with torch.no_grad():
+        for x in batches:
+            ref(x)
+    return ref.eval()
+
+
+@pytest.mark.parametrize("freeze_bn", [None, 2])
+def test_bn_recalibration_of_folded_scaled_grids_keeps_the_model_faithful(freeze_bn):
+    """ste layers fold BN into the weight they quantize: re-estimation measures the float
+    layer's statistics and the weight range follows the new fold, frozen BN or not."""
+    torch.manual_seed(0)
+    model = slb_net()
+    batches = [torch.randn(16, 1, 8, 8) * 3 + 1 for _ in range(4)]
+    qm = lowbit.prepare_qat(copy.deepcopy(model), QuantConfig.preset("w8a8-qat"),
+                            freeze_bn=freeze_bn)
+    opt = torch.optim.SGD(qm.parameters(), lr=1e-3)
+    for x in batches:  # a few steps: ranges go stale, BN (maybe) freezes
+        opt.zero_grad()
+        qm(x).square().mean().backward()
+        opt.step()
+    assert recalibrate_bn(qm, batches) == 4
+
+    reference = _float_reference_with_bn_stats(
+        _float_twin(qm, model), batches)
+    for layer, bn in ((qm[0], reference[1]), (qm[3], reference[4])):  # inputs are 8-bit
+        assert torch.allclose(layer.bn.running_mean, bn.running_mean, atol=0.02)
+        assert torch.allclose(layer.bn.running_var, bn.running_var, rtol=0.02)
+    qm.eval()
+    x = torch.randn(32, 1, 8, 8) * 3 + 1
+    with torch.no_grad():
+        want, got = reference(x), qm(x)
+        converted = lowbit.convert(qm)(x)
+    assert (got - want).norm() / want.norm() < 0.05
+    assert torch.allclose(converted, got, atol=1e-5)
+
+
+def _float_twin(qm: nn.Module, model: nn.Module) -> nn.Module:
+    """``model`` with the trained float parameters of ``qm`` (convs, BN affine, linear)."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for i in (0, 3):
+            twin[i].weight.copy_(qm[i].weight)
+            twin[i].bias.copy_(qm[i].bias)
+            twin[i + 1].weight.copy_(qm[i].bn.weight)
+            twin[i + 1].bias.copy_(qm[i].bn.bias)
+        twin[7].weight.copy_(qm[7].weight)
+        twin[7].bias.copy_(qm[7].bias)
+    return twin

@@ -38,7 +38,7 @@ __all__ = [
     "schedules",
     "set_calibrating",
 ]
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 register_quantizer = QUANTIZERS.register
 """Decorator: ``@lowbit.register_quantizer("name")`` on a ``lowbit.Quantizer`` subclass makes

@@ -176,6 +176,12 @@ class QuantLayer:
         module: Any = self
         bn: Any = self.bn
         w_q = module.weight_quant
+        if getattr(self, "_reestimating_bn", False):
+            # BN statistics of the un-normalised layer output, whatever the freeze state:
+            # scaled grids quantize W·k, which depends on these very statistics, so they are
+            # measured on the float weight; value sets on their discrete (eval) weight.
+            w = module.weight if w_q is None or w_q.folds_bn else w_q(module.weight)
+            return bn(op(x, w, module.bias))
         batch_stats = self.bn_uses_batch_stats()
         if module.training and module.freeze_bn is not None:
             module.bn_steps += 1

@@ -233,9 +233,12 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Any], forward: Forward | 
     """Re-estimate every BatchNorm's running statistics with the quantized (eval) weights.
 
     Running statistics are reset and averaged over the batches (``momentum=None``) with the
-    BatchNorms in training mode and every quantizer in eval mode (SLB: argmax weights; ranges
-    untouched); every flag, momentum and step counter is restored afterwards, BatchNorms back
-    to using running statistics. Returns the number of batches used.
+    BatchNorms in training mode and every quantizer in eval mode (SLB: argmax weights; input
+    ranges untouched); every flag, momentum and step counter is restored afterwards, BatchNorms
+    back to using running statistics. A BatchNorm folded into a scaled grid (ste, lsq) is
+    measured on the layer's float weight, since the weight it quantizes, ``W·γ/σ``, depends on
+    the statistics being measured; observer-driven weight ranges then follow the new fold at the
+    next eval or convert (learned steps are kept). Returns the number of batches used.
     """
     from lowbit.calibrate import default_forward
 
@@ -248,11 +251,14 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Any], forward: Forward | 
     counters = {m: m.bn_steps.clone() for m in layers if m.bn is not None}
     saved = {bn: {k: v.clone() for k, v in nn.Module.state_dict(bn).items()} for bn in norms}
     count = 0
+    folded = [m for m in layers if m.bn is not None]
     try:
         model.train()
         for q in model.modules():
             if isinstance(q, Quantizer):
                 q.eval()
+        for m in folded:
+            m._reestimating_bn = True
         for bn in norms:
             bn.reset_running_stats()
             bn.momentum = None
@@ -272,6 +278,11 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Any], forward: Forward | 
             bn.momentum = momentum
         for m, steps in counters.items():
             m.bn_steps.copy_(steps)
+        for m in folded:
+            m._reestimating_bn = False
+            w_q = m.weight_quant
+            if count and w_q is not None and w_q.folds_bn and not any(True for _ in w_q.parameters()):
+                m.refresh_weight_range()  # W·γ/σ changed with σ
     if count == 0:
         for bn, state in saved.items():
             nn.Module.load_state_dict(bn, state)

@@ -185,7 +185,7 @@ def test_layer_rule_type_errors(kwargs: dict, match: str) -> None:
     ("kwargs", "match"),
     [
         ({"types": ["Conv3d"]},
-         r"`LayerRule.types` must be one of \['Conv1d', 'Conv2d', 'Hardtanh', 'Linear', 'ReLU', 'ReLU6', 'add', 'matmul'\], "
+         r"`LayerRule.types` must be one of \['Conv1d', 'Conv2d', 'Embedding', 'Hardtanh', 'Linear', 'ReLU', 'ReLU6', 'add', 'matmul'\], "
          r"got 'Conv3d'"),
         ({"types": ["linear"]}, r"`LayerRule.types` must be one of .*got 'linear'"),
         ({"names": ["re:features.(\\d+"]},
@@ -255,7 +255,7 @@ def test_quant_config_type_errors(kwargs: dict, match: str) -> None:
 
 def test_unknown_preset_lists_presets() -> None:
     with pytest.raises(ValueError, match=r"unknown preset 'int8'; presets: \[.*'w4a8', "
-                                         r"'w4a8-lsq'.*'w8', 'w8a8', 'w8a8-qat'\]"):
+                                         r"'w4a8-lsq'.*'w8', 'w8a8', 'w8a8-qat', 'w8a8-transformer'\]"):
         QuantConfig.preset("int8")
     with pytest.raises(TypeError, match=r"preset name must be a str, got int"):
         QuantConfig.preset(8)  # type: ignore[arg-type]
@@ -340,13 +340,15 @@ def test_file_round_trip(cfg: QuantConfig, suffix: str, tmp_path: Path) -> None:
 
 
 def test_every_preset_builds_and_quantizes() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 2))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(128, 2))
     for name in QuantConfig.presets():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             qm = lowbit.quantize(model, QuantConfig.preset(name))
-        assert type(qm[0]) is not nn.Conv2d and type(qm[2]) is not nn.Linear, name
-        assert qm(torch.randn(2, 3, 4, 4)).shape == (2, 2)
+        linear_only = name.startswith("w4-g") or name == "w8a8-transformer"  # transformers
+        assert (type(qm[0]) is nn.Conv2d) == linear_only, name
+        assert type(qm[2]) is not nn.Linear, name
+        assert qm(torch.randn(2, 3, 6, 6)).shape == (2, 2)
 
 
 @pytest.mark.parametrize("name", ["config.txt", "config", "config.yaml.bak"],

@@ -97,7 +97,7 @@ def test_fuse_bn_false_finds_no_fusions() -> None:
 def test_unsupported_weighted_layers_are_listed_with_a_reason() -> None:
     the_plan = lowbit.plan(WithUnsupported(), CFG)
     assert [x.name for x in the_plan.layers] == ["fc"]
-    assert the_plan.skipped == {"emb": "Embedding is not supported yet",
+    assert the_plan.skipped == {"emb": "Embedding is quantized only where a rule names the type",
                                 "up": "ConvTranspose2d is not supported yet"}
     assert "emb" in the_plan.summary() and "ConvTranspose2d is not supported" in the_plan.summary()
 
@@ -139,7 +139,7 @@ def test_plan_argument_errors() -> None:
         ({"layers": {"0": {"type": "Conv2d", "bias": None}}}, ValueError,
          r"plan entry '0' has unknown field\(s\) \['bias'\]"),
         ({"layers": {"0": {"type": "Conv3d"}}}, ValueError,
-         r"`type of layer '0'` must be one of \['Conv1d', 'Conv2d', 'Hardtanh', 'Linear', "
+         r"`type of layer '0'` must be one of \['Conv1d', 'Conv2d', 'Embedding', 'Hardtanh', 'Linear', "
          r"'ReLU', 'ReLU6', 'add', 'matmul'\], got 'Conv3d'"),
         ({"layers": {"0": {"type": "Conv2d", "weight": {"bits": 16}}}}, ValueError,
          r"QuantSpec.`bits` must be an integer in 1..8, got 16"),
@@ -280,7 +280,7 @@ def test_quantize_warns_once_naming_every_float_layer() -> None:
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1, messages
     assert messages[0] == ("lowbit left 3 layer(s) in float: fc: kept in float by the config; "
-                           "body.emb: Embedding is not supported yet; "
+                           "body.emb: Embedding is quantized only where a rule names the type; "
                            "body.up: ConvTranspose2d is not supported yet")
 
 

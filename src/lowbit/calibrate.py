@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lowbit.quantizers import Quantizer
+from lowbit.weight_calibration import calibrate_weights, layers_needing_data
 
 Forward = Callable[[nn.Module, Any], Any]
 
@@ -89,6 +90,11 @@ def calibrate(
 ) -> int:
     """Record activation ranges over ``batches`` and freeze them; returns the batch count.
 
+    Layers whose specs ask for data-driven weights (``QuantSpec.smoothing``,
+    ``QuantSpec.algorithm`` ``"gptq"``/``"awq"``) get a statistics pass over the same batches
+    first (``lowbit.weight_calibration``), so ``batches`` must then be re-iterable. Batches
+    may differ in shape (e.g. tokenizer outputs padded per batch).
+
     Each batch is passed as ``forward(model, batch)`` (default: see ``default_forward``; for a
     loader of ``(x, y)`` pairs use ``forward=lambda m, b: m(b[0])``). Runs in eval mode under
     ``no_grad`` and restores every module's training flag afterwards, even on error.
@@ -108,22 +114,36 @@ def calibrate(
                                     or max_batches < 1):
         raise ValueError(f"`max_batches` must be a positive int or None, got {max_batches!r}")
 
-    count = 0
-    with _eval_state(model):
-        set_calibrating(model, True)
+    run_forward: Forward = forward
+
+    def feed(desc: str) -> int:
         iterator: Iterable[Any] = batches
         if progress:
             from tqdm.auto import tqdm
 
             total = max_batches if max_batches is not None else _len_or_none(batches)
-            iterator = tqdm(batches, total=total, desc="calibrating", unit="batch", leave=False)
+            iterator = tqdm(batches, total=total, desc=desc, unit="batch", leave=False)
+        count = 0
         for batch in iterator:
-            forward(model, batch)
+            run_forward(model, batch)
             count += 1
             if max_batches is not None and count >= max_batches:
                 break
         if count == 0:
             raise ValueError("`batches` is empty: calibration needs at least one batch")
+        return count
+
+    with _eval_state(model):
+        if layers_needing_data(model):
+            if iter(batches) is batches:
+                raise TypeError(
+                    "`batches` is read twice when layers use `smoothing` or a weight algorithm "
+                    "(statistics, then ranges): pass a list or a DataLoader, not an iterator"
+                )
+            set_calibrating(model, True)
+            calibrate_weights(model, batches, lambda _: feed("weight statistics"))
+        set_calibrating(model, True)
+        count = feed("calibrating")
         set_calibrating(model, False)
 
     unseen = sorted({q.layer_name for q in quantizers if not q.is_ready()})

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from lowbit.registry import LAYERS, OBSERVERS, QUANTIZERS
+from lowbit.registry import LAYERS, OBSERVERS, QUANTIZERS, WEIGHT_ALGORITHMS
 
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
@@ -59,6 +59,13 @@ class QuantSpec:
     float for its first training steps (MindSpore ``quant_delay``, NNI ``quant_start_step``;
     counted in training forwards of the quantizer). ``alpha_init`` is PACT's initial clip
     (``None``: from the first batch); ``xnor`` gives binary weights a per-filter scale mean|W|.
+
+    Calibration with data (``lowbit.calibrate``), for post-training quantization:
+    ``smoothing`` (on a Linear's ``input``) is SmoothQuant's migration strength α: per input
+    channel the activation is divided and the weight multiplied by
+    ``s = max|X|^α / max|W|^(1-α)`` before ranges are taken. ``algorithm`` (on a ``weight``)
+    picks how weights are rounded: ``"rtn"`` (nearest), ``"gptq"`` or ``"awq"``
+    (``WEIGHT_ALGORITHMS``; docs/algorithms.md §10, §11).
     """
 
     bits: int = 8
@@ -78,6 +85,8 @@ class QuantSpec:
     quant_delay: int = 0
     alpha_init: float | None = None
     xnor: bool = False
+    smoothing: float | None = None
+    algorithm: str = "rtn"
 
     def __post_init__(self) -> None:
         o = "QuantSpec"
@@ -86,15 +95,16 @@ class QuantSpec:
             _check_type(o, name, getattr(self, name), bool)
         if self.signed is not None:
             _check_type(o, "signed", self.signed, bool)
-        for name in ("granularity", "observer", "method"):
+        for name in ("granularity", "observer", "method", "algorithm"):
             _check_type(o, name, getattr(self, name), str)
         for name in ("axis", "group_size"):
             if getattr(self, name) is not None:
                 _check_type(o, name, getattr(self, name), int)
         for name in ("bins", "upsample_bins", "quant_delay"):
             _check_type(o, name, getattr(self, name), int)
-        if self.alpha_init is not None:
-            _check_type(o, "alpha_init", self.alpha_init, (float, int))
+        for name in ("alpha_init", "smoothing"):
+            if getattr(self, name) is not None:
+                _check_type(o, name, getattr(self, name), (float, int))
         for name in ("hist_percent", "moving_rate"):
             _check_type(o, name, getattr(self, name), (float, int))
 
@@ -114,6 +124,14 @@ class QuantSpec:
                 f"{self.method!r}, got {self.bits}"
             )
         self._check_method_options(method)
+        if self.smoothing is not None and not 0.0 <= self.smoothing <= 1.0:
+            raise ValueError(f"QuantSpec.`smoothing` must be in [0, 1] or None, got {self.smoothing}")
+        WEIGHT_ALGORITHMS.get(self.algorithm, field="QuantSpec.algorithm")
+        if self.algorithm != "rtn" and (self.method != "ste" or self.dynamic):
+            raise ValueError(
+                f"QuantSpec.`algorithm` {self.algorithm!r} rounds post-training weights of "
+                f"method 'ste', got method={self.method!r}"
+            )
         if self.quant_delay < 0:
             raise ValueError(f"QuantSpec.`quant_delay` must be >= 0 training steps, got {self.quant_delay}")
         if self.alpha_init is not None and not self.alpha_init > 0:
@@ -259,6 +277,19 @@ class LayerRule:
                     f"LayerRule.`{target}`: method {spec.method!r} quantizes "
                     f"{' and '.join(r + 's' for r in roles)} only, not {role}s"
                 )
+        for target in ("input", "output"):
+            spec = getattr(self, target)
+            if spec is not None and spec.algorithm != "rtn":
+                raise ValueError(f"LayerRule.`{target}`: `algorithm` {spec.algorithm!r} is for "
+                                 "weights; activations are rounded to nearest")
+        for target in ("weight", "output"):
+            spec = getattr(self, target)
+            if spec is not None and spec.smoothing is not None:
+                raise ValueError(f"LayerRule.`{target}`: `smoothing` belongs on the `input` "
+                                 "spec of a Linear (it moves input outliers into the weight)")
+        if self.input is not None and self.input.smoothing is not None and self.weight is None:
+            raise ValueError("LayerRule.`input`: `smoothing` needs a `weight` spec to move the "
+                             "outliers into")
         if self.weight is not None and self.weight.dynamic:
             raise ValueError("LayerRule.`weight` cannot be dynamic; `dynamic` is for activations")
         if self.output is not None and self.output.dynamic:

@@ -7,12 +7,20 @@ from typing import Any
 
 from torch import nn
 
-from lowbit.deploy import DeployActivation, DeployBinary, DeployConv, DeployLinear, DynamicLinear
+from lowbit.deploy import (
+    DeployActivation,
+    DeployBinary,
+    DeployConv,
+    DeployEmbedding,
+    DeployLinear,
+    DynamicLinear,
+)
 from lowbit.fuse import set_module
 from lowbit.nn import (
     QuantActivation,
     QuantConv1d,
     QuantConv2d,
+    QuantEmbedding,
     QuantLayer,
     QuantLinear,
     _QuantBinary,
@@ -32,6 +40,8 @@ def to_deploy(wrapper: QuantLayer) -> nn.Module:
         q.qparams()  # raises a clear error for a quantizer that never saw data
     if isinstance(wrapper, QuantLinear):
         return _deploy_linear(wrapper)
+    if isinstance(wrapper, QuantEmbedding):
+        return DeployEmbedding(wrapper)
     if isinstance(wrapper, (QuantConv1d, QuantConv2d)):
         return DeployConv(wrapper)
     if isinstance(wrapper, _QuantBinary):

@@ -84,6 +84,20 @@ def _qdq(quantizer: Quantizer | None) -> nn.Module | None:
     return QuantizeDequantize(qparams)
 
 
+def _smoothing(wrapper: Any) -> torch.Tensor | None:
+    s = getattr(wrapper, "input_smoothing", None)
+    return None if s is None else s.detach().clone()
+
+
+def _smooth(x: torch.Tensor, factor: torch.Tensor | None, axis: int) -> torch.Tensor:
+    """``x`` times its per-channel smoothing factor (one ONNX Mul), if the layer has one."""
+    if factor is None:
+        return x
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return x * factor.reshape(shape)
+
+
 def _run(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     return x if module is None else module(x)
 
@@ -162,6 +176,7 @@ class DeployLayer(nn.Module):
     """Common parts: optional input/output quantizers, a fused activation, the bias (int32
     codes where the layer has an integer accumulator, float otherwise)."""
 
+    input_smoothing: torch.Tensor | None
     weight: IntWeight | None
     float_weight: torch.Tensor  # registered only when the weight is not quantized
     float_bias: torch.Tensor | None
@@ -174,6 +189,7 @@ class DeployLayer(nn.Module):
         self.input_qdq = _qdq(wrapper.input_quant)
         self.output_qdq = _qdq(wrapper.output_quant)
         self.activation = wrapper.activation
+        self.register_buffer("input_smoothing", _smoothing(wrapper))
         self.int_bias = None
         step = None
         with torch.no_grad():
@@ -220,7 +236,7 @@ def _fold_into_scale(codes: torch.Tensor, qparams: QParams,
 
 class DeployLinear(DeployLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _run(self.input_qdq, x)
+        x = _run(self.input_qdq, _smooth(x, self.input_smoothing, -1))
         return self.finish(F.linear(x, self.dequantized_weight(), self.bias()))
 
 
@@ -233,7 +249,7 @@ class DeployConv(DeployLayer):
         self._pad = wrapper._reversed_padding_repeated_twice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _run(self.input_qdq, x)
+        x = _run(self.input_qdq, _smooth(x, self.input_smoothing, 1))
         conv = F.conv1d if self.dims == 1 else F.conv2d
         padding: Any = self.padding
         if self.padding_mode != "zeros":
@@ -244,9 +260,36 @@ class DeployConv(DeployLayer):
         return self.finish(y)
 
 
+class DeployEmbedding(nn.Module):
+    """Integer table rows gathered with their scales: ``(codes[i] − z[i]) · s[i]``. ONNX:
+    Gather on the int8 initializer (and on the scales), then one Sub/Mul on the gathered rows
+    only; a DequantizeLinear of the whole table would run on every call."""
+
+    def __init__(self, wrapper: Any) -> None:
+        super().__init__()
+        self.layer_name = wrapper.layer_name
+        self.layer_type = "Embedding"
+        with torch.no_grad():
+            codes, qparams = wrapper.weight_quant.quantize_weight(wrapper.weight.detach())
+        self.weight = IntWeight(codes, qparams)
+        self.padding_idx = wrapper.padding_idx
+        self.output_qdq = _qdq(wrapper.output_quant)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        rows = w.codes[ids].float()
+        if w.scale.dim() == 0:
+            y = (rows - w.zero_point.float()) * w.scale
+        else:
+            zero_point = w.zero_point[ids].float().unsqueeze(-1)
+            y = (rows - zero_point) * w.scale[ids].unsqueeze(-1)
+        return _run(self.output_qdq, y)
+
+
 class DynamicLinear(nn.Module):
     """Linear with int8 weights whose input is quantized at run time (``dynamic=True``)."""
 
+    input_smoothing: torch.Tensor | None
     weight_t: torch.Tensor
     weight_scale: torch.Tensor
     weight_zero_point: torch.Tensor
@@ -272,8 +315,10 @@ class DynamicLinear(nn.Module):
                              else torch.zeros(wrapper.out_features))
         self.activation = wrapper.activation
         self.output_qdq = _qdq(wrapper.output_quant)
+        self.register_buffer("input_smoothing", _smoothing(wrapper))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _smooth(x, self.input_smoothing, -1)
         y = dynamic_linear(x, self.weight_t, self.weight_scale, self.weight_zero_point, self.bias)
         if self.activation is not None:
             y = self.activation(y)

@@ -70,8 +70,34 @@ class QuantLayer:
         module.bn = None  # a BatchNorm folded while training (lowbit.prepare_qat)
         module.freeze_bn = None
         module.layer_name = name
+        # Per-input-channel factor (1/s of SmoothQuant or AWQ) applied before the input
+        # quantizer; None until lowbit.calibrate migrates scales into the weight.
+        module.register_buffer("input_smoothing", None)
+        module.register_load_state_dict_pre_hook(_make_room_for_smoothing)
         if module.weight_quant is not None and weight is not None:
             init_weight_quantizer(module.weight_quant, weight)
+
+    def smooth_input(self, s: torch.Tensor) -> None:
+        """Migrate per-input-channel scales ``s`` into the weight: ``W[:, j] *= s_j`` and the
+        input is divided by ``s`` before it is quantized (the layer's function is unchanged).
+        Successive calls compose."""
+        module: Any = self
+        with torch.no_grad():
+            s = s.to(module.weight)
+            shape = (1, -1) + (1,) * (module.weight.dim() - 2)
+            module.weight.mul_(s.reshape(shape))
+            old = module.input_smoothing
+            module.input_smoothing = 1.0 / s if old is None else old / s
+        self.refresh_weight_range()
+
+    def _smooth(self, x: torch.Tensor) -> torch.Tensor:
+        module: Any = self
+        s = module.input_smoothing
+        if s is None:
+            return x
+        shape = [1] * x.dim()
+        shape[self.input_axis] = -1
+        return x * s.reshape(shape)
 
     def refresh_weight_range(self) -> None:
         """Call after replacing the weight outside training (loading float parameters):
@@ -155,7 +181,7 @@ class QuantLayer:
     def _forward_weighted(self, x: torch.Tensor, op: Any) -> torch.Tensor:
         """Input quantizer → ``op(x, weight, bias)`` (with BN folding) → activation → output."""
         module: Any = self
-        x = _apply(module.input_quant, x)
+        x = _apply(module.input_quant, self._smooth(x))
         if module.bn is None:
             y = op(x, _apply(module.weight_quant, module.weight), module.effective_bias())
         else:
@@ -227,6 +253,14 @@ class QuantLayer:
         return module.weight, bias, k
 
 
+def _make_room_for_smoothing(module: Any, state_dict: dict[str, Any], prefix: str,
+                             *args: Any) -> None:
+    """A checkpoint of a smoothed layer loads into a freshly quantized one."""
+    saved = state_dict.get(prefix + "input_smoothing")
+    if saved is not None and module.input_smoothing is None:
+        module.input_smoothing = torch.empty_like(saved, device=module.weight.device)
+
+
 def fold_scale(scale: torch.Tensor, k: torch.Tensor, channels: int) -> torch.Tensor:
     """Per-channel dequantization scale ``s·|k|`` (a scalar ``s`` is broadcast)."""
     return scale.float().expand(channels) * k.abs() if scale.dim() == 0 else scale * k.abs()
@@ -255,6 +289,41 @@ class QuantLinear(nn.Linear, QuantLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward_weighted(x, F.linear)
+
+
+@LAYERS.register("Embedding")
+class QuantEmbedding(nn.Embedding, QuantLayer):
+    """A lookup table with a quantized weight (weight-only: its input is indices). Per-row
+    (``per_channel``) int8 keeps each token's vector on its own scale; the deploy form gathers
+    integer rows and their scales, so the file holds one byte per value."""
+
+    float_type = nn.Embedding
+    input_axis = -1
+
+    @classmethod
+    def from_float(cls, module: nn.Embedding, specs: LayerSpecs,
+                   name: str = "") -> QuantEmbedding:
+        if specs.input is not None:
+            raise ValueError(f"layer {name!r} (Embedding) reads integer indices: its rule cannot "
+                             "have an `input` spec; quantize its `weight` (and `output`)")
+        weight = specs.weight
+        if weight is not None and (weight.granularity == "per_group" or (
+                weight.granularity == "per_channel" and weight.axis not in (None, 0))):
+            raise ValueError(f"layer {name!r} (Embedding): the weight must be per_tensor or "
+                             f"per_channel along rows (axis 0), got {weight.granularity} "
+                             f"axis={weight.axis}")
+        new = cls(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,
+                  max_norm=module.max_norm, norm_type=module.norm_type,
+                  scale_grad_by_freq=module.scale_grad_by_freq, sparse=module.sparse,
+                  device=module.weight.device, dtype=module.weight.dtype)
+        new.weight = module.weight
+        new._init_quant(specs, name)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.embedding(x, _apply(self.weight_quant, self.weight), self.padding_idx,
+                        self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+        return _apply(self.output_quant, y)
 
 
 class _QuantConvNd(QuantLayer):
@@ -378,6 +447,7 @@ class QuantActivation(nn.Module, QuantLayer):
 
 # Quantizable only where a rule names the type (they would crowd every plan otherwise).
 ACTIVATION_TYPES = {"ReLU", "ReLU6", "Hardtanh"}
+OPT_IN_TYPES = ACTIVATION_TYPES | {"Embedding"}
 for _float in (nn.ReLU, nn.ReLU6, nn.Hardtanh):
     LAYERS.register(_float.__name__)(
         type(f"Quant{_float.__name__}", (QuantActivation,), {"float_type": _float}))

@@ -25,12 +25,12 @@ from lowbit.config import (
 )
 from lowbit.functional import FUNCTIONAL_TYPES, find_functional
 from lowbit.fuse import NORMS, find_chains
-from lowbit.nn import ACTIVATION_TYPES, LayerSpecs, quant_type_for
+from lowbit.nn import ACTIVATION_TYPES, OPT_IN_TYPES, LayerSpecs, quant_type_for
 from lowbit.registry import LAYERS
 
 # Float layers with weights that lowbit cannot quantize (yet): listed, never skipped silently.
 WEIGHTED_FLOAT_TYPES = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                        nn.Embedding, nn.EmbeddingBag, nn.LSTM, nn.GRU, nn.RNN, nn.Bilinear,
+                        nn.EmbeddingBag, nn.LSTM, nn.GRU, nn.RNN, nn.Bilinear,
                         nn.MultiheadAttention)
 
 
@@ -180,15 +180,17 @@ def plan(
     named = {t for rule in config.rules for t in rule.types}
     for name, module in model.named_modules():
         type_name = quant_type_for(module)
-        if type_name in ACTIVATION_TYPES and type_name not in named:
-            continue  # activations take part only where a rule names their type
+        if type_name in OPT_IN_TYPES and type_name not in named:
+            if type_name == "Embedding":
+                skipped[name] = "Embedding is quantized only where a rule names the type"
+            continue  # activations and embeddings take part only where a rule names the type
         if type_name is None:
             if isinstance(module, WEIGHTED_FLOAT_TYPES):
                 skipped[name] = f"{type(module).__name__} is not supported yet"
             continue
         found.append((name, type_name))
     weighted = [name for name, type_name in found
-                if type_name not in FUNCTIONAL_TYPES | ACTIVATION_TYPES]
+                if type_name not in FUNCTIONAL_TYPES | OPT_IN_TYPES]
     for name, type_name in found:
         positions = frozenset(p for p, n in (("first", weighted[:1]), ("last", weighted[-1:]))
                               if name in n)

@@ -1,4 +1,5 @@
-"""Named registries for the extension points (observers, quantizer algorithms, layers).
+"""Named registries for the extension points (observers, quantizer algorithms, layers,
+post-training weight algorithms).
 
 A registry maps a short name to a class. A missing name raises a ``ValueError`` that lists
 what is registered, so a typo in a config is a clear message rather than a ``KeyError``.
@@ -55,3 +56,4 @@ class Registry(Generic[T]):
 OBSERVERS: Registry = Registry("observer")
 QUANTIZERS: Registry = Registry("quantizer method")
 LAYERS: Registry = Registry("layer type")
+WEIGHT_ALGORITHMS: Registry = Registry("weight algorithm")

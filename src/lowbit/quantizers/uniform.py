@@ -48,6 +48,7 @@ class UniformQuantizer(Quantizer):
     scale: torch.Tensor
     zero_point: torch.Tensor
     initialized: torch.Tensor
+    pinned: torch.Tensor
 
     def __init__(self, spec: QuantSpec, *, role: Role, axis: int | None) -> None:
         super().__init__(spec, role=role, axis=axis)
@@ -56,6 +57,9 @@ class UniformQuantizer(Quantizer):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
         self.register_buffer("initialized", torch.tensor(False))
+        # Weights whose qparams a post-training algorithm chose (GPTQ, AWQ clipping): their
+        # range is never re-derived from the weight, not even after load_state_dict.
+        self.register_buffer("pinned", torch.tensor(False))
         self._stale = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,8 +142,15 @@ class UniformQuantizer(Quantizer):
         self.zero_point = zero_point.to(torch.int32).clone()
         self.initialized.fill_(True)
 
+    def pin_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """``set_qparams`` for good: the weight's codes were chosen for exactly these qparams
+        (GPTQ, AWQ clipping), so no later weight change or load re-derives them."""
+        self.set_qparams(scale, zero_point)
+        self._stale = False
+        self.pinned.fill_(True)
+
     def weight_changed(self) -> None:
-        self._stale = self.role == "weight"
+        self._stale = self.role == "weight" and not bool(self.pinned)
 
     def _param_shape(self, n: int) -> tuple[int, ...]:
         if self.axis is None:
@@ -174,6 +185,10 @@ class UniformQuantizer(Quantizer):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # A saved weight range is one optimizer step behind the saved weight: re-derive it from
         # the loaded weight before eval / convert, as the trained model itself does.
+        pinned = state_dict.get(prefix + "pinned")
+        if pinned is None:  # checkpoints of lowbit < 0.3 have no `pinned`
+            state_dict[prefix + "pinned"] = torch.tensor(False)
+        self.pinned.fill_(bool(state_dict[prefix + "pinned"]))
         self.weight_changed()
         # scale / zero_point take their shape from the tensor they quantize; resize before load.
         for name in ("scale", "zero_point"):

@@ -1,0 +1,283 @@
+"""Calibration that changes weights: SmoothQuant, then GPTQ / AWQ (docs/algorithms.md §8, §10,
+§11).
+
+Runs inside ``lowbit.calibrate`` before activation ranges are taken, for the layers whose
+specs ask for it (``QuantSpec.smoothing`` on an input, ``QuantSpec.algorithm`` on a weight):
+
+1. one pass over the batches records what each of those Linear layers reads (per-channel
+   max|x| and mean|x|, the GPTQ Hessian, a sample of rows for AWQ) and which layers read the
+   same tensor (q, k and v of one attention);
+2. SmoothQuant divides each shared input by ``s = max|X|^α / max|W|^(1-α)`` and multiplies the
+   weights' input columns by ``s`` (``QuantLayer.smooth_input``: one Mul per layer in the
+   exported graph, so it is right whatever else reads the tensor; in a post-LayerNorm
+   transformer such as BERT the LayerNorm output is also the residual, so folding ``1/s`` into
+   the LayerNorm would change the model);
+3. weight algorithms from ``WEIGHT_ALGORITHMS`` run per group of layers sharing an input:
+   ``awq`` searches scales (applied the same way) and per-group clipping, ``gptq`` rounds
+   column by column. Both pin the weight's qparams (``UniformQuantizer.pin_qparams``).
+
+Statistics are of the raw input; a layer already smoothed sees them through its factor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit import awq, gptq
+from lowbit.nn import QuantLayer
+from lowbit.numerics import dequantize, fake_quantize, qparams_from_range
+from lowbit.quantizers.uniform import to_rows
+from lowbit.registry import WEIGHT_ALGORITHMS
+
+AWQ_ROWS = 4096  # input rows kept per layer for AWQ's searches
+AWQ_ROWS_PER_BATCH = 512
+
+
+@dataclass
+class InputStats:
+    """What one layer read during the statistics pass (raw inputs, rows of ``in_features``)."""
+
+    absmax: torch.Tensor | None = None
+    mean_abs: torch.Tensor | None = None
+    rows_seen: int = 0
+    hessian: torch.Tensor | None = None
+    hessian_rows: int = 0
+    sample: list[torch.Tensor] = field(default_factory=list)
+
+    def update(self, x: torch.Tensor, needs: set[str], generator: torch.Generator) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        if "absmax" in needs:
+            m = rows.abs().amax(dim=0)
+            self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
+        if "mean_abs" in needs:
+            self.mean_abs, self.rows_seen = awq.activation_mean_abs(self.mean_abs, rows,
+                                                                    self.rows_seen)
+        if "hessian" in needs:
+            self.hessian, self.hessian_rows = gptq.hessian_update(self.hessian, rows,
+                                                                  self.hessian_rows)
+        if "sample" in needs and sum(len(s) for s in self.sample) < AWQ_ROWS:
+            pick = torch.randperm(rows.shape[0], generator=generator)[:AWQ_ROWS_PER_BATCH]
+            self.sample.append(rows[pick.to(rows.device)])
+
+    def rows(self) -> torch.Tensor:
+        return torch.cat(self.sample)[:AWQ_ROWS]
+
+
+@dataclass
+class Group:
+    """Quant layers that read the same tensor, with their statistics."""
+
+    names: list[str]
+    layers: list[Any]
+    stats: list[InputStats]
+
+    def factor(self) -> torch.Tensor:
+        """The smoothing factor the group's input already gets (1 where none)."""
+        s = self.layers[0].input_smoothing
+        return torch.ones_like(self.layers[0].weight[0]) if s is None else s
+
+
+class WeightAlgorithm:
+    """A post-training weight algorithm: the statistics it needs and how it applies them."""
+
+    needs: frozenset[str] = frozenset()
+
+    def apply(self, group: Group) -> None:
+        raise NotImplementedError
+
+
+@WEIGHT_ALGORITHMS.register("rtn")
+class RoundToNearest(WeightAlgorithm):
+    """Round to nearest on the observer's range: nothing to do with data."""
+
+    def apply(self, group: Group) -> None:
+        return None
+
+
+@WEIGHT_ALGORITHMS.register("gptq")
+class GPTQ(WeightAlgorithm):
+    """Frantar et al. 2022: error-compensating rounding with the input Hessian (§10).
+
+    The weight becomes its dequantized GPTQ codes (so every later fake-quant, convert and
+    export reproduces them exactly) and its qparams are pinned."""
+
+    needs = frozenset({"hessian"})
+    block_size = 128
+    damp = 0.01
+
+    def apply(self, group: Group) -> None:
+        m = group.factor().float()
+        for layer, stats in zip(group.layers, group.stats):
+            if stats.hessian is None:
+                continue
+            h = stats.hessian * m[:, None] * m[None, :]  # of the smoothed input x·m
+            q = layer.weight_quant
+            _, qp = q.quantize_weight(layer.weight)  # the current range (refreshed if stale)
+            codes = gptq.gptq_quantize(layer.weight.detach().float(), h.to(layer.weight.device),
+                                       qp, block_size=self.block_size, damp=self.damp)
+            with torch.no_grad():
+                w = dequantize(codes, qp.scale, qp.zero_point, qp.axis, qp.group_size)
+                layer.weight.copy_(w.to(layer.weight.dtype))
+            q.pin_qparams(qp.scale, qp.zero_point)
+
+
+@WEIGHT_ALGORITHMS.register("awq")
+class AWQ(WeightAlgorithm):
+    """Lin et al. 2023: activation-aware input scales, searched per group of layers that
+    share an input, then per-group clipping of each weight (§11)."""
+
+    needs = frozenset({"mean_abs", "sample"})
+    grid = 20
+
+    def apply(self, group: Group) -> None:
+        stats = group.stats[0]
+        if stats.mean_abs is None:
+            return
+        m = group.factor().float()
+        x = stats.rows().to(group.layers[0].weight.device) * m
+        mean_abs = stats.mean_abs.to(x.device) * m
+        weights = torch.cat([layer.weight.detach().float() for layer in group.layers])
+        q = group.layers[0].weight_quant
+        s, _ = awq.awq_search_scales(weights, x, mean_abs, lambda w: _rtn_fake_quant(q, w),
+                                     grid=self.grid)
+        if not bool((s == 1).all()):
+            for layer in group.layers:
+                layer.smooth_input(s)
+        for layer in group.layers:
+            q = layer.weight_quant
+            if q.group_size is None:
+                continue  # clipping is searched per group (llm-awq); other grids keep min/max
+            w = layer.weight.detach().float()
+            ratios = awq.awq_search_clip(w, x / s, q.group_size, q.grid, q.spec.symmetric)
+            qp = awq.clipped_qparams(w, ratios, q.group_size, q.grid, q.spec.symmetric)
+            q.pin_qparams(qp.scale, qp.zero_point)
+
+
+def _rtn_fake_quant(q: Any, w: torch.Tensor) -> torch.Tensor:
+    """Min/max fake quant of ``w`` on ``q``'s grid and granularity (ranges from ``w`` itself)."""
+    rows = to_rows(w, q.axis, q.group_size)
+    scale, zero_point = qparams_from_range(rows.amin(dim=-1), rows.amax(dim=-1), q.grid,
+                                           symmetric=q.spec.symmetric)
+    if q.group_size is not None:
+        scale = scale.reshape(w.shape[0], -1)
+        zero_point = zero_point.reshape(w.shape[0], -1)
+    elif q.axis is None:
+        scale, zero_point = scale.reshape(()), zero_point.reshape(())
+    return fake_quantize(w, scale, zero_point, q.grid, q.axis, q.group_size)
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+def _needs(layer: Any) -> set[str]:
+    needs: set[str] = set()
+    x_spec = layer.input_quant.spec if layer.input_quant is not None else None
+    if x_spec is not None and x_spec.smoothing is not None:
+        needs.add("absmax")
+    w_q = layer.weight_quant
+    if w_q is not None:
+        needs |= WEIGHT_ALGORITHMS.get(w_q.spec.algorithm).needs
+    return needs
+
+
+def layers_needing_data(model: nn.Module) -> dict[str, tuple[Any, set[str]]]:
+    """Quant layers whose weights calibration changes, with the statistics each needs."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLayer) and getattr(module, "weight", None) is not None:
+            needs = _needs(module)
+            if needs:
+                if not isinstance(module, nn.Linear):
+                    raise ValueError(
+                        f"layer {name!r} ({type(module).float_type.__name__}): `smoothing` and "
+                        "weight algorithms other than 'rtn' apply to Linear layers only"
+                    )
+                x_spec = module.input_quant.spec if module.input_quant is not None else None
+                w_spec = module.weight_quant.spec if module.weight_quant is not None else None
+                if x_spec is not None and x_spec.smoothing is not None and \
+                        w_spec is not None and w_spec.algorithm == "awq":
+                    raise ValueError(f"layer {name!r}: `smoothing` and algorithm 'awq' both "
+                                     "choose input scales; use one of them")
+                found[name] = (module, needs)
+    return found
+
+
+def calibrate_weights(model: nn.Module, batches: Iterable[Any],
+                      run: Callable[[Iterable[Any]], int]) -> list[str]:
+    """Statistics pass (``run`` feeds every batch through ``model``), then smoothing and the
+    weight algorithms. Returns the names of the layers it changed."""
+    targets = layers_needing_data(model)
+    if not targets:
+        return []
+    generator = torch.Generator().manual_seed(0)
+    stats = {name: InputStats() for name in targets}
+    first_input: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, (layer, needs) in targets.items():
+        def record(module: nn.Module, args: tuple[Any, ...], name: str = name,
+                   needs: set[str] = needs) -> None:
+            x = args[0]
+            first_input.setdefault(name, x)
+            stats[name].update(x, needs, generator)
+        hooks.append(layer.register_forward_pre_hook(record))
+    try:
+        run(batches)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups = _groups(targets, stats, first_input)
+    for group in groups:
+        _smooth(group)
+    for group in groups:
+        by_algorithm: dict[str, Group] = {}
+        for name, layer, st in zip(group.names, group.layers, group.stats):
+            g = by_algorithm.setdefault(layer.weight_quant.spec.algorithm, Group([], [], []))
+            g.names.append(name)
+            g.layers.append(layer)
+            g.stats.append(st)
+        for algorithm, members in by_algorithm.items():
+            WEIGHT_ALGORITHMS.get(algorithm)().apply(members)
+    return list(targets)
+
+
+def _groups(targets: dict[str, tuple[Any, set[str]]], stats: dict[str, InputStats],
+            first_input: dict[str, torch.Tensor]) -> list[Group]:
+    """Layers grouped by the tensor they first read (identity, not value)."""
+    groups: list[Group] = []
+    by_tensor: dict[int, Group] = {}
+    for name, (layer, _) in targets.items():
+        x = first_input.get(name)
+        if x is None:
+            continue  # never reached: nothing to calibrate with
+        group = by_tensor.get(id(x))
+        if group is None:
+            group = by_tensor[id(x)] = Group([], [], [])
+            groups.append(group)
+        group.names.append(name)
+        group.layers.append(layer)
+        group.stats.append(stats[name])
+    return groups
+
+
+def _smooth(group: Group) -> None:
+    """SmoothQuant over the group's layers that ask for it, with one ``s`` for the shared
+    input (the largest α asked for)."""
+    members = [(layer, st) for layer, st in zip(group.layers, group.stats)
+               if layer.input_quant is not None and layer.input_quant.spec.smoothing is not None]
+    if not members:
+        return
+    alpha = max(layer.input_quant.spec.smoothing for layer, _ in members)
+    absmax = members[0][1].absmax
+    assert absmax is not None
+    x_max = absmax.to(members[0][0].weight.device) * group.factor().float().abs()
+    w_max = torch.stack([layer.weight.detach().float().abs().amax(dim=0)
+                         for layer, _ in members]).amax(dim=0)
+    s = x_max.clamp_min(1e-5).pow(alpha) / w_max.clamp_min(1e-5).pow(1 - alpha)
+    s = torch.where((x_max > 0) & (w_max > 0), s, torch.ones_like(s)).clamp(1e-4, 1e4)
+    for layer, _ in members:
+        layer.smooth_input(s)

@@ -25,6 +25,7 @@ from torch import nn
 from lowbit.config import atomic_write_text
 from lowbit.deploy import IntWeight
 from lowbit.export.encoding import WeightDtype, resolve_weight_dtype, with_unsigned_weights
+from lowbit.export.int4 import Int4Format, resolve_int4_format, rewrite_int4_weights
 from lowbit.export.params import quant_params_json, save_packed_weights
 from lowbit.export.report import ExportReport
 from lowbit.export.verify import verify
@@ -73,6 +74,7 @@ def export_onnx(
     verify_inputs: Sequence[Sequence[Any]] | None = None,
     float_layers: dict[str, str] | None = None,
     weight_dtype: WeightDtype = "auto",
+    int4_format: Int4Format = "auto",
     threads: int | None = None,
 ) -> ExportReport:
     """Export ``model`` (from ``lowbit.convert``) to ``path`` and check it in ONNX Runtime.
@@ -84,10 +86,18 @@ def export_onnx(
     passed to ``torch.onnx.export`` (e.g. ``({0: torch.export.Dim("batch")},)``).
     ``weight_dtype`` stores 8-bit weight codes as int8 or as uint8 (+128): the same values,
     but a different ONNX Runtime kernel; ``"auto"`` avoids the u8s8 kernels on x86 CPUs
-    without VNNI, where they saturate (see ``lowbit.export.encoding``).
+    without VNNI, where they saturate (see ``lowbit.export.encoding``). ``int4_format`` stores
+    4-bit per-group Linear weights packed two codes a byte, as INT4 ``DequantizeLinear`` →
+    ``MatMul`` (``"dequantize"``: standard ONNX, which ONNX Runtime fuses into ``MatMulNBits``
+    running on int8 activations unless the session sets
+    ``session.qdq_matmulnbits_accuracy_level`` to 0) or as ``com.microsoft.MatMulNBits``
+    (``"matmulnbits"``: ONNX Runtime only, float activations, the deploy model's values to
+    float rounding); ``"auto"`` is ``"dequantize"``, the faster of the two with ORT's default
+    session in ``benchmarks/int4_matmul.py`` (see ``lowbit.export.int4``).
     """
     path = _check_args(model, path, example_inputs)
     storage, storage_reason = resolve_weight_dtype(weight_dtype)
+    int4_storage, int4_reason = resolve_int4_format(int4_format)
     source = model
     if storage == "uint8":
         model = with_unsigned_weights(model)
@@ -112,10 +122,14 @@ def export_onnx(
         import onnx
 
         proto = strip_metadata(onnx.load(str(tmp)))
+        packed = rewrite_int4_weights(proto, model, int4_storage)
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
         parity = verify(model, tmp, [example_inputs, *[tuple(b) for b in verify_inputs or ()]],
                         threads=threads)
+        if parity.weights_differing:
+            raise RuntimeError("the ONNX file's weight codes differ from the deploy model's: "
+                               + ", ".join(parity.weights_differing))
         atomic_write_text(params_path, quant_params_json(model, float_layers, path.name, opset))
         save_packed_weights(model, weights_path)
         os.replace(tmp, path)
@@ -126,14 +140,20 @@ def export_onnx(
         os.rmdir(tmp_dir)
 
     report = ExportReport.build(model, path, params_path, weights_path, opset, parity,
-                                float_layers, f"{storage} ({storage_reason})")
+                                float_layers, f"{storage} ({storage_reason})", packed,
+                                f"{int4_storage} ({int4_reason})")
     # Fused integer kernels round a few codes one step away; more than that means the runtime
-    # computes something else (e.g. u8s8 saturation on CPUs without VNNI).
+    # computes something else (e.g. u8s8 saturation on CPUs without VNNI, or int8 activations
+    # in the MatMulNBits ORT fuses int4 DequantizeLinear → MatMul into).
     if parity.codes_max_diff > 2 or (parity.output_max_lsb or 0) > 4:
+        hint = ("with int8 weights on an x86 CPU without VNNI try weight_dtype='uint8'"
+                if not packed or int4_storage != "dequantize" else
+                "ONNX Runtime runs int4 weights stored as DequantizeLinear with int8 activations "
+                "unless session.qdq_matmulnbits_accuracy_level is 0; try "
+                "int4_format='matmulnbits'")
         warnings.warn(f"ONNX Runtime disagrees with the torch deploy model: codes differ by up "
                       f"to {parity.codes_max_diff}, outputs by {parity.output_max_lsb:.1f} LSB; "
-                      "with int8 weights on an x86 CPU without VNNI try weight_dtype='uint8'",
-                      stacklevel=2)
+                      f"{hint}", stacklevel=2)
     return report
 
 

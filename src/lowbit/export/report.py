@@ -22,6 +22,8 @@ class ExportReport:
     parity: Parity
     float_layers: dict[str, str] = field(default_factory=dict)
     weight_storage: str = "int8"
+    int4_weights: list[str] = field(default_factory=list)  # weights stored two codes a byte
+    int4_storage: str = ""
 
     @property
     def size_ratio(self) -> float:
@@ -29,23 +31,34 @@ class ExportReport:
 
     @classmethod
     def build(cls, model: nn.Module, path: Path, params: Path, weights: Path, opset: int,
-              parity: Parity, float_layers: dict[str, str], weight_storage: str) -> ExportReport:
+              parity: Parity, float_layers: dict[str, str], weight_storage: str,
+              int4_weights: list[str] | None = None, int4_storage: str = "") -> ExportReport:
         size = path.stat().st_size
-        codes = sum(m.codes.numel() for m in model.modules() if isinstance(m, IntWeight))
-        codes += sum(b.numel() for n, b in model.named_buffers() if n.endswith("weight_t"))
-        return cls(path, params, weights, opset, size, size + 3 * codes, parity,
-                   dict(float_layers), weight_storage)
+        int4 = set(int4_weights or ())
+        # Bytes a float32 copy adds over the stored codes: 3 per int8 code, 3.5 per int4 code.
+        extra = 0.0
+        for name, m in model.named_modules():
+            if isinstance(m, IntWeight):
+                extra += m.codes.numel() * (3.5 if name in int4 else 3)
+        extra += sum(3 * b.numel() for n, b in model.named_buffers() if n.endswith("weight_t"))
+        return cls(path, params, weights, opset, size, size + int(extra), parity,
+                   dict(float_layers), weight_storage, sorted(int4), int4_storage)
 
     def __str__(self) -> str:
         p = self.parity
         codes = ("n/a (no quantized activations)" if p.codes_identical is None else
                  f"{100 * p.codes_identical:.3f}% identical ({p.codes_total} codes, "
                  f"{p.tensors_compared} tensors, max diff {p.codes_max_diff})")
+        weights = ("identical to the deploy model's" if not p.weights_differing else
+                   "differ from the deploy model's: " + ", ".join(p.weights_differing))
         lines = [
             f"ONNX file      {self.onnx_path}  (opset {self.opset})",
             f"size           {self.onnx_bytes / 1024:.1f} KiB vs ~{self.float_bytes / 1024:.1f} "
             f"KiB float32 ({self.size_ratio:.2f}x)",
             f"8-bit weights  {self.weight_storage}",
+            *([f"4-bit weights  {self.int4_storage}, {len(self.int4_weights)} packed"]
+              if self.int4_weights else []),
+            f"weight codes   {p.weights_compared} tensors read back from the file: {weights}",
             f"quant params   {self.params_path}",
             f"packed weights {self.weights_path}",
             f"ORT parity     codes {codes}",

@@ -1,10 +1,12 @@
 """Run an exported file in ONNX Runtime and compare it with the torch deploy model.
 
-Two figures: (1) the largest difference between ONNX Runtime's outputs (the shipped file, with
+Three figures: (1) the largest difference between ONNX Runtime's outputs (the shipped file, with
 its fused integer kernels) and the torch model's, in LSBs; (2) the share of identical integer
 codes over every quantized activation — read from a copy of the file whose QuantizeLinear /
 DynamicQuantizeLinear outputs are exposed as graph outputs, matched to the torch quantizers by
-their scale initializer names.
+their scale initializer names; (3) whether each weight's codes, scale and zero point, read back
+from the file (int8/uint8 or packed INT4/UINT4 initializers, ``MatMulNBits`` blobs), equal the
+deploy model's exactly.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.deploy import DynamicLinear, QuantizeDequantize
+from lowbit.deploy import DynamicLinear, IntWeight, QuantizeDequantize
 from lowbit.numerics import dynamic_quantize
 
 
@@ -35,6 +37,8 @@ class Parity:
     lsb_unit: str = ""
     unmatched: list[str] = field(default_factory=list)
     worst_layers: list[tuple[str, float]] = field(default_factory=list)  # (name, share differing)
+    weights_compared: int = 0  # IntWeight tensors found in the file and read back
+    weights_differing: list[str] = field(default_factory=list)  # codes/scale/zp not identical
 
 
 def _flatten(out: Any) -> list[torch.Tensor]:
@@ -129,10 +133,78 @@ def _debug_model(path: Path) -> tuple[Any, dict[str, str]]:
     return model, keys
 
 
+def stored_weight(proto: Any, name: str,
+                  weight: IntWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(codes, scale, zero_point)`` of the deploy module ``name`` as stored in ``proto``, in
+    the module's own layout; None where the file holds no initializer ``<name>.codes``."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    codes_name = f"{name}.codes"
+    node = next((n for n in proto.graph.node if codes_name in n.input), None)
+    if node is None or codes_name not in inits:
+        return None
+
+    def array(i: int) -> np.ndarray | None:
+        present = len(node.input) > i and node.input[i]
+        return numpy_helper.to_array(inits[node.input[i]]) if present else None
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "MatMulNBits":  # B [N, K/block, block/2]: uint4 codes, low nibble first
+        n, k, bits = attrs["N"], attrs["K"], attrs.get("bits", 4)
+        if bits != 4:
+            return None
+        b, scale, zp = array(1), array(2), array(3)
+        if b is None or scale is None:
+            return None
+        codes = _nibbles(b.reshape(n, -1))[:, :k]
+        scale = scale.reshape(n, -1)
+        zero_point = (np.full(scale.shape, 8) if zp is None
+                      else _nibbles(zp.reshape(n, -1))[:, : scale.shape[1]])
+        shift = 8 if weight.grid.signed else 0  # signed grids are stored moved up by 8
+        return codes - shift, scale, zero_point - shift
+    q, s, zp = array(0), array(1), array(2)
+    if node.op_type != "DequantizeLinear" or q is None or s is None:
+        return None
+    codes, scale = q.astype(np.int64), s
+    zero_point = np.zeros(scale.shape, np.int64) if zp is None else zp.astype(np.int64)
+    if weight.block_size and codes.ndim == 2 and attrs.get("axis", 1) != weight.axis:
+        codes, scale, zero_point = codes.T, scale.T, zero_point.T  # stored [K, N]
+    return codes, scale, zero_point
+
+
+def _nibbles(packed: np.ndarray) -> np.ndarray:
+    """Rows of uint8 bytes → rows of 4-bit values, low nibble first."""
+    packed = packed.astype(np.int64)
+    return np.stack([packed & 15, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
+
+
+def check_weights(model: nn.Module, proto: Any) -> tuple[int, list[str]]:
+    """How many weights were read back from the file, and which differ from ``model``'s."""
+    compared, differing = 0, []
+    for name, m in model.named_modules():
+        if not isinstance(m, IntWeight):
+            continue
+        stored = stored_weight(proto, name, m)
+        if stored is None:
+            continue
+        compared += 1
+        expected = (m.codes.numpy().astype(np.int64), m.scale.numpy(),
+                    m.zero_point.numpy().astype(np.int64))
+        if not all(a.shape == b.shape and np.array_equal(a, b)
+                   for a, b in zip(stored, expected)):
+            differing.append(name)
+    return compared, differing
+
+
 @torch.no_grad()
 def verify(model: nn.Module, path: Path, input_sets: Sequence[Sequence[Any]],
            threads: int | None = None) -> Parity:
+    import onnx
+
     parity = Parity()
+    parity.weights_compared, parity.weights_differing = check_weights(model,
+                                                                       onnx.load(str(path)))
     shipped = session(path, threads)
     debug_proto, keys = _debug_model(path)
     debug = session(path, threads, model=debug_proto) if keys else None

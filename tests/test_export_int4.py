@@ -206,7 +206,7 @@ def test_other_weights_do_not_notice_the_option(tmp_path):
         report = lowbit.export_onnx(dm, tmp_path / f"{fmt}.onnx", (torch.randn(3, 64),),
                                     int4_format=fmt)
         assert report.int4_weights == ["6.weight"]
-        assert report.int4_storage.startswith("dequantize" if fmt == "auto" else fmt)
+        assert report.int4_storage.startswith("matmulnbits" if fmt == "auto" else fmt)
         assert report.parity.weights_compared == 4 and not report.parity.weights_differing
         proto = onnx.load(str(report.onnx_path))
         inits = {i.name: i for i in proto.graph.initializer}

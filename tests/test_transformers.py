@@ -16,7 +16,8 @@ import lowbit
 from lowbit import LayerRule, QuantConfig, QuantSpec
 from lowbit.nn import QuantEmbedding, QuantLinear
 
-PRESETS = ("w8a8-transformer", "w8", "w4-g32", "w4-g32-gptq", "w4-g32-awq")
+PRESETS = ("w8a8-transformer", "w8-transformer", "w8", "w4-g32", "w4-g32-gptq",
+           "w4-g32-awq")
 
 
 def tiny_bert() -> nn.Module:
@@ -237,6 +238,24 @@ def test_weight_calibration_needs_re_iterable_batches():
     with pytest.raises(TypeError, match="re|twice"):
         lowbit.calibrate(qm, iter(RAGGED), progress=False)
     assert all(torch.equal(before[k], v) for k, v in qm.state_dict().items())
+
+
+def test_convert_warns_when_smoothing_was_never_calibrated():
+    qm = lowbit.quantize(tiny_bert(), QuantConfig.preset("w8-transformer"))  # dynamic: no data
+    with pytest.warns(UserWarning, match=r"13 layer\(s\) ask for `smoothing`.*lowbit.calibrate"):
+        dm = lowbit.convert(qm)
+    b = batch(2, 6, seed=4)
+    assert torch.allclose(hidden(dm, b), hidden(tiny_bert(), b), atol=0.1)
+
+
+def test_awq_then_gptq_scales_the_input_and_pins_the_grid():
+    """``awq-gptq``: AWQ's scales, then GPTQ rounding of the scaled weight."""
+    rule = LayerRule(types=["Linear"], weight=QuantSpec(
+        bits=4, symmetric=False, granularity="per_group", group_size=32, algorithm="awq-gptq"))
+    qm = lowbit.quantize(tiny_bert(), QuantConfig(rules=[rule]))
+    lowbit.calibrate(qm, RAGGED, progress=False)
+    dense = qm.encoder.layer[0].output.dense
+    assert dense.input_smoothing is not None and bool(dense.weight_quant.pinned)
 
 
 def test_embedding_rules_cannot_quantize_indices():

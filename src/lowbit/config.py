@@ -64,7 +64,7 @@ class QuantSpec:
     ``smoothing`` (on a Linear's ``input``) is SmoothQuant's migration strength α: per input
     channel the activation is divided and the weight multiplied by
     ``s = max|X|^α / max|W|^(1-α)`` before ranges are taken. ``algorithm`` (on a ``weight``)
-    picks how weights are rounded: ``"rtn"`` (nearest), ``"gptq"`` or ``"awq"``
+    picks how weights are rounded: ``"rtn"`` (nearest), ``"gptq"``, ``"awq"`` or ``"awq-gptq"``
     (``WEIGHT_ALGORITHMS``; docs/algorithms.md §10, §11).
     """
 

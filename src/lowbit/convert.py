@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 from torch import nn
@@ -62,6 +63,14 @@ def convert(model: nn.Module) -> nn.Module:
     if not any(isinstance(m, QuantLayer) for m in model.modules()):
         raise ValueError("`model` has no lowbit Quant layers; call lowbit.quantize (and "
                          "lowbit.calibrate) first")
+    unsmoothed = [m.layer_name for m in model.modules() if isinstance(m, QuantLayer)
+                  and m.input_quant is not None and m.input_quant.spec.smoothing is not None
+                  and getattr(m, "input_smoothing", None) is None]
+    if unsmoothed:
+        warnings.warn(f"{len(unsmoothed)} layer(s) ask for `smoothing` but were never calibrated "
+                      f"with data, so they are not smoothed: {unsmoothed[:5]}"
+                      f"{' ...' if len(unsmoothed) > 5 else ''}; run lowbit.calibrate(model, "
+                      "batches) before convert", stacklevel=2)
     deployed = copy.deepcopy(model)
     if isinstance(deployed, QuantLayer):
         single = to_deploy(deployed)

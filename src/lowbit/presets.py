@@ -67,13 +67,24 @@ def w8a8_transformer() -> QuantConfig:
                               _embeddings()])
 
 
+def w8_transformer() -> QuantConfig:
+    """Dynamic int8 for transformer encoders: ``w8`` plus SmoothQuant (α 0.8) on every Linear
+    input, so its per-tensor run-time ranges are not set by outlier channels. Calibrate to
+    smooth (without calibration it is plain ``w8``)."""
+    x = QuantSpec(bits=8, symmetric=False, dynamic=True, smoothing=SMOOTHING_ALPHA)
+    return QuantConfig(rules=[LayerRule(types=["Linear"], weight=_weights(8), input=x),
+                              _embeddings()])
+
+
 def _weight_only(bits: int, group_size: int, algorithm: str = "rtn") -> Callable[[], QuantConfig]:
+    # Affine groups (uint4 with a zero point per group): on MiniLM GPTQ g128 reached cosine
+    # 0.978 affine vs 0.970 symmetric; MatMulNBits takes the zero points.
     def build() -> QuantConfig:
-        w = QuantSpec(bits=bits, symmetric=True, granularity="per_group", group_size=group_size,
+        w = QuantSpec(bits=bits, symmetric=False, granularity="per_group", group_size=group_size,
                       algorithm=algorithm)
         return QuantConfig(rules=[LayerRule(types=["Linear"], weight=w), _embeddings()])
 
-    build.__doc__ = (f"Weight-only int{bits} Linear weights in groups of {group_size} input "
+    build.__doc__ = (f"Weight-only uint{bits} Linear weights in groups of {group_size} input "
                      f"channels ({algorithm}), int8 embedding rows; activations stay float.")
     return build
 
@@ -153,6 +164,7 @@ PRESETS: dict[str, Callable[[], QuantConfig]] = {
     "w4a8": w4a8,
     "w8": w8,
     "w8a8-transformer": w8a8_transformer,
+    "w8-transformer": w8_transformer,
     **WEIGHT_ONLY_PRESETS,
     **QAT_PRESETS,
 }

@@ -135,9 +135,24 @@ class AWQ(WeightAlgorithm):
     grid = 20
 
     def apply(self, group: Group) -> None:
+        s, x = self.scale(group)
+        if x is None:
+            return
+        for layer in group.layers:
+            q = layer.weight_quant
+            if q.group_size is None:
+                continue  # clipping is searched per group (llm-awq); other grids keep min/max
+            w = layer.weight.detach().float()
+            ratios = awq.awq_search_clip(w, x / s, q.group_size, q.grid, q.spec.symmetric)
+            qp = awq.clipped_qparams(w, ratios, q.group_size, q.grid, q.spec.symmetric)
+            q.pin_qparams(qp.scale, qp.zero_point)
+
+    def scale(self, group: Group) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Search and apply the group's input scales; returns them and the sampled (smoothed)
+        input rows (``None``: the group was never reached)."""
         stats = group.stats[0]
         if stats.mean_abs is None:
-            return
+            return torch.ones(()), None
         m = group.factor().float()
         x = stats.rows().to(group.layers[0].weight.device) * m
         mean_abs = stats.mean_abs.to(x.device) * m
@@ -148,14 +163,19 @@ class AWQ(WeightAlgorithm):
         if not bool((s == 1).all()):
             for layer in group.layers:
                 layer.smooth_input(s)
-        for layer in group.layers:
-            q = layer.weight_quant
-            if q.group_size is None:
-                continue  # clipping is searched per group (llm-awq); other grids keep min/max
-            w = layer.weight.detach().float()
-            ratios = awq.awq_search_clip(w, x / s, q.group_size, q.grid, q.spec.symmetric)
-            qp = awq.clipped_qparams(w, ratios, q.group_size, q.grid, q.spec.symmetric)
-            q.pin_qparams(qp.scale, qp.zero_point)
+        return s, x
+
+
+@WEIGHT_ALGORITHMS.register("awq-gptq")
+class AWQThenGPTQ(WeightAlgorithm):
+    """AWQ's input scales, then GPTQ's rounding of the scaled weight on its min/max grid
+    (the Hessian follows the scaled input)."""
+
+    needs = AWQ.needs | GPTQ.needs
+
+    def apply(self, group: Group) -> None:
+        AWQ().scale(group)
+        GPTQ().apply(group)
 
 
 def _rtn_fake_quant(q: Any, w: torch.Tensor) -> torch.Tensor:

@@ -269,3 +269,14 @@ def test_embeddings_stay_float_unless_a_rule_names_them():
     with pytest.warns(UserWarning, match="Embedding is quantized only where a rule names"):
         qm = lowbit.quantize(tiny_bert(), QuantConfig.preset("w8a8"))
     assert not any(isinstance(m, QuantEmbedding) for m in qm.modules())
+
+
+def test_disagreement_that_grows_with_depth_is_explained_as_drift():
+    from lowbit.export.onnx import _disagreement_hint
+    from lowbit.export.verify import Parity
+
+    drift = Parity(codes_identical=0.91, first_identical=1.0, codes_max_diff=39)
+    assert "falls with depth" in _disagreement_hint(drift, "int8", False)
+    wrong_from_the_start = Parity(codes_identical=0.74, first_identical=0.74, codes_max_diff=60)
+    hint = _disagreement_hint(wrong_from_the_start, "int8", True)
+    assert "int4_format='matmulnbits'" in hint

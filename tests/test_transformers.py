@@ -280,3 +280,50 @@ def test_disagreement_that_grows_with_depth_is_explained_as_drift():
     wrong_from_the_start = Parity(codes_identical=0.74, first_identical=0.74, codes_max_diff=60)
     hint = _disagreement_hint(wrong_from_the_start, "int8", True)
     assert "int4_format='matmulnbits'" in hint
+
+
+# ------------------------------------------------------------------ mixed precision
+
+
+def test_sensitivity_search_keeps_the_layers_that_help_most():
+    model = tiny_bert()
+    cfg = QuantConfig.preset("w4a8")
+    first = lowbit.keep_sensitive_layers(model, cfg, RAGGED, target=1.0, max_layers=2)
+    assert len(first.chosen) == 2
+    best = max(first.per_layer, key=first.per_layer.get)
+    assert first.chosen[0] == best and first.per_layer[best] > first.baseline
+    assert first.score > first.baseline  # re-quantized with the two layers in float
+    last = first.config.rules[-1]
+    assert list(last.names) == first.chosen and last.weight is None and last.input is None
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())  # model untouched
+
+    met = lowbit.keep_sensitive_layers(model, cfg, RAGGED, target=first.baseline - 1e-6)
+    assert met.chosen == [] and met.config.rules == cfg.rules and met.score == met.baseline
+
+
+def test_sensitivity_search_reaches_a_reachable_target_with_a_fallback_spec():
+    model = tiny_bert()
+    cfg = QuantConfig.preset("w4a8")
+    fallback = LayerRule(weight=QuantSpec(bits=8, granularity="per_channel"))  # weight-only
+    probe = lowbit.keep_sensitive_layers(model, cfg, RAGGED, target=1.0, max_layers=3)
+    target = (probe.baseline + probe.score) / 2
+    report = lowbit.keep_sensitive_layers(model, cfg, RAGGED, target=target, fallback=fallback)
+    assert 1 <= len(report.chosen) <= 3
+    kept = report.config.rules[-1]
+    assert kept.weight == fallback.weight and kept.input is None
+    assert report.score > report.baseline
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"target": 1.5}, ValueError, "`target`"),
+    ({"target": True}, ValueError, "`target`"),
+    ({"target": 0.9, "fallback": "float"}, TypeError, "`fallback`"),
+    ({"target": 0.9, "max_layers": -1}, ValueError, "`max_layers`"),
+    ({"target": 0.9, "eval_batches": []}, ValueError, "`eval_batches`"),
+])
+def test_sensitivity_search_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        lowbit.keep_sensitive_layers(tiny_bert(), QuantConfig.preset("w4a8"), RAGGED, **kwargs)
+    with pytest.raises(TypeError, match="`batches`"):
+        lowbit.keep_sensitive_layers(tiny_bert(), QuantConfig.preset("w8a8"), iter(RAGGED),
+                                     target=0.9)

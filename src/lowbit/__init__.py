@@ -17,6 +17,7 @@ from lowbit.quantize import prepare_qat, quantize
 from lowbit.quantizers import QParams, Quantizer
 from lowbit.registry import QUANTIZERS
 from lowbit.regularizers import quant_loss
+from lowbit.sensitivity import SensitivityReport, keep_sensitive_layers
 
 __all__ = [
     "ExportReport",
@@ -27,9 +28,11 @@ __all__ = [
     "Plan",
     "QuantConfig",
     "QuantSpec",
+    "SensitivityReport",
     "calibrate",
     "convert",
     "export_onnx",
+    "keep_sensitive_layers",
     "plan",
     "prepare_qat",
     "quant_loss",
@@ -38,7 +41,7 @@ __all__ = [
     "schedules",
     "set_calibrating",
 ]
-__version__ = "0.2.1"
+__version__ = "0.3.0"
 
 register_quantizer = QUANTIZERS.register
 """Decorator: ``@lowbit.register_quantizer("name")`` on a ``lowbit.Quantizer`` subclass makes

@@ -327,3 +327,13 @@ def test_sensitivity_search_errors(kwargs, error, match):
     with pytest.raises(TypeError, match="`batches`"):
         lowbit.keep_sensitive_layers(tiny_bert(), QuantConfig.preset("w8a8"), iter(RAGGED),
                                      target=0.9)
+
+
+def test_checkpoints_from_before_pinned_qparams_still_load():
+    qm = quantized("w8a8-transformer")
+    state = {k: v for k, v in qm.state_dict().items() if not k.endswith(".pinned")}
+    fresh = lowbit.quantize(tiny_bert(), QuantConfig.preset("w8a8-transformer"))
+    fresh.load_state_dict(state)  # strict: the missing `pinned` buffers default to False
+    assert not any(bool(m.pinned) for m in fresh.modules() if hasattr(m, "pinned"))
+    b = batch(2, 6, seed=8)
+    assert torch.equal(hidden(fresh, b), hidden(qm, b))

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from lowbit.checks import require_int, require_tensor
 from lowbit.numerics import IntRange, dequantize, qparams_from_range, quantize
 from lowbit.quantizers.base import QParams
 
@@ -24,26 +25,8 @@ _MIN_SCALE = 1e-4
 _ROW_CHUNK = 256
 
 
-def _require_tensor(name: str, value: object) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {value.dtype}")
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"`{name}` contains NaN or Inf")
-    return value
-
-
-def _require_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
-    return value
-
-
 def _require_weight(weight: object) -> torch.Tensor:
-    weight = _require_tensor("weight", weight)
+    weight = require_tensor("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"`weight` must be a 2-D (out_features, in_features) tensor, got shape "
                          f"{tuple(weight.shape)}")
@@ -52,7 +35,7 @@ def _require_weight(weight: object) -> torch.Tensor:
 
 def _require_rows(x: object, weight: torch.Tensor) -> torch.Tensor:
     """``x`` (..., in_features) as float32 rows (n, in_features) on the weight's device."""
-    x = _require_tensor("x", x)
+    x = require_tensor("x", x)
     in_features = weight.shape[1]
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"`x` must have shape (..., {in_features}) to match the weight's "
@@ -77,7 +60,7 @@ def _require_grid(grid: object, symmetric: object) -> IntRange:
 
 
 def _require_group_size(group_size: object, in_features: int) -> int:
-    group_size = _require_int("group_size", group_size, 1)
+    group_size = require_int("group_size", group_size, 1)
     if in_features % group_size:
         raise ValueError(f"`group_size` {group_size} must divide in_features {in_features}")
     return group_size
@@ -91,8 +74,8 @@ def activation_mean_abs(
     ``count`` is the number of rows already in ``stat`` (0 with ``stat=None``). Returns the new
     mean (a new tensor, float32 or float64 like its inputs) and row count.
     """
-    x = _require_tensor("x", x)
-    count = _require_int("count", count, 0)
+    x = require_tensor("x", x)
+    count = require_int("count", count, 0)
     if x.dim() == 0:
         raise ValueError("`x` must have at least 1 dimension (..., in_features), got a scalar")
     cols = x.shape[-1]
@@ -101,7 +84,7 @@ def activation_mean_abs(
             raise ValueError(f"`count` must be 0 when `stat` is None, got {count}")
         stat = torch.zeros(cols, dtype=x.dtype, device=x.device)
     else:
-        stat = _require_tensor("stat", stat)
+        stat = require_tensor("stat", stat)
         if stat.shape != (cols,):
             raise ValueError(f"`stat` must have shape ({cols},) to match x's last dim {cols}, "
                              f"got {tuple(stat.shape)}")
@@ -139,7 +122,7 @@ def clipped_qparams(
     w = _require_weight(weight)
     group_size = _require_group_size(group_size, w.shape[1])
     grid = _require_grid(grid, symmetric)
-    ratios = _require_tensor("ratios", ratios)
+    ratios = require_tensor("ratios", ratios)
     expected = (w.shape[0], w.shape[1] // group_size)
     if ratios.shape != expected:
         raise ValueError(f"`ratios` must have shape {expected} (out, in // group_size), "
@@ -158,7 +141,7 @@ def group_fake_quant(
     Each call derives its qparams from the tensor it is given, as AWQ's search requires: the
     scaled weight ``W·diag(s)`` gets its own ranges.
     """
-    group_size = _require_int("group_size", group_size, 1)
+    group_size = require_int("group_size", group_size, 1)
     grid = _require_grid(grid, symmetric)
 
     def fake_quant(weight: torch.Tensor) -> torch.Tensor:
@@ -188,7 +171,7 @@ def awq_search_scales(
     """
     w = _require_weight(weight)
     rows = _require_rows(x, w)
-    mean_abs = _require_tensor("mean_abs", mean_abs)
+    mean_abs = require_tensor("mean_abs", mean_abs)
     if mean_abs.shape != (w.shape[1],):
         raise ValueError(f"`mean_abs` must have shape ({w.shape[1]},) (in_features), "
                          f"got {tuple(mean_abs.shape)}")
@@ -196,7 +179,7 @@ def awq_search_scales(
         raise ValueError("`mean_abs` must be >= 0 (a mean of |x|)")
     if not callable(fake_quant):
         raise TypeError(f"`fake_quant` must be callable, got {type(fake_quant).__name__}")
-    grid = _require_int("grid", grid, 1)
+    grid = require_int("grid", grid, 1)
 
     stat = mean_abs.detach().to(w.device, torch.float32)
     best_loss, best_scales, best_alpha = math.inf, torch.ones_like(stat), 0.0
@@ -249,7 +232,7 @@ def awq_search_clip(
     rows = _require_rows(x, w)
     group_size = _require_group_size(group_size, w.shape[1])
     grid = _require_grid(grid, symmetric)
-    steps = _require_int("steps", steps, 1)
+    steps = require_int("steps", steps, 1)
     if isinstance(max_shrink, bool) or not isinstance(max_shrink, (int, float)):
         raise TypeError(f"`max_shrink` must be a float, got {type(max_shrink).__name__} "
                         f"{max_shrink!r}")

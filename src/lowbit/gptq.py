@@ -13,29 +13,12 @@ import warnings
 
 import torch
 
+from lowbit.checks import require_int, require_tensor
 from lowbit.numerics import IntRange, broadcast_param, dequantize, quantize
 from lowbit.quantizers.base import QParams
 
 # Attempts at factorising H + λI: λ, 10λ, 100λ, 1000λ before giving up.
 _DAMP_RETRIES = 3
-
-
-def _require_tensor(name: str, value: object) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {value.dtype}")
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"`{name}` contains NaN or Inf")
-    return value
-
-
-def _require_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
-    return value
 
 
 def hessian_update(h: torch.Tensor | None, x: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
@@ -47,8 +30,8 @@ def hessian_update(h: torch.Tensor | None, x: torch.Tensor, count: int) -> tuple
     samples rather than rows, which scales ``H`` by a constant that GPTQ is invariant to.
     Accumulates in float32, or float64 when ``h`` or ``x`` is float64.
     """
-    x = _require_tensor("x", x)
-    count = _require_int("count", count, 0)
+    x = require_tensor("x", x)
+    count = require_int("count", count, 0)
     if x.dim() == 0:
         raise ValueError("`x` must have at least 1 dimension (..., in_features), got a scalar")
     cols = x.shape[-1]
@@ -58,7 +41,7 @@ def hessian_update(h: torch.Tensor | None, x: torch.Tensor, count: int) -> tuple
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         h = torch.zeros(cols, cols, dtype=dtype, device=x.device)
     else:
-        h = _require_tensor("h", h)
+        h = require_tensor("h", h)
         if h.shape != (cols, cols):
             raise ValueError(
                 f"`h` must have shape ({cols}, {cols}) to match x's last dim {cols}, "
@@ -155,8 +138,8 @@ def gptq_quantize(
     and per-group qparams always refer to the original column order. Returns a float32 tensor
     of integers in ``[grid.qmin, grid.qmax]`` shaped like ``weight``.
     """
-    weight = _require_tensor("weight", weight)
-    hessian = _require_tensor("hessian", hessian)
+    weight = require_tensor("weight", weight)
+    hessian = require_tensor("hessian", hessian)
     if weight.dim() != 2:
         raise ValueError(f"`weight` must be a 2-D (out_features, in_features) tensor, got shape "
                          f"{tuple(weight.shape)}")
@@ -165,7 +148,7 @@ def gptq_quantize(
         raise ValueError(f"`hessian` must have shape ({in_features}, {in_features}) for a weight "
                          f"of shape {tuple(weight.shape)}, got {tuple(hessian.shape)}")
     qparams = _check_qparams(qparams, out_features, in_features)
-    block_size = _require_int("block_size", block_size, 1)
+    block_size = require_int("block_size", block_size, 1)
     if isinstance(damp, bool) or not isinstance(damp, (int, float)):
         raise TypeError(f"`damp` must be a float, got {type(damp).__name__} {damp!r}")
     if not 0 <= damp < float("inf"):

@@ -48,7 +48,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from ort_latency import CLEAN_LOAD, LoadMeter, cpu_info, quiet_call, time_runs, wait_idle
+from ort_latency import (
+    CLEAN_LOAD,
+    cpu_info,
+    interleaved_repeats,
+    quiet_call,
+    time_runs,
+    wait_idle,
+)
 from torch import nn
 
 import lowbit
@@ -204,26 +211,13 @@ def main(argv: list[str] | None = None) -> dict:
     sessions = {n: session(variants[n]["path"], args.threads, variants[n]["config"])
                 for n in names}
     per_repeat: dict[str, list[float]] = {n: [] for n in names}
-    others: list[float | None] = []
-    meter, timing_start = LoadMeter(), time.perf_counter()
 
-    def clean_repeats() -> list[int]:
-        return [i for i, o in enumerate(others) if o is None or o < CLEAN_LOAD]
+    def run(n: str) -> None:
+        per_repeat[n].append(time_runs(sessions[n], feed, args.runs, args.warmup))
 
-    while True:
-        r = len(others)
-        order = names[r % len(names):] + names[:r % len(names)]
-        meter.start()
-        for n in order:
-            per_repeat[n].append(time_runs(sessions[n], feed, args.runs, args.warmup))
-        others.append(meter.stop())
-        if len(clean_repeats()) >= args.repeats:
-            break
-        spent = time.perf_counter() - timing_start
-        if len(others) >= args.repeats and (len(others) >= args.max_repeats
-                                            or spent > args.budget):
-            break
-    used = clean_repeats()
+    quiet_rounds, others = interleaved_repeats(names, run, repeats=args.repeats,
+                                        max_repeats=args.max_repeats, budget=args.budget)
+    used = quiet_rounds
     contended = len(used) < 5
     if contended:
         used = list(range(len(others)))

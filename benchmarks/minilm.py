@@ -170,7 +170,7 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(HERE))
 
-from ort_latency import LoadMeter, cpu_info, wait_idle  # noqa: E402
+from ort_latency import cpu_info, interleaved_repeats, wait_idle  # noqa: E402
 from qat_digits import quiet, source_digest  # noqa: E402
 
 import lowbit  # noqa: E402
@@ -980,36 +980,24 @@ def main(argv: list[str] | None = None) -> dict:
     say(f"timing {len(names)} variants x >= {args.repeats} repeats (other processes: "
         f"{'unknown' if load is None else f'{load:.2f} cores'} after {waited:.0f} s wait)")
     times: dict[str, list[float]] = {n: [] for n in names}
-    others: list[float | None] = []
-    meter, timing_start = LoadMeter(), time.perf_counter()
 
-    def clean() -> list[int]:
-        return [i for i, o in enumerate(others) if o is None or o < CLEAN_LOAD]
+    def run(n: str) -> None:
+        gc.collect()
+        times[n].append(time_pass(runners[n], len(eval_batches)))
 
-    while True:
-        r = len(others)
-        order = names[r % len(names):] + names[:r % len(names)]
-        meter.start()
-        for n in order:
-            gc.collect()
-            times[n].append(time_pass(runners[n], len(eval_batches)))
-        others.append(meter.stop())
+    def report_round(r: int, load: float | None) -> None:
         say(f"repeat {r + 1}: " + ", ".join(f"{variants[n]['label']} {times[n][-1]:.2f} s"
                                             for n in names)
-            + f"; others {'?' if others[-1] is None else f'{others[-1]:.2f}'} cores")
-        if len(clean()) >= args.repeats:
-            break
-        spent = time.perf_counter() - timing_start
-        if len(others) >= args.repeats and (len(others) >= args.max_repeats
-                                            or spent > args.budget):
-            break
-        if others[-1] is not None and others[-1] >= CLEAN_LOAD and spent < args.budget:
-            wait_idle(min(30.0, args.budget - spent), CLEAN_LOAD)
-    used = clean()
+            + f"; others {'?' if load is None else f'{load:.2f}'} cores")
+
+    quiet_rounds, others = interleaved_repeats(names, run, repeats=args.repeats,
+                                       max_repeats=args.max_repeats, budget=args.budget,
+                                       threshold=CLEAN_LOAD, after_round=report_round)
+    used = quiet_rounds
     contended = len(used) < args.repeats
     if contended:
         used = list(range(len(others)))
-        say(f"WARNING: only {len(clean())} of {len(others)} repeats ran on a quiet machine; "
+        say(f"WARNING: only {len(quiet_rounds)} of {len(others)} repeats ran on a quiet machine; "
             "all are used and the figures are contended")
     base = "ort-fp32" if "ort-fp32" in times else None
     for n in names:

@@ -59,6 +59,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -322,6 +323,40 @@ def wait_idle(max_s: float, threshold: float = 0.25) -> tuple[float, float | Non
         return 0.0, None
 
 
+def interleaved_repeats(names: list[str], run: Callable[[str], None], *, repeats: int,
+                        max_repeats: int, budget: float, threshold: float = CLEAN_LOAD,
+                        after_round: Callable[[int, float | None], None] | None = None,
+                        ) -> tuple[list[int], list[float | None]]:
+    """Timing rounds: round r calls ``run(name)`` for every variant, starting r places later,
+    while a ``LoadMeter`` measures the other processes. Stops once ``repeats`` rounds ran
+    quiet (< ``threshold`` cores elsewhere), or, after at least ``repeats`` rounds, at
+    ``max_repeats`` rounds or ``budget`` seconds; after a noisy round it waits (up to 30 s) for
+    quiet; ``after_round(r, load)`` reports each round. Returns the quiet rounds' indices and
+    the others' load per round."""
+    others: list[float | None] = []
+    meter, start = LoadMeter(), time.perf_counter()
+
+    def quiet() -> list[int]:
+        return [i for i, o in enumerate(others) if o is None or o < threshold]
+
+    while True:
+        r = len(others)
+        meter.start()
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            run(name)
+        others.append(meter.stop())
+        if after_round is not None:
+            after_round(r, others[-1])
+        if len(quiet()) >= repeats:
+            break
+        spent = time.perf_counter() - start
+        if len(others) >= repeats and (len(others) >= max_repeats or spent > budget):
+            break
+        if others[-1] is not None and others[-1] >= threshold and spent < budget:
+            wait_idle(min(30.0, budget - spent), threshold)  # let the other job finish, if it will
+    return quiet(), others
+
+
 def cpu_info() -> dict:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -449,31 +484,16 @@ def main(argv: list[str] | None = None) -> dict:
     feeds = {n: {b: {sessions[n].get_inputs()[0].name: x.numpy()} for b, x in inputs.items()}
              for n in names}
     per_repeat: dict[str, dict[int, list[float]]] = {n: {1: [], 64: []} for n in names}
-    others: list[float | None] = []
-    meter, timing_start = LoadMeter(), time.perf_counter()
 
-    def clean_repeats() -> list[int]:
-        return [i for i, o in enumerate(others) if o is None or o < CLEAN_LOAD]
-
-    while True:
-        r = len(others)
-        order = names[r % len(names):] + names[:r % len(names)]
-        meter.start()
+    def run(n: str) -> None:
         for batch in (1, 64):
             runs = args.runs_b1 if batch == 1 else args.runs
-            for n in order:
-                per_repeat[n][batch].append(time_runs(sessions[n], feeds[n][batch], runs,
-                                                      args.warmup))
-        others.append(meter.stop())
-        if len(clean_repeats()) >= args.repeats:
-            break
-        spent = time.perf_counter() - timing_start
-        if len(others) >= args.repeats and (len(others) >= args.max_repeats or
-                                            spent > args.budget):
-            break
-        if others[-1] is not None and others[-1] >= CLEAN_LOAD and spent < args.budget:
-            wait_idle(min(30.0, args.budget - spent))  # let the other job finish, if it will
-    used = clean_repeats()
+            per_repeat[n][batch].append(time_runs(sessions[n], feeds[n][batch], runs,
+                                                  args.warmup))
+
+    quiet_rounds, others = interleaved_repeats(names, run, repeats=args.repeats,
+                                        max_repeats=args.max_repeats, budget=args.budget)
+    used = quiet_rounds
     contended = len(used) < 5
     if contended:  # too few quiet repeats: use them all and say so
         used = list(range(len(others)))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.nn import fold_scale
-from lowbit.numerics import quantize
+from lowbit.numerics import broadcast_param, quantize
 from lowbit.ops import binarize, dequantize_linear, dynamic_linear, quantize_linear
 from lowbit.quantizers import QParams, Quantizer
 
@@ -91,11 +91,7 @@ def _smoothing(wrapper: Any) -> torch.Tensor | None:
 
 def _smooth(x: torch.Tensor, factor: torch.Tensor | None, axis: int) -> torch.Tensor:
     """``x`` times its per-channel smoothing factor (one ONNX Mul), if the layer has one."""
-    if factor is None:
-        return x
-    shape = [1] * x.dim()
-    shape[axis] = -1
-    return x * factor.reshape(shape)
+    return x if factor is None else x * broadcast_param(factor, x, axis)
 
 
 def _run(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.config import QuantSpec
-from lowbit.numerics import round_ste
+from lowbit.numerics import broadcast_param, round_ste
 from lowbit.quantizers import Quantizer, make_quantizer
 from lowbit.registry import LAYERS
 
@@ -84,8 +84,7 @@ class QuantLayer:
         module: Any = self
         with torch.no_grad():
             s = s.to(module.weight)
-            shape = (1, -1) + (1,) * (module.weight.dim() - 2)
-            module.weight.mul_(s.reshape(shape))
+            module.weight.mul_(broadcast_param(s, module.weight, 1))  # input channels
             old = module.input_smoothing
             module.input_smoothing = 1.0 / s if old is None else old / s
         self.refresh_weight_range()
@@ -93,11 +92,7 @@ class QuantLayer:
     def _smooth(self, x: torch.Tensor) -> torch.Tensor:
         module: Any = self
         s = module.input_smoothing
-        if s is None:
-            return x
-        shape = [1] * x.dim()
-        shape[self.input_axis] = -1
-        return x * s.reshape(shape)
+        return x if s is None else x * broadcast_param(s, x, self.input_axis)
 
     def refresh_weight_range(self) -> None:
         """Call after replacing the weight outside training (loading float parameters):

@@ -8,11 +8,11 @@ a layer's bits, keep one in float by setting its specs to ``null``) and passed b
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
 from torch import nn
 
 from lowbit.config import (
@@ -23,10 +23,17 @@ from lowbit.config import (
     read_structured,
     write_structured,
 )
-from lowbit.functional import FUNCTIONAL_TYPES, find_functional
+from lowbit.functional import (
+    FUNCTIONAL_TYPES,
+    between_quantized,
+    find_functional,
+    reaches,
+    source_layer,
+)
 from lowbit.fuse import NORMS, find_chains
 from lowbit.nn import ACTIVATION_TYPES, OPT_IN_TYPES, LayerSpecs, quant_type_for
 from lowbit.registry import LAYERS
+from lowbit.trace import ModelGraph, trace
 
 # Float layers with weights that lowbit cannot quantize (yet): listed, never skipped silently.
 WEIGHTED_FLOAT_TYPES = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -159,20 +166,22 @@ def _short(spec: QuantSpec | None) -> str:
 def plan(
     model: nn.Module,
     config: QuantConfig,
-    example_inputs: Sequence[object] | None = None,
+    example_inputs: Sequence[object] | dict[str, object] | None = None,
+    *,
+    graph: ModelGraph | None = None,
 ) -> Plan:
     """Resolve ``config`` against ``model``: one ``LayerPlan`` per quantizable layer.
 
-    ``example_inputs`` (a tuple of positional inputs) is only needed to tell tensor
-    ``add``/``matmul`` calls from arithmetic on sizes when a rule asks for those ops.
+    The model's dataflow (``lowbit.trace``) decides which BatchNorms fold and where functional
+    ``add``/``matmul`` ops sit: torch.fx where the model traces, otherwise one run on
+    ``example_inputs`` (a tuple of positional inputs or a dict of keyword inputs; Hugging Face
+    models get inputs made from their config when none are given). ``graph`` reuses a trace.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, QuantConfig):
         raise TypeError(f"`config` must be a QuantConfig, got {type(config).__name__}")
-    if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
-        raise TypeError("`example_inputs` must be a tuple of the model's positional inputs, "
-                        f"got {type(example_inputs).__name__}; write (x,)")
+    check_example_inputs(example_inputs)
 
     layers: list[LayerPlan] = []
     skipped: dict[str, str] = {}
@@ -196,17 +205,78 @@ def plan(
                               if name in n)
         layers.append(_resolve(config, name, type_name, positions))
 
+    if graph is None:
+        graph = trace(model, example_inputs)
+    fusions = find_chains(model, graph) if config.fuse_bn else []
     wanted = {t for rule in config.rules for t in rule.types} & FUNCTIONAL_TYPES
     if wanted:
-        with torch.no_grad():
-            calls = find_functional(model, wanted, example_inputs)
-        layers.extend(_resolve(config, name, kind) for name, kind in calls)
-
-    fusions = find_chains(model) if config.fuse_bn else []
+        layers = _place_functional(model, config, graph, layers, fusions, wanted)
     for name, module in model.named_modules():
         if isinstance(module, NORMS) and config.fuse_bn and not any(name in c for c in fusions):
             skipped[name] = "BatchNorm not directly after a Conv/Linear: left in float"
     return Plan(layers=layers, fusions=fusions, skipped=skipped)
+
+
+def check_example_inputs(example_inputs: object) -> None:
+    if example_inputs is not None and not isinstance(example_inputs, (tuple, list, dict)):
+        raise TypeError("`example_inputs` must be a tuple of the model's positional inputs "
+                        f"or a dict of keyword inputs, got {type(example_inputs).__name__}; "
+                        "write (x,)")
+
+
+def _place_functional(model: nn.Module, config: QuantConfig, graph: ModelGraph | None,
+                      layers: list[LayerPlan], fusions: Sequence[Sequence[str]],
+                      wanted: set[str]) -> list[LayerPlan]:
+    """Plan entries for functional ops: one per call site where the model traces with fx.
+
+    Elsewhere (a dispatch trace: the forward cannot be rewritten) a rule limited to
+    ``positions=["between"]`` is honoured at module level: the quantized layers feeding such an
+    op quantize their *outputs* with the rule's ``input`` spec, which gives ONNX Runtime the same
+    quantized producer. A rule for every add/matmul needs fx."""
+    explicit = sorted({t for rule in config.rules if not rule.positions for t in rule.types}
+                      & wanted)
+    if graph is None or graph.method != "fx":
+        if explicit:
+            how = "it does not trace with torch.fx" if graph is not None else \
+                "it traces neither with torch.fx nor on example inputs"
+            raise NotImplementedError(
+                f"rules for {explicit} need a model that torch.fx can trace, and {how}; use "
+                "lowbit.nn.Add / lowbit.nn.MatMul modules in the model, or limit the rule to "
+                "positions=['between'] (placed at the producing layers' outputs)")
+        if graph is None:
+            warnings.warn("lowbit could not trace the model (torch.fx failed and there are no "
+                          "example_inputs): functional add/matmul ops stay float and BatchNorm "
+                          "folds only between neighbours in nn.Sequential; pass "
+                          "example_inputs=(x,) to quantize/plan", stacklevel=3)
+            return layers
+    modules = dict(model.named_modules())
+    for chain in fusions:  # a folded BatchNorm passes values through
+        modules[chain[1]] = nn.Identity()
+    producers = {x.name for x in layers if not x.is_float and x.type not in FUNCTIONAL_TYPES}
+    readers = {x.name for x in layers if x.input is not None and not x.input.dynamic}
+    outputs: dict[str, QuantSpec] = {}
+    for site in find_functional(graph, wanted):
+        between = between_quantized(graph, site, modules, producers, readers)
+        positions = frozenset({"between"}) if between else frozenset()
+        if graph.method == "fx":
+            layers.append(_resolve(config, site.name, site.target, positions))
+            continue
+        rule = config.resolve(site.name, site.target, positions)
+        if rule is None or rule.input is None or not between:
+            continue
+        for value in site.inputs:
+            source = source_layer(graph, value, modules, producers)
+            # Not where the output also reaches an input quantizer: one quantizer per tensor.
+            if source is not None and not reaches(graph, source, modules, readers,
+                                                  through_adds=False):
+                outputs.setdefault(source.target, rule.input)
+    if outputs:
+        layers = [replace(x, output=outputs[x.name]) if x.name in outputs and x.output is None
+                  else x for x in layers]
+        warnings.warn(f"the model does not trace with torch.fx: {len(outputs)} layer(s) feeding "
+                      "functional ops between quantized layers quantize their outputs instead "
+                      "(module-level placement)", stacklevel=3)
+    return layers
 
 
 def _resolve(config: QuantConfig, name: str, type_name: str,

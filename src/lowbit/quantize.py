@@ -14,9 +14,10 @@ from lowbit.config import QuantConfig
 from lowbit.functional import FUNCTIONAL_TYPES, insert_functional
 from lowbit.fuse import apply_chains, set_module
 from lowbit.nn import QuantLayer, init_weight_quantizer
-from lowbit.plan import Plan, plan
+from lowbit.plan import Plan, check_example_inputs, plan
 from lowbit.registry import LAYERS
 from lowbit.share import share_input_quantizers
+from lowbit.trace import trace
 
 PLAN_ATTR = "lowbit_plan"
 
@@ -70,8 +71,10 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
               inplace: bool, *, qat: bool, freeze_bn: int | None = None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    check_example_inputs(example_inputs)
+    graph = trace(model, example_inputs)  # of the float model: plan, fusions and sharing
     if isinstance(config, QuantConfig):
-        the_plan = plan(model, config, example_inputs)
+        the_plan = plan(model, config, example_inputs, graph=graph)
     elif isinstance(config, Plan):
         the_plan = config
     else:
@@ -98,7 +101,7 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
     activations, norms = apply_chains(model, list(the_plan.fusions), quantized, keep_bn=qat)
     # Functional ops are plan entries with no module behind them yet (``op_add``...).
     if functional:
-        model = insert_functional(model, functional, example_inputs)
+        model = insert_functional(model, functional)
 
     for layer in the_plan.quantized:
         try:
@@ -116,7 +119,7 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
         if layer.name in norms:
             attach_bn(wrapper, norms.pop(layer.name), freeze_bn)
         set_module(model, layer.name, wrapper)
-    share_input_quantizers(model)
+    share_input_quantizers(model, graph)
     follow_model_device(model)
 
     floats = the_plan.float_layers

@@ -12,8 +12,9 @@ input: one further batch of 64 (its first row is the batch-1 input).
 Variants per net, each an ONNX file run on ONNX Runtime's CPU provider:
 
 - ``fp32``        ``lowbit.demo.export_float`` (the float model, dynamo exporter);
-- ``lowbit w8a8`` ``QuantConfig.preset("w8a8")`` exactly as shipped (no extra rules), exported
-                  with ``lowbit.export_onnx``'s defaults — what a user gets;
+- ``lowbit w8a8`` ``QuantConfig.preset("w8a8")`` exactly as shipped (no extra rules; one example
+                  input passed to ``quantize``, as its warning asks for models torch.fx cannot
+                  trace), exported with ``lowbit.export_onnx``'s defaults — what a user gets;
 - ``ort u8s8``    ``quantize_static`` QDQ, per-channel, uint8 activations, int8 weights;
 - ``ort u8s8 rr`` the same with ``reduce_range=True`` (7-bit weights, exact without VNNI);
 - ``ort u8u8``    uint8 weights.
@@ -68,7 +69,9 @@ def lowbit_file(model: torch.nn.Module, calib: list[torch.Tensor], x: torch.Tens
                 path: Path) -> dict:
     """The shipped preset, quantized, calibrated, converted and exported with defaults."""
     start = time.perf_counter()
-    qm, warned = quiet_call(lowbit.quantize, model, QuantConfig.preset("w8a8"))
+    # example_inputs: how the HF model (which torch.fx cannot trace) is traced; no extra rules.
+    qm, warned = quiet_call(lowbit.quantize, model, QuantConfig.preset("w8a8"),
+                            example_inputs=(x[:1],))
     lowbit.calibrate(qm, calib, progress=False)
     dm = lowbit.convert(qm)
     prep_s = time.perf_counter() - start

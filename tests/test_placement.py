@@ -64,6 +64,15 @@ def test_binary_and_weight_only_presets_leave_adds_alone():
         assert not any(a.input for a in _adds(lowbit.plan(_model(), QuantConfig.preset(preset))).values())
 
 
+def test_convs_whose_output_only_float_ops_read_quantize_it():
+    plan = lowbit.plan(_model(), QuantConfig.preset("w8a8"))
+    assert [x.name for x in plan.layers if x.output is not None] == ["head"]  # → mean
+    cfg = QuantConfig(rules=[*QuantConfig.preset("w8a8").rules, LayerRule(types=["add"])])
+    plan = lowbit.plan(_model(), cfg)  # adds float: the convs before them quantize outputs
+    assert [x.name for x in plan.layers if x.output is not None] == ["b1.conv2", "b2.conv2",
+                                                                      "head"]
+
+
 def test_an_add_that_no_quantized_layer_reads_stays_float():
     cfg = QuantConfig(rules=[*QuantConfig.preset("w8a8").rules, LayerRule(names=["head"])])
     adds = _adds(lowbit.plan(_model(), cfg))  # the last add now feeds a float layer
@@ -106,8 +115,8 @@ def _export(cfg, tmp_path):
 def test_onnx_runtime_runs_every_conv_of_the_preset_on_integer_kernels(tmp_path):
     path, report = _export(QuantConfig.preset("w8a8"), tmp_path)
     ops = _optimized_ops(path, tmp_path)
-    # All but the head, whose float output (the model's) has no QuantizeLinear to fuse into.
-    assert ops["QLinearConv"] == 5 and ops["Conv"] + ops["FusedConv"] == 1, ops
+    # The head's output goes to a mean only: the preset quantizes it ("feeds_float").
+    assert ops["QLinearConv"] == 6 and ops["Conv"] + ops["FusedConv"] == 0, ops
     assert ops["QLinearAdd"] >= 1
     assert report.parity.codes_max_diff <= 2
     session(path)  # the file loads in a plain session too
@@ -137,6 +146,6 @@ def test_models_that_fx_cannot_trace_get_module_level_placement():
         warnings.simplefilter("always")
         plan = lowbit.plan(model, QuantConfig.preset("w8a8"), (torch.randn(1, 3, 8, 8),))
     placed = [layer.name for layer in plan.layers if layer.output is not None]
-    assert placed == ["b1.conv2", "b2.conv2"]
+    assert placed == ["b1.conv2", "b2.conv2", "head"]
     assert sum("module-level placement" in str(w.message) for w in caught) == 1
     assert not _adds(plan), "no module to insert: the adds are not plan entries"

@@ -30,12 +30,13 @@ _METADATA = {"size", "dim", "numel", "getattr", "len", "shape"}
 # Between a quantized layer and a functional op (or the op and a quantized layer), these keep
 # the integer path: ONNX Runtime folds them into a neighbouring quantized node or runs them on
 # integers (QDQ propagation across pooling and reshapes, ReLU/Clip fused into QuantizeLinear).
+# Average pooling is not among them: it exports as ReduceMean/AveragePool, which ORT neither
+# runs on integers here nor propagates quantization across.
 PASS_MODULES = (nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Dropout, nn.Flatten,
-                nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-                nn.AdaptiveAvgPool2d)
+                nn.MaxPool1d, nn.MaxPool2d)
 PASS_FUNCTIONS = {"relu", "relu6", "hardtanh", "flatten", "view", "reshape", "permute",
-                  "transpose", "contiguous", "dropout", "max_pool2d", "avg_pool2d",
-                  "adaptive_avg_pool2d", "getitem", "clone", "squeeze", "unsqueeze"}
+                  "transpose", "contiguous", "dropout", "max_pool2d", "getitem", "clone",
+                  "squeeze", "unsqueeze"}
 
 
 def activation_values(graph: ModelGraph) -> set[int]:
@@ -61,7 +62,7 @@ def between_quantized(graph: ModelGraph, node: Node, modules: dict[str, nn.Modul
                       producers: set[str], readers: set[str]) -> bool:
     """Whether an input of ``node`` comes from a layer in ``producers`` and its output reaches
     a layer in ``readers`` (layers with an input quantizer), through pass-through ops only."""
-    return (any(source_layer(graph, v, modules, producers) for v in node.inputs)
+    return (any(_from_layer(graph, v, modules, producers) for v in node.inputs)
             and reaches(graph, node, modules, readers, through_adds=True))
 
 
@@ -71,17 +72,26 @@ def _passes(node: Node, modules: dict[str, nn.Module]) -> bool:
     return node.target in PASS_FUNCTIONS
 
 
-def source_layer(graph: ModelGraph, value: int, modules: dict[str, nn.Module],
-                 layers: set[str], depth: int = 0) -> Node | None:
-    """The call of a layer in ``layers`` that ``value`` comes from through pass-through ops."""
+def _from_layer(graph: ModelGraph, value: int, modules: dict[str, nn.Module],
+                layers: set[str], depth: int = 0) -> bool:
+    """Whether ``value`` comes from a layer in ``layers`` through pass-through ops."""
     node = graph.producer(value)
     if node is None or depth > 8:
-        return None
+        return False
     if node.kind == "module" and node.target in layers:
-        return node
-    if not _passes(node, modules) or not node.inputs:
-        return None
-    return source_layer(graph, node.inputs[0], modules, layers, depth + 1)
+        return True
+    return bool(_passes(node, modules) and node.inputs
+                and _from_layer(graph, node.inputs[0], modules, layers, depth + 1))
+
+
+def reaches_output(graph: ModelGraph, node: Node, modules: dict[str, nn.Module],
+                   depth: int = 0) -> bool:
+    """Whether ``node``'s output is (through pass-through ops) an output of the model."""
+    if any(graph.is_output(v) for v in node.outputs):
+        return True
+    return depth < 8 and any(_passes(user, modules) and reaches_output(graph, user, modules,
+                                                                        depth + 1)
+                             for user, _ in graph.users(node))
 
 
 def reaches(graph: ModelGraph, node: Node, modules: dict[str, nn.Module], layers: set[str],
@@ -91,7 +101,7 @@ def reaches(graph: ModelGraph, node: Node, modules: dict[str, nn.Module], layers
     if depth > 8:
         return False
     for user, _ in graph.users(node):
-        if user.kind == "module" and user.target in layers:
+        if user.name in layers:  # a module, or a functional site named as its module
             return True
         through = _passes(user, modules) or (
             through_adds and user.kind == "function" and user.target == "add")

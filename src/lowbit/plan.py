@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -28,12 +28,14 @@ from lowbit.functional import (
     between_quantized,
     find_functional,
     reaches,
-    source_layer,
+    reaches_output,
 )
 from lowbit.fuse import NORMS, find_chains
 from lowbit.nn import ACTIVATION_TYPES, OPT_IN_TYPES, LayerSpecs, quant_type_for
 from lowbit.registry import LAYERS
 from lowbit.trace import ModelGraph, trace
+
+CONV_TYPES = {"Conv1d", "Conv2d"}
 
 # Float layers with weights that lowbit cannot quantize (yet): listed, never skipped silently.
 WEIGHTED_FLOAT_TYPES = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -211,6 +213,14 @@ def plan(
     wanted = {t for rule in config.rules for t in rule.types} & FUNCTIONAL_TYPES
     if wanted:
         layers = _place_functional(model, config, graph, layers, fusions, wanted)
+    if graph is not None and any("feeds_float" in rule.positions for rule in config.rules):
+        layers = _place_outputs(model, config, graph, layers, fusions)
+    elif graph is None:
+        warnings.warn("lowbit could not trace the model (torch.fx failed and there are no "
+                      "example_inputs): BatchNorm folds only between neighbours in "
+                      "nn.Sequential, layers reading one tensor keep their own quantizers and "
+                      "quantizers are not placed for ONNX Runtime's integer kernels; pass "
+                      "example_inputs=(x,) to quantize/plan", stacklevel=2)
     for name, module in model.named_modules():
         if isinstance(module, NORMS) and config.fuse_bn and not any(name in c for c in fusions):
             skipped[name] = "BatchNorm not directly after a Conv/Linear: left in float"
@@ -227,12 +237,10 @@ def check_example_inputs(example_inputs: object) -> None:
 def _place_functional(model: nn.Module, config: QuantConfig, graph: ModelGraph | None,
                       layers: list[LayerPlan], fusions: Sequence[Sequence[str]],
                       wanted: set[str]) -> list[LayerPlan]:
-    """Plan entries for functional ops: one per call site where the model traces with fx.
+    """Plan entries for functional ops: one per call site, where the model traces with fx.
 
-    Elsewhere (a dispatch trace: the forward cannot be rewritten) a rule limited to
-    ``positions=["between"]`` is honoured at module level: the quantized layers feeding such an
-    op quantize their *outputs* with the rule's ``input`` spec, which gives ONNX Runtime the same
-    quantized producer. A rule for every add/matmul needs fx."""
+    Elsewhere (a dispatch trace cannot rewrite ``forward``) the sites stay float; a rule for
+    every add/matmul (no ``positions``) needs fx and is refused."""
     explicit = sorted({t for rule in config.rules if not rule.positions for t in rule.types}
                       & wanted)
     if graph is None or graph.method != "fx":
@@ -242,41 +250,59 @@ def _place_functional(model: nn.Module, config: QuantConfig, graph: ModelGraph |
             raise NotImplementedError(
                 f"rules for {explicit} need a model that torch.fx can trace, and {how}; use "
                 "lowbit.nn.Add / lowbit.nn.MatMul modules in the model, or limit the rule to "
-                "positions=['between'] (placed at the producing layers' outputs)")
+                "positions=['between']")
         if graph is None:
-            warnings.warn("lowbit could not trace the model (torch.fx failed and there are no "
-                          "example_inputs): functional add/matmul ops stay float and BatchNorm "
-                          "folds only between neighbours in nn.Sequential; pass "
-                          "example_inputs=(x,) to quantize/plan", stacklevel=3)
             return layers
-    modules = dict(model.named_modules())
-    for chain in fusions:  # a folded BatchNorm passes values through
-        modules[chain[1]] = nn.Identity()
+    modules = _graph_modules(model, fusions)
     producers = {x.name for x in layers if not x.is_float and x.type not in FUNCTIONAL_TYPES}
     readers = {x.name for x in layers if x.input is not None and not x.input.dynamic}
-    outputs: dict[str, QuantSpec] = {}
+    kept_float = 0
     for site in find_functional(graph, wanted):
         between = between_quantized(graph, site, modules, producers, readers)
         positions = frozenset({"between"}) if between else frozenset()
         if graph.method == "fx":
             layers.append(_resolve(config, site.name, site.target, positions))
-            continue
-        rule = config.resolve(site.name, site.target, positions)
-        if rule is None or rule.input is None or not between:
-            continue
-        for value in site.inputs:
-            source = source_layer(graph, value, modules, producers)
-            # Not where the output also reaches an input quantizer: one quantizer per tensor.
-            if source is not None and not reaches(graph, source, modules, readers,
-                                                  through_adds=False):
-                outputs.setdefault(source.target, rule.input)
-    if outputs:
-        layers = [replace(x, output=outputs[x.name]) if x.name in outputs and x.output is None
-                  else x for x in layers]
-        warnings.warn(f"the model does not trace with torch.fx: {len(outputs)} layer(s) feeding "
-                      "functional ops between quantized layers quantize their outputs instead "
+        elif between:
+            rule = config.resolve(site.name, site.target, positions)
+            kept_float += rule is not None and rule.input is not None
+    if kept_float:
+        warnings.warn(f"the model does not trace with torch.fx, so its forward cannot be "
+                      f"rewritten: {kept_float} functional op(s) between quantized layers stay "
+                      "float, and the convs feeding them quantize their outputs instead "
                       "(module-level placement)", stacklevel=3)
     return layers
+
+
+def _graph_modules(model: nn.Module, fusions: Sequence[Sequence[str]]) -> dict[str, nn.Module]:
+    modules = dict(model.named_modules())
+    for chain in fusions:  # a folded BatchNorm passes values through
+        modules[chain[1]] = nn.Identity()
+    return modules
+
+
+def _place_outputs(model: nn.Module, config: QuantConfig, graph: ModelGraph,
+                   layers: list[LayerPlan], fusions: Sequence[Sequence[str]]) -> list[LayerPlan]:
+    """Re-resolve, with position ``"feeds_float"``, each quantized conv whose output reaches
+    neither a quantized layer or op nor the model's output: only float ops read it (a float
+    add where ``forward`` could not be rewritten, a LayerNorm, a mean). ONNX Runtime fuses
+    ``DQ → Conv → Q`` only, so the presets quantize such a conv's output."""
+    modules = _graph_modules(model, fusions)
+    readers = {x.name for x in layers if x.input is not None and not x.input.dynamic}
+    calls = graph.module_calls()
+    weighted = [x.name for x in layers if x.type not in FUNCTIONAL_TYPES | OPT_IN_TYPES]
+    out = []
+    for layer in layers:
+        nodes = calls.get(layer.name, [])
+        if (layer.type not in CONV_TYPES or layer.input is None or layer.input.dynamic
+                or layer.output is not None or len(nodes) != 1
+                or reaches(graph, nodes[0], modules, readers, through_adds=False)
+                or reaches_output(graph, nodes[0], modules)):
+            out.append(layer)
+            continue
+        positions = {"feeds_float"} | {p for p, n in (("first", weighted[:1]),
+                                                      ("last", weighted[-1:])) if layer.name in n}
+        out.append(_resolve(config, layer.name, layer.type, frozenset(positions)))
+    return out
 
 
 def _resolve(config: QuantConfig, name: str, type_name: str,

@@ -33,12 +33,30 @@ def test_functional_add_follows_the_models_eval_mode_and_converts_exactly():
         assert torch.equal(lowbit.convert(qm)(x), qm(x))
 
 
-def test_inplace_with_functional_rules_is_refused_before_touching_the_model():
+def test_functional_rules_rewrite_the_model_in_place_keeping_its_class():
     model = Residual().eval()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(NotImplementedError, match="inplace=True"):
-        lowbit.quantize(model, _residual_config(), inplace=True)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        before = model(x)
+    qm = lowbit.quantize(model, _residual_config(), inplace=True)
+    assert qm is model and type(qm) is Residual
+    assert isinstance(qm.op_add, lowbit.nn.QuantAdd)
+    lowbit.calibrate(qm, [x], progress=False)
+    with torch.no_grad():
+        assert torch.allclose(lowbit.convert(qm)(x), before, atol=0.1)
+
+
+def test_adds_inside_blocks_become_modules_of_their_block_and_containers_stay():
+    block = nn.Sequential(Residual(), Residual())
+    qm = lowbit.quantize(block.eval(), _residual_config())
+    assert isinstance(qm, nn.Sequential) and isinstance(qm[1].op_add, lowbit.nn.QuantAdd)
+    assert [x.name for x in qm.lowbit_plan.layers if x.type == "add"] == ["0.op_add", "1.op_add"]
+    copy = __import__("copy").deepcopy(qm)  # the rewritten forward follows the copy
+    x = torch.randn(1, 4, 6, 6)
+    lowbit.calibrate(qm, [x], progress=False)
+    lowbit.calibrate(copy, [x], progress=False)
+    with torch.no_grad():
+        assert torch.equal(copy(x), qm(x))
 
 
 @pytest.mark.parametrize("layer", [nn.Conv2d(3, 4, 3), nn.Conv1d(3, 4, 3)], ids=["conv2d", "conv1d"])

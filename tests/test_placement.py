@@ -86,7 +86,7 @@ def test_rules_still_override_the_placement():
 
 def test_the_residual_shares_the_quantizer_of_the_layer_reading_the_same_tensor():
     qm = lowbit.quantize(_model(), QuantConfig.preset("w8a8"))
-    add = qm.op_add
+    add = qm.b1.op_add
     assert add.other_quant is qm.b1.conv1.input_quant, "block input: one quantizer per tensor"
     assert add.input_quant is not add.other_quant
 

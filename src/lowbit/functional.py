@@ -14,12 +14,13 @@ lets ONNX Runtime give the producing layer a quantized output and run it on an i
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable
 
 from torch import fx, nn
 
 from lowbit.nn import Add, MatMul
-from lowbit.trace import LeafTracer, ModelGraph, Node, default_leaf, op_name
+from lowbit.trace import LeafTracer, ModelGraph, Node, default_leaf, op_name, owner_of, site_name
 
 MODULES: dict[str, type[nn.Module]] = {"add": Add, "matmul": MatMul}
 FUNCTIONAL_TYPES = set(MODULES)
@@ -111,30 +112,61 @@ def reaches(graph: ModelGraph, node: Node, modules: dict[str, nn.Module], layers
     return False
 
 
-def insert_functional(model: nn.Module, names: set[str]) -> fx.GraphModule:
-    """A traced copy of ``model`` whose listed functional calls (``op_<fx node>``, as
-    ``lowbit.trace`` names them) are ``Add``/``MatMul`` modules."""
+def insert_functional(model: nn.Module, names: set[str]) -> None:
+    """Make the listed functional calls (``layer1.op_add``, as ``lowbit.trace`` names them)
+    ``Add``/``MatMul`` modules, in place.
+
+    Each module that makes such a call is traced on its own with torch.fx, the calls become
+    submodules of it (``layer1.op_add``), and its ``forward`` is replaced by the rewritten one.
+    Everything else — the model's class, its containers, attributes and other modules — stays as
+    it was (rewriting the whole model into one ``fx.GraphModule`` would turn ``nn.Sequential``
+    containers into plain modules that can no longer be indexed)."""
+    by_owner: dict[str, set[str]] = {}
+    for name in names:
+        owner, _, local = name.rpartition(".")
+        by_owner.setdefault(owner, set()).add(local)
+    for owner, locals_ in by_owner.items():
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            raise ValueError(f"the plan names functional op(s) {sorted(locals_)} in module "
+                             f"{owner!r}, which the model lacks") from None
+        _rewrite(module, owner, locals_)
+
+
+def _rewrite(module: nn.Module, owner: str, names: set[str]) -> None:
     try:
-        traced = fx.GraphModule(model, LeafTracer(default_leaf).trace(model))
+        graph = LeafTracer(default_leaf).trace(module)
     except Exception as err:  # noqa: BLE001 - report any tracing failure the same way
         raise NotImplementedError(
-            "rules for 'add'/'matmul' need a model that torch.fx can trace, and this one does "
-            f"not ({type(err).__name__}: {err}); use lowbit.nn.Add / lowbit.nn.MatMul modules "
-            "in the model instead"
-        ) from None
-    picked = [node for node in traced.graph.nodes if f"op_{node.name}" in names
-              and node.op in ("call_function", "call_method") and not node.kwargs
-              and len(node.args) == 2 and op_name(node.target) in MODULES]
-    missing = names - {f"op_{node.name}" for node in picked}
+            f"rules for 'add'/'matmul' need a model that torch.fx can trace, and "
+            f"{owner or 'the model'!r} does not ({type(err).__name__}: {err}); use "
+            "lowbit.nn.Add / lowbit.nn.MatMul modules in the model instead") from None
+    counts: dict[str, int] = {}
+    picked = []
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method") or owner_of(node):
+            continue  # not a call of this module's own forward
+        op = op_name(node.target)
+        k = counts.get(op, 0)
+        counts[op] = k + 1
+        name = site_name("", op, k)
+        if (name in names and op in MODULES and not node.kwargs and len(node.args) == 2
+                and all(isinstance(a, fx.Node) for a in node.args)):
+            picked.append((name, op, node))
+    missing = names - {name for name, _, _ in picked}
     if missing:
-        raise ValueError(f"the plan names functional op(s) {sorted(missing)}, which the model "
-                         "does not call (or not as a two-tensor add/matmul)")
-    for node in picked:
-        name = f"op_{node.name}"
-        traced.add_submodule(name, MODULES[op_name(node.target)]().train(model.training))
-        with traced.graph.inserting_after(node):
-            new = traced.graph.call_module(name, args=node.args)
+        where = f" in {owner!r}" if owner else ""
+        raise ValueError(f"the plan names functional op(s) {sorted(missing)}{where}, which the "
+                         "model does not call as a two-tensor add/matmul")
+    for name, op, node in picked:
+        module.add_module(name, MODULES[op]().train(module.training))
+        with graph.inserting_after(node):
+            new = graph.call_module(name, args=node.args)
         node.replace_all_uses_with(new)
-        traced.graph.erase_node(node)
-    traced.recompile()
-    return traced
+        graph.erase_node(node)
+    rewritten = fx.GraphModule(module, graph)
+    for node in graph.nodes:  # constants the tracer lifted into attributes
+        if node.op == "get_attr" and not hasattr(module, str(node.target)):
+            setattr(module, str(node.target), getattr(rewritten, str(node.target)))
+    module.forward = types.MethodType(type(rewritten).forward, module)  # type: ignore[method-assign]

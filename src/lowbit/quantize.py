@@ -91,17 +91,12 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
 
     functional = {layer.name for layer in the_plan.quantized
                   if layer.type in FUNCTIONAL_TYPES and not _has_module(model, layer.name)}
-    if functional and inplace:
-        raise NotImplementedError(
-            "inplace=True cannot be combined with rules for functional 'add'/'matmul' ops: "
-            f"inserting {sorted(functional)} builds a new traced module; use inplace=False"
-        )
     model = model if inplace else copy.deepcopy(model)
     quantized = {layer.name for layer in the_plan.quantized}
     activations, norms = apply_chains(model, list(the_plan.fusions), quantized, keep_bn=qat)
-    # Functional ops are plan entries with no module behind them yet (``op_add``...).
+    # Functional ops are plan entries with no module behind them yet (``layer1.op_add``...).
     if functional:
-        model = insert_functional(model, functional)
+        insert_functional(model, functional)
 
     for layer in the_plan.quantized:
         try:

@@ -58,7 +58,7 @@ class Node:
     index: int
     kind: Literal["module", "function"]
     target: str  # the module's qualified name, or the op's canonical name
-    name: str  # unique: the module name, or ``op_<fx node name>`` / ``op_<op>[_k]``
+    name: str  # unique: the module name, or ``<owner>.op_<op>[_k]`` for a functional call
     inputs: tuple[int, ...] = ()
     outputs: tuple[int, ...] = ()
 
@@ -193,6 +193,7 @@ def _fx_graph(model: nn.Module, leaf: Callable[[nn.Module], bool]) -> ModelGraph
     graph = ModelGraph("fx")
     ids: dict[fx.Node, int] = {}
     inputs, outputs = [], []
+    counts: dict[tuple[str, str], int] = {}
     for node in fx_graph.nodes:
         ids[node] = len(ids)
         args = [ids[a] for a in _flat_nodes((node.args, node.kwargs))]
@@ -203,10 +204,27 @@ def _fx_graph(model: nn.Module, leaf: Callable[[nn.Module], bool]) -> ModelGraph
         elif node.op == "call_module":
             graph.add("module", str(node.target), str(node.target), args, [ids[node]])
         elif node.op in ("call_function", "call_method"):
-            graph.add("function", op_name(node.target), f"op_{node.name}", args, [ids[node]])
+            op = op_name(node.target)
+            owner = owner_of(node)
+            k = counts.get((owner, op), 0)
+            counts[owner, op] = k + 1
+            graph.add("function", op, site_name(owner, op, k), args, [ids[node]])
         # get_attr: a parameter/buffer read, not a value between nodes
     graph.graph_inputs, graph.graph_outputs = tuple(inputs), tuple(outputs)
     return graph
+
+
+def owner_of(node: fx.Node) -> str:
+    """The qualified name of the module whose ``forward`` makes this call (``""``: the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return str(list(stack.values())[-1][0]) if stack else ""
+
+
+def site_name(owner: str, op: str, k: int) -> str:
+    """The name of the ``k``-th ``op`` call in ``owner``'s forward: ``layer1.op_add``,
+    ``layer1.op_add_1``... — the module ``functional.insert_functional`` puts there."""
+    local = f"op_{op}" + (f"_{k}" if k else "")
+    return f"{owner}.{local}" if owner else local
 
 
 def _flat_nodes(obj: Any) -> Iterator[fx.Node]:

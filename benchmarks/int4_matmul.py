@@ -28,7 +28,7 @@ interleaved repeats (every repeat visits all variants round-robin, rotating the 
 per-repeat ratios; the largest difference from the torch deploy model and the SQNR against the
 float model; the ops ONNX Runtime runs (``SessionOptions.optimized_model_filepath``). Repeats
 during which other processes kept more than a quarter of a core busy are left out and re-run
-(as in ``ort_latency.py``). Prints a table and writes ``benchmarks/results/int4_matmul.json``.
+(as in ``harness.py``). Prints a table and writes ``benchmarks/results/int4_matmul.json``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from ort_latency import (
+from harness import (
     CLEAN_LOAD,
     cpu_info,
     interleaved_repeats,

@@ -56,7 +56,7 @@ Variants (``--variants`` takes the keys; ``anchors`` and ``lowbit`` name groups)
 Per variant: throughput (sentences/s over the evaluation set: the model call alone) and its
 ratio to ORT FP32, each the median over >= 5 interleaved repeats (repeat r runs every variant
 once over all batches, the order rotated by r; repeats during which other processes kept
->= 0.25 cores busy are left out and re-run after a wait, as in ``ort_latency.py``; if fewer than
+>= 0.25 cores busy are left out and re-run after a wait, as in ``harness.py``; if fewer than
 ``--repeats`` quiet ones come in, all count and the JSON says ``"contended": true``); mean and
 min cosine to the torch FP32 embeddings; mean top-10 nearest-neighbour overlap with FP32 (for
 each sentence its 10 nearest among the evaluation set by cosine, itself excluded;
@@ -170,7 +170,7 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(HERE))
 
-from ort_latency import cpu_info, interleaved_repeats, wait_idle  # noqa: E402
+from harness import cpu_info, interleaved_repeats, wait_idle  # noqa: E402
 from qat_digits import quiet, source_digest  # noqa: E402
 
 import lowbit  # noqa: E402

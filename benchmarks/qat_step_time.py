@@ -10,7 +10,7 @@ Run from the repository root::
 Nets (batch 64, random inputs and labels, ``torch.set_num_threads(2)``):
 
 * ``digits``: ``lowbit.demo.DigitsCNN`` on 1x8x8 inputs (~25k parameters);
-* ``resnet``: the ResNet-8-style net of ``benchmarks/ort_latency.py`` on 3x32x32 inputs (stem
+* ``resnet``: the ResNet-8-style net of ``benchmarks/convnets.py`` on 3x32x32 inputs (stem
   conv3x3 + three basic blocks at 32/64/128 channels with 1x1 projection shortcuts: 9 convs and
   a Linear, 309k parameters).
 
@@ -62,7 +62,8 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from ort_latency import LoadMeter, ResNet8, cpu_info, wait_idle  # noqa: E402
+from convnets import ResNet8  # noqa: E402
+from harness import LoadMeter, cpu_info, wait_idle  # noqa: E402
 from qat_digits import source_digest  # noqa: E402
 
 import lowbit  # noqa: E402

@@ -4,8 +4,9 @@ Inference folding (docs/algorithms.md §1): ``W' = W·γ/σ``, ``b' = β + (b �
 ``σ = sqrt(running_var + eps)``. A folded ReLU moves into the quant wrapper (``activation``) so
 that the output quantizer, if any, sees post-ReLU values.
 
-Chains are found with ``torch.fx`` when the model traces (any wiring, as long as the conv's
-output feeds only the BN); otherwise from adjacent children of ``nn.Sequential`` containers.
+Chains are found in the model's traced dataflow (``lowbit.trace``: torch.fx, or a dispatch
+trace on example inputs), so a conv and a BN that are siblings in a custom module fold as well
+as neighbours in an ``nn.Sequential``; without a graph, from adjacent ``nn.Sequential`` children.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
-from torch import fx, nn
+from torch import nn
+
+from lowbit.trace import ModelGraph, Node, trace
 
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -24,44 +27,44 @@ ACTIVATIONS = (nn.ReLU,)
 Chain = tuple[str, ...]
 
 
-def find_chains(model: nn.Module) -> list[Chain]:
-    """Qualified names of (layer, bn) or (layer, bn, relu) chains to fold, in model order."""
-    try:
-        graph = fx.symbolic_trace(model).graph
-    except Exception:  # noqa: BLE001 - any trace failure means: fall back to Sequential order
+def find_chains(model: nn.Module, graph: ModelGraph | None = None) -> list[Chain]:
+    """Qualified names of (layer, bn) or (layer, bn, relu) chains to fold, in model order.
+
+    From the model's traced dataflow (``lowbit.trace``: any wiring, siblings in custom modules
+    included, as long as the BN is the only reader of the layer's output); from adjacent
+    children of ``nn.Sequential`` containers when there is no graph."""
+    if graph is None:
+        graph = trace(model)
+    if graph is None:
         return _sequential_chains(model)
     return _graph_chains(model, graph)
 
 
-def _graph_chains(model: nn.Module, graph: fx.Graph) -> list[Chain]:
+def _graph_chains(model: nn.Module, graph: ModelGraph) -> list[Chain]:
     modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    calls = {name: len(nodes) for name, nodes in graph.module_calls().items()}
 
-    def single_module_user(node: fx.Node, types: tuple[type, ...]) -> fx.Node | None:
-        users = list(node.users)
-        if len(users) != 1 or users[0].op != "call_module":
+    def only_module_user(node: Node, types: tuple[type, ...]) -> Node | None:
+        users = graph.users(node)
+        if len(users) != 1 or any(graph.is_output(v) for v in node.outputs):
             return None
-        user = users[0]
+        user = users[0][0]
         # A module called from several places (a shared ReLU) cannot move into one layer.
-        if calls[str(user.target)] != 1:
+        if user.kind != "module" or calls[user.target] != 1:
             return None
         return user if isinstance(modules.get(user.target), types) else None
 
     chains: list[Chain] = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), FOLDABLE):
+        layer = modules.get(node.target) if node.kind == "module" else None
+        if not isinstance(layer, FOLDABLE) or calls[node.target] != 1:
             continue
-        if calls[str(node.target)] != 1:
+        bn = only_module_user(node, NORMS)
+        if bn is None or not _compatible(layer, modules[bn.target]):
             continue
-        bn = single_module_user(node, NORMS)
-        if bn is None or not _compatible(modules[node.target], modules[bn.target]):
-            continue
-        act = single_module_user(bn, ACTIVATIONS)
+        act = only_module_user(bn, ACTIVATIONS)
         chain = (node.target, bn.target) + ((act.target,) if act is not None else ())
-        chains.append(tuple(str(n) for n in chain))
+        chains.append(chain)
     return _unique(chains)
 
 

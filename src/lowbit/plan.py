@@ -8,11 +8,11 @@ a layer's bits, keep one in float by setting its specs to ``null``) and passed b
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
 from torch import nn
 
 from lowbit.config import (
@@ -24,10 +24,19 @@ from lowbit.config import (
     write_structured,
 )
 from lowbit.float_modules import float_class, is_parametrization_list, weight_parameters
-from lowbit.functional import FUNCTIONAL_TYPES, find_functional
+from lowbit.functional import (
+    FUNCTIONAL_TYPES,
+    between_quantized,
+    find_functional,
+    reaches,
+    reaches_output,
+)
 from lowbit.fuse import NORMS, find_chains
 from lowbit.nn import ACTIVATION_TYPES, OPT_IN_TYPES, LayerSpecs, quant_type_for
 from lowbit.registry import LAYERS
+from lowbit.trace import ModelGraph, trace
+
+CONV_TYPES = {"Conv1d", "Conv2d"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,20 +176,22 @@ def _short(spec: QuantSpec | None) -> str:
 def plan(
     model: nn.Module,
     config: QuantConfig,
-    example_inputs: Sequence[object] | None = None,
+    example_inputs: Sequence[object] | dict[str, object] | None = None,
+    *,
+    graph: ModelGraph | None = None,
 ) -> Plan:
     """Resolve ``config`` against ``model``: one ``LayerPlan`` per quantizable layer.
 
-    ``example_inputs`` (a tuple of positional inputs) is only needed to tell tensor
-    ``add``/``matmul`` calls from arithmetic on sizes when a rule asks for those ops.
+    The model's dataflow (``lowbit.trace``) decides which BatchNorms fold and where functional
+    ``add``/``matmul`` ops sit: torch.fx where the model traces, otherwise one run on
+    ``example_inputs`` (a tuple of positional inputs or a dict of keyword inputs; Hugging Face
+    models get inputs made from their config when none are given). ``graph`` reuses a trace.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, QuantConfig):
         raise TypeError(f"`config` must be a QuantConfig, got {type(config).__name__}")
-    if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
-        raise TypeError("`example_inputs` must be a tuple of the model's positional inputs, "
-                        f"got {type(example_inputs).__name__}; write (x,)")
+    check_example_inputs(example_inputs)
 
     layers: list[LayerPlan] = []
     found, skipped = discover_layers(model, {t for rule in config.rules for t in rule.types})
@@ -192,13 +203,20 @@ def plan(
         entry = _resolve(config, name, type_name, positions)
         layers.append(entry if module_type is None else replace(entry, module_type=module_type))
 
+    if graph is None:
+        graph = trace(model, example_inputs)
+    fusions = find_chains(model, graph) if config.fuse_bn else []
     wanted = {t for rule in config.rules for t in rule.types} & FUNCTIONAL_TYPES
     if wanted:
-        with torch.no_grad():
-            calls = find_functional(model, wanted, example_inputs)
-        layers.extend(_resolve(config, name, kind) for name, kind in calls)
-
-    fusions = find_chains(model) if config.fuse_bn else []
+        layers = _place_functional(model, config, graph, layers, fusions, wanted)
+    if graph is not None and any("feeds_float" in rule.positions for rule in config.rules):
+        layers = _place_outputs(model, config, graph, layers, fusions)
+    elif graph is None:
+        warnings.warn("lowbit could not trace the model (torch.fx failed and there are no "
+                      "example_inputs): BatchNorm folds only between neighbours in "
+                      "nn.Sequential, layers reading one tensor keep their own quantizers and "
+                      "quantizers are not placed for ONNX Runtime's integer kernels; pass "
+                      "example_inputs=(x,) to quantize/plan", stacklevel=2)
     for name, module in model.named_modules():
         if isinstance(module, NORMS) and config.fuse_bn and not any(name in c for c in fusions):
             skipped[name] = "BatchNorm not directly after a Conv/Linear: left in float"
@@ -236,6 +254,84 @@ def discover_layers(model: nn.Module, named_types: set[str]
         found.append((name, type_name, own if own != LAYERS.get(type_name).float_type.__name__
                       else None))
     return found, skipped
+
+
+def check_example_inputs(example_inputs: object) -> None:
+    if example_inputs is not None and not isinstance(example_inputs, (tuple, list, dict)):
+        raise TypeError("`example_inputs` must be a tuple of the model's positional inputs "
+                        f"or a dict of keyword inputs, got {type(example_inputs).__name__}; "
+                        "write (x,)")
+
+
+def _place_functional(model: nn.Module, config: QuantConfig, graph: ModelGraph | None,
+                      layers: list[LayerPlan], fusions: Sequence[Sequence[str]],
+                      wanted: set[str]) -> list[LayerPlan]:
+    """Plan entries for functional ops: one per call site, where the model traces with fx.
+
+    Elsewhere (a dispatch trace cannot rewrite ``forward``) the sites stay float; a rule for
+    every add/matmul (no ``positions``) needs fx and is refused."""
+    explicit = sorted({t for rule in config.rules if not rule.positions for t in rule.types}
+                      & wanted)
+    if graph is None or graph.method != "fx":
+        if explicit:
+            how = "it does not trace with torch.fx" if graph is not None else \
+                "it traces neither with torch.fx nor on example inputs"
+            raise NotImplementedError(
+                f"rules for {explicit} need a model that torch.fx can trace, and {how}; use "
+                "lowbit.nn.Add / lowbit.nn.MatMul modules in the model, or limit the rule to "
+                "positions=['between']")
+        if graph is None:
+            return layers
+    modules = _graph_modules(model, fusions)
+    producers = {x.name for x in layers if not x.is_float and x.type not in FUNCTIONAL_TYPES}
+    readers = {x.name for x in layers if x.input is not None and not x.input.dynamic}
+    kept_float = 0
+    for site in find_functional(graph, wanted):
+        between = between_quantized(graph, site, modules, producers, readers)
+        positions = frozenset({"between"}) if between else frozenset()
+        if graph.method == "fx":
+            layers.append(_resolve(config, site.name, site.target, positions))
+        elif between:
+            rule = config.resolve(site.name, site.target, positions)
+            kept_float += rule is not None and rule.input is not None
+    if kept_float:
+        warnings.warn(f"the model does not trace with torch.fx, so its forward cannot be "
+                      f"rewritten: {kept_float} functional op(s) between quantized layers stay "
+                      "float, and the convs feeding them quantize their outputs instead "
+                      "(module-level placement)", stacklevel=3)
+    return layers
+
+
+def _graph_modules(model: nn.Module, fusions: Sequence[Sequence[str]]) -> dict[str, nn.Module]:
+    modules = dict(model.named_modules())
+    for chain in fusions:  # a folded BatchNorm passes values through
+        modules[chain[1]] = nn.Identity()
+    return modules
+
+
+def _place_outputs(model: nn.Module, config: QuantConfig, graph: ModelGraph,
+                   layers: list[LayerPlan], fusions: Sequence[Sequence[str]]) -> list[LayerPlan]:
+    """Re-resolve, with position ``"feeds_float"``, each quantized conv whose output reaches
+    neither a quantized layer or op nor the model's output: only float ops read it (a float
+    add where ``forward`` could not be rewritten, a LayerNorm, a mean). ONNX Runtime fuses
+    ``DQ → Conv → Q`` only, so the presets quantize such a conv's output."""
+    modules = _graph_modules(model, fusions)
+    readers = {x.name for x in layers if x.input is not None and not x.input.dynamic}
+    calls = graph.module_calls()
+    weighted = [x.name for x in layers if x.type not in FUNCTIONAL_TYPES | OPT_IN_TYPES]
+    out = []
+    for layer in layers:
+        nodes = calls.get(layer.name, [])
+        if (layer.type not in CONV_TYPES or layer.input is None or layer.input.dynamic
+                or layer.output is not None or len(nodes) != 1
+                or reaches(graph, nodes[0], modules, readers, through_adds=False)
+                or reaches_output(graph, nodes[0], modules)):
+            out.append(layer)
+            continue
+        positions = {"feeds_float"} | {p for p, n in (("first", weighted[:1]),
+                                                      ("last", weighted[-1:])) if layer.name in n}
+        out.append(_resolve(config, layer.name, layer.type, frozenset(positions)))
+    return out
 
 
 def _resolve(config: QuantConfig, name: str, type_name: str,

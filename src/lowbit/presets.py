@@ -23,16 +23,38 @@ def _activations(observer: str = "mse") -> QuantSpec:
     return QuantSpec(bits=8, symmetric=False, observer=observer)
 
 
+def for_integer_kernels(weight: QuantSpec, input: QuantSpec) -> list[LayerRule]:
+    """Where ONNX Runtime needs quantizers to run the quantized layers on integer kernels:
+    residual adds between quantized layers get the layers' input spec, and a conv whose output
+    goes to float ops only (a mean, a LayerNorm, an add the model's code keeps float) quantizes
+    that output too (ORT fuses ``DQ → Conv → Q``, not a conv with a float output)."""
+    return [between_ops(input),
+            LayerRule(types=["Conv1d", "Conv2d"], positions=["feeds_float"], weight=weight,
+                      input=input, output=input)]
+
+
+def between_ops(input: QuantSpec) -> LayerRule:
+    """Functional adds between quantized layers (residual connections) get the layers' own
+    input spec: ONNX Runtime then sees a quantized output after the producing conv and runs it
+    on an integer kernel (with the add left float, it keeps the conv in float: int8 files ran
+    slower than FP32 on residual nets). The same spec keeps one quantizer per tensor where a
+    tensor feeds both a layer and an add."""
+    return LayerRule(types=["add"], positions=["between"], input=input)
+
+
 def w8a8() -> QuantConfig:
-    """Static int8: per-channel int8 weights, uint8 inputs calibrated with the MSE observer."""
+    """Static int8: per-channel int8 weights, uint8 inputs calibrated with the MSE observer,
+    residual adds between quantized layers quantized the same way."""
     return QuantConfig(rules=[LayerRule(types=WEIGHT_LAYERS, weight=_weights(8),
-                                        input=_activations())])
+                                        input=_activations()),
+                              *for_integer_kernels(_weights(8), _activations())])
 
 
 def w4a8() -> QuantConfig:
-    """4-bit per-channel weights (stored as int8 codes), uint8 inputs."""
+    """4-bit per-channel weights (stored as int8 codes), uint8 inputs and residual adds."""
     return QuantConfig(rules=[LayerRule(types=WEIGHT_LAYERS, weight=_weights(4),
-                                        input=_activations())])
+                                        input=_activations()),
+                              *for_integer_kernels(_weights(4), _activations())])
 
 
 def _embeddings() -> LayerRule:
@@ -115,6 +137,8 @@ def _qat_activations(bits: int = 8, method: str = "ste") -> QuantSpec:
 
 def _qat(weight: QuantSpec, input: QuantSpec | None) -> QuantConfig:
     rules = [LayerRule(types=WEIGHT_LAYERS, weight=weight, input=input)]
+    if input is not None and input.bits > 1:  # binary activations have no integer kernels
+        rules.extend(for_integer_kernels(weight, input))
     if weight.bits < 8 or (input is not None and input.bits < 8):
         edges_input = None if input is None else _qat_activations(8)
         rules.append(LayerRule(types=WEIGHT_LAYERS, positions=["first", "last"],

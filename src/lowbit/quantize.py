@@ -15,9 +15,10 @@ from lowbit.float_modules import deep_copyable, float_class, is_reparametrized
 from lowbit.functional import FUNCTIONAL_TYPES, insert_functional
 from lowbit.fuse import apply_chains, set_module
 from lowbit.nn import QuantLayer, init_weight_quantizer, quant_type_for
-from lowbit.plan import Plan, plan
+from lowbit.plan import Plan, check_example_inputs, plan
 from lowbit.registry import LAYERS
 from lowbit.share import share_input_quantizers
+from lowbit.trace import trace
 
 PLAN_ATTR = "lowbit_plan"
 
@@ -71,8 +72,10 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
               inplace: bool, *, qat: bool, freeze_bn: int | None = None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    check_example_inputs(example_inputs)
+    graph = trace(model, example_inputs)  # of the float model: plan, fusions and sharing
     if isinstance(config, QuantConfig):
-        the_plan = plan(model, config, example_inputs)
+        the_plan = plan(model, config, example_inputs, graph=graph)
     elif isinstance(config, Plan):
         the_plan = config
     else:
@@ -101,7 +104,7 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
     activations, norms = apply_chains(model, list(the_plan.fusions), quantized, keep_bn=qat)
     # Functional ops are plan entries with no module behind them yet (``op_add``...).
     if functional:
-        model = insert_functional(model, functional, example_inputs)
+        model = insert_functional(model, functional)
 
     reparametrized: list[str] = []
     for layer in the_plan.quantized:
@@ -122,7 +125,7 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
         if layer.name in norms:
             attach_bn(wrapper, norms.pop(layer.name), freeze_bn)
         set_module(model, layer.name, wrapper)
-    share_input_quantizers(model)
+    share_input_quantizers(model, graph)
     follow_model_device(model)
 
     if reparametrized:

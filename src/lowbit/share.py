@@ -1,25 +1,25 @@
 """One quantizer per tensor: consumers of the same tensor share their input quantizer.
 
-When one tensor feeds two quantized layers (a ReLU output feeding a conv and a residual add),
-each layer would otherwise quantize it with its own scale, the export would hold two different
-QuantizeLinear nodes on that tensor, and ONNX Runtime could not fuse the producer into an integer
-kernel. Sharing is found with torch.fx (Quant layers kept whole); consumers whose input specs
-describe a different grid keep their own quantizer. Models that do not trace are left as they are.
+When one tensor feeds two quantized layers (a ReLU output feeding a conv and a residual add;
+the hidden state read by q, k and v), each layer would otherwise quantize it with its own scale,
+the export would hold two different QuantizeLinear nodes on that tensor, and ONNX Runtime could
+not fuse the producer into an integer kernel. Who reads what comes from the float model's traced
+dataflow (``lowbit.trace``; module names survive the swap, and functional sites are named as the
+modules ``quantize`` inserts for them); consumers whose input specs describe a different grid
+keep their own quantizer. Without a graph, every consumer keeps its own.
 """
 
 from __future__ import annotations
 
-from torch import fx, nn
+from collections.abc import Iterator
+
+from torch import nn
 
 from lowbit.nn import QuantLayer
 from lowbit.quantizers import Quantizer
+from lowbit.trace import ModelGraph
 
-INPUT_SLOTS = ("input_quant", "other_quant")  # positional argument i → attribute
-
-
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (QuantLayer, Quantizer)) or super().is_leaf_module(m, qualname)
+INPUT_SLOTS = ("input_quant", "other_quant")  # tensor argument i → attribute
 
 
 def _grid_key(q: Quantizer) -> tuple[object, ...]:
@@ -28,37 +28,36 @@ def _grid_key(q: Quantizer) -> tuple[object, ...]:
             s.dynamic)
 
 
-def _consumers(node: fx.Node, modules: dict[str, nn.Module]) -> list[tuple[fx.Node, fx.Node]]:
-    """``(quant layer node, the argument it reads)`` for every Quant layer that reads ``node``'s
-    value, looking through ``nn.Identity`` (what BN folding and identity shortcuts leave)."""
-    found = []
-    for user in node.users:
-        module = modules.get(str(user.target)) if user.op == "call_module" else None
-        if isinstance(module, QuantLayer):
-            found.append((user, node))
-        elif isinstance(module, nn.Identity):
-            found.extend(_consumers(user, modules))
-    return found
+def _readers(graph: ModelGraph, value: int,
+             modules: dict[str, nn.Module]) -> Iterator[tuple[str, QuantLayer, int]]:
+    """``(name, quant layer, input position)`` for every Quant layer reading ``value``, looking
+    through ``nn.Identity`` (what BN folding and identity shortcuts leave)."""
+    for node, pos in graph.consumers(value):
+        module = modules.get(node.name)
+        if isinstance(module, nn.Identity):
+            for out in node.outputs:
+                yield from _readers(graph, out, modules)
+        elif isinstance(module, QuantLayer):
+            yield node.name, module, pos
 
 
-def share_input_quantizers(model: nn.Module) -> list[tuple[str, ...]]:
-    """Make consumers of one tensor share an input quantizer; returns the shared groups."""
-    try:
-        graph = _Tracer().trace(model)
-    except Exception:  # noqa: BLE001 - untraceable models keep one quantizer per consumer
+def share_input_quantizers(model: nn.Module, graph: ModelGraph | None) -> list[tuple[str, ...]]:
+    """Make consumers of one tensor share an input quantizer; returns the shared groups.
+
+    ``graph`` is the dataflow of the float model ``model`` was quantized from."""
+    if graph is None:
         return []
     modules = dict(model.named_modules())
     groups: list[tuple[str, ...]] = []
-    for node in graph.nodes:
-        slots: list[tuple[str, nn.Module, str]] = []
-        for user, source in _consumers(node, modules):
-            layer = modules[str(user.target)]
-            for i, arg in enumerate(user.args[:len(INPUT_SLOTS)]):
-                if arg is source and getattr(layer, INPUT_SLOTS[i], None) is not None:
-                    slots.append((str(user.target), layer, INPUT_SLOTS[i]))
-        by_grid: dict[tuple[object, ...], list[tuple[str, nn.Module, str]]] = {}
-        for name, layer, slot in slots:
-            by_grid.setdefault(_grid_key(getattr(layer, slot)), []).append((name, layer, slot))
+    values = list(graph.graph_inputs) + [v for node in graph.nodes for v in node.outputs
+                                         if not isinstance(modules.get(node.name), nn.Identity)]
+    for value in values:
+        by_grid: dict[tuple[object, ...], list[tuple[str, QuantLayer, str]]] = {}
+        for name, layer, pos in _readers(graph, value, modules):
+            slot = INPUT_SLOTS[pos] if pos < len(INPUT_SLOTS) else None
+            quantizer = getattr(layer, slot, None) if slot else None
+            if quantizer is not None:
+                by_grid.setdefault(_grid_key(quantizer), []).append((name, layer, slot))
         for members in by_grid.values():
             if len(members) < 2:
                 continue

@@ -1,0 +1,151 @@
+"""The presets place quantizers where ONNX Runtime needs them: residual adds between quantized
+layers get the layers' input spec, so every conv feeding one runs on an integer kernel."""
+
+from __future__ import annotations
+
+import collections
+import warnings
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit import LayerRule, QuantConfig
+from lowbit.export.verify import session
+
+
+class ResBlock(nn.Module):
+    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + x)``, as residual nets write it."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(y + x)
+
+
+class ResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b1, self.b2 = ResBlock(8), ResBlock(8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b2(self.b1(self.stem(x)))).mean((2, 3))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = ResNet().train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, 8, 8))
+    return model.eval()
+
+
+def _adds(plan):
+    return {layer.name: layer for layer in plan.layers if layer.type == "add"}
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8", "w8a8-qat", "w4a8-lsq"])
+def test_presets_quantize_residual_adds_between_quantized_layers(preset):
+    adds = _adds(lowbit.plan(_model(), QuantConfig.preset(preset)))
+    assert len(adds) == 2 and all(a.input is not None for a in adds.values())
+
+
+def test_binary_and_weight_only_presets_leave_adds_alone():
+    for preset in ("w1a1-bnn", "w2-dorefa", "w8"):
+        assert not any(a.input for a in _adds(lowbit.plan(_model(), QuantConfig.preset(preset))).values())
+
+
+def test_convs_whose_output_only_float_ops_read_quantize_it():
+    plan = lowbit.plan(_model(), QuantConfig.preset("w8a8"))
+    assert [x.name for x in plan.layers if x.output is not None] == ["head"]  # → mean
+    cfg = QuantConfig(rules=[*QuantConfig.preset("w8a8").rules, LayerRule(types=["add"])])
+    plan = lowbit.plan(_model(), cfg)  # adds float: the convs before them quantize outputs
+    assert [x.name for x in plan.layers if x.output is not None] == ["b1.conv2", "b2.conv2",
+                                                                      "head"]
+
+
+def test_an_add_that_no_quantized_layer_reads_stays_float():
+    cfg = QuantConfig(rules=[*QuantConfig.preset("w8a8").rules, LayerRule(names=["head"])])
+    adds = _adds(lowbit.plan(_model(), cfg))  # the last add now feeds a float layer
+    assert [a.input is not None for a in adds.values()] == [True, False]
+
+
+def test_rules_still_override_the_placement():
+    cfg = QuantConfig(rules=[*QuantConfig.preset("w8a8").rules, LayerRule(types=["add"])])
+    assert all(a.is_float for a in _adds(lowbit.plan(_model(), cfg)).values())
+
+
+def test_the_residual_shares_the_quantizer_of_the_layer_reading_the_same_tensor():
+    qm = lowbit.quantize(_model(), QuantConfig.preset("w8a8"))
+    add = qm.op_add
+    assert add.other_quant is qm.b1.conv1.input_quant, "block input: one quantizer per tensor"
+    assert add.input_quant is not add.other_quant
+
+
+def _optimized_ops(path, tmp_path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def _export(cfg, tmp_path):
+    x = torch.randn(4, 3, 8, 8)
+    qm = lowbit.quantize(_model(), cfg)
+    lowbit.calibrate(qm, [torch.randn(8, 3, 8, 8) for _ in range(3)], progress=False)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = lowbit.export_onnx(lowbit.convert(qm), path, (x,))
+    return path, report
+
+
+def test_onnx_runtime_runs_every_conv_of_the_preset_on_integer_kernels(tmp_path):
+    path, report = _export(QuantConfig.preset("w8a8"), tmp_path)
+    ops = _optimized_ops(path, tmp_path)
+    # The head's output goes to a mean only: the preset quantizes it ("feeds_float").
+    assert ops["QLinearConv"] == 6 and ops["Conv"] + ops["FusedConv"] == 0, ops
+    assert ops["QLinearAdd"] >= 1
+    assert report.parity.codes_max_diff <= 2
+    session(path)  # the file loads in a plain session too
+
+
+def test_without_the_add_rule_onnx_runtime_keeps_the_producing_convs_float(tmp_path):
+    cfg = QuantConfig(rules=QuantConfig.preset("w8a8").rules[:1])
+    path, _ = _export(cfg, tmp_path)
+    ops = _optimized_ops(path, tmp_path)
+    assert ops["Conv"] + ops["FusedConv"] >= 2, ops
+
+
+class Untraceable(ResNet):
+    """The same net behind data-dependent control flow: torch.fx cannot trace it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.abs().sum() < 0:
+            return x
+        return super().forward(x)
+
+
+def test_models_that_fx_cannot_trace_get_module_level_placement():
+    model = Untraceable()
+    model.load_state_dict(_model().state_dict())
+    model.eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = lowbit.plan(model, QuantConfig.preset("w8a8"), (torch.randn(1, 3, 8, 8),))
+    placed = [layer.name for layer in plan.layers if layer.output is not None]
+    assert placed == ["b1.conv2", "b2.conv2", "head"]
+    assert sum("module-level placement" in str(w.message) for w in caught) == 1
+    assert not _adds(plan), "no module to insert: the adds are not plan entries"

@@ -96,7 +96,7 @@ def test_bias_lands_on_the_int32_grid_of_input_times_weight_scale():
     assert torch.allclose(ticks, ticks.round(), atol=1e-3)
     assert (layer.effective_bias() - layer.bias).abs().max() <= step.max() / 2 + 1e-7
     dm = lowbit.convert(qm)
-    assert torch.equal(dm[0].bias(), layer.effective_bias())
+    assert torch.equal(dm[0].bias, layer.effective_bias())
     assert dm[0].int_bias.codes.dtype == torch.int32
     assert torch.equal(dm[0].int_bias.codes.float(), ticks.round())
 

@@ -3,6 +3,13 @@
 ``lowbit.convert`` builds these from the Quant wrappers. Their forward runs ``lowbit.ops``
 (QuantizeLinear / DequantizeLinear / DynamicQuantizeLinear+MatMulInteger semantics), so the
 torch model and its ONNX export agree on every integer code.
+
+They are drop-in for the float layers they replace: each carries the float module's public
+attributes (``in_features``, ``kernel_size``, ``stride``, ``padding_idx``...), ``bias`` is a
+tensor or None, and ``weight`` answers ``shape``, ``dtype`` (the float dtype it dequantizes
+to), ``device``, ``ndim``, ``dim()`` and ``size()`` like the float weight (calling it,
+``layer.weight()``, gives the dequantized tensor) — so model code that reads them (same-padding
+helpers, ``x.to(layer.weight.dtype)``) runs unchanged.
 """
 
 from __future__ import annotations
@@ -98,8 +105,48 @@ def _run(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     return x if module is None else module(x)
 
 
-class IntWeight(nn.Module):
-    """Integer weight codes with their scale and zero point (per tensor, channel or block)."""
+class WeightInfo:
+    """What model code reads off a float weight, for an integer one: ``shape``, ``dtype`` (the
+    float dtype it dequantizes to), ``device``, ``ndim``, ``dim()``, ``size()``, ``numel()``.
+    Subclasses give ``_codes`` (weight layout) and ``_scale``."""
+
+    @property
+    def _codes(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def _scale(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._codes.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._scale.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._codes.device
+
+    @property
+    def ndim(self) -> int:
+        return self._codes.dim()
+
+    def dim(self) -> int:
+        return self._codes.dim()
+
+    def size(self, dim: int | None = None) -> Any:
+        return self._codes.size() if dim is None else self._codes.size(dim)
+
+    def numel(self) -> int:
+        return self._codes.numel()
+
+
+class IntWeight(WeightInfo, nn.Module):
+    """Integer weight codes with their scale and zero point (per tensor, channel or block).
+    Calling it dequantizes; it describes itself like the float weight (``WeightInfo``)."""
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -137,6 +184,14 @@ class IntWeight(nn.Module):
         axis = None if self.scale.dim() == 0 else self.axis
         return QParams(self.scale, self.zero_point, self.grid, axis, self.block_size or None)
 
+    @property
+    def _codes(self) -> torch.Tensor:
+        return self.codes
+
+    @property
+    def _scale(self) -> torch.Tensor:
+        return self.scale
+
     def extra_repr(self) -> str:
         kind = "int" if self.grid.signed else "uint"
         return f"{kind}{self.grid.bits}, shape={tuple(self.codes.shape)}"
@@ -168,13 +223,22 @@ class IntBias(nn.Module):
         return f"int32, shape={tuple(self.codes.shape)}"
 
 
+def keep_float_attributes(deploy: nn.Module, wrapper: Any) -> None:
+    """Give a deploy module the float layer's public attributes (``kernel_size``...)."""
+    for key, value in wrapper.float_attributes().items():
+        setattr(deploy, key, value)
+
+
 class DeployLayer(nn.Module):
     """Common parts: optional input/output quantizers, a fused activation, the bias (int32
-    codes where the layer has an integer accumulator, float otherwise)."""
+    codes where the layer has an integer accumulator, float otherwise).
+
+    ``weight`` is an ``IntWeight`` (buffers ``weight.codes`` / ``.scale`` / ``.zero_point``,
+    the names the exporter gives the initializers) or, for a layer whose weight stays float,
+    a float buffer ``weight``. ``bias`` is the bias tensor the layer adds, or None."""
 
     input_smoothing: torch.Tensor | None
-    weight: IntWeight | None
-    float_weight: torch.Tensor  # registered only when the weight is not quantized
+    weight: IntWeight | torch.Tensor
     float_bias: torch.Tensor | None
     int_bias: IntBias | None
 
@@ -182,6 +246,7 @@ class DeployLayer(nn.Module):
         super().__init__()
         self.layer_name = wrapper.layer_name
         self.layer_type = type(wrapper).float_type.__name__
+        keep_float_attributes(self, wrapper)
         self.input_qdq = _qdq(wrapper.input_quant)
         self.output_qdq = _qdq(wrapper.output_quant)
         self.activation = wrapper.activation
@@ -197,18 +262,20 @@ class DeployLayer(nn.Module):
                 self.weight = IntWeight(codes, qparams)
                 step = wrapper.bias_step(qparams.scale)  # the int32 grid of s_x·s_w, if any
             else:
-                self.register_buffer("float_weight", weight.detach().clone())
-                self.weight = None
+                self.register_buffer("weight", weight.detach().clone())
         if bias is not None and step is not None:
             self.int_bias = IntBias(bias, step)
             bias = None
         self.register_buffer("float_bias", None if bias is None else bias.detach().clone())
 
-    def bias(self) -> torch.Tensor | None:
+    @property
+    def bias(self) -> torch.Tensor | None:  # type: ignore[override]
+        """The bias the layer adds (dequantized from int32 codes where it has them)."""
         return self.int_bias() if self.int_bias is not None else self.float_bias
 
     def dequantized_weight(self) -> torch.Tensor:
-        return self.float_weight if self.weight is None else self.weight()
+        weight = self.weight
+        return weight() if isinstance(weight, IntWeight) else weight
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
         if self.activation is not None:
@@ -233,15 +300,19 @@ def _fold_into_scale(codes: torch.Tensor, qparams: QParams,
 class DeployLinear(DeployLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _run(self.input_qdq, _smooth(x, self.input_smoothing, -1))
-        return self.finish(F.linear(x, self.dequantized_weight(), self.bias()))
+        return self.finish(F.linear(x, self.dequantized_weight(), self.bias))
 
 
 class DeployConv(DeployLayer):
+    stride: Any
+    padding: Any
+    dilation: Any
+    groups: int
+    padding_mode: str
+
     def __init__(self, wrapper: Any) -> None:
-        super().__init__(wrapper)
+        super().__init__(wrapper)  # stride, padding, kernel_size... come with the attributes
         self.dims = wrapper.weight.dim() - 2
-        self.stride, self.dilation, self.groups = wrapper.stride, wrapper.dilation, wrapper.groups
-        self.padding, self.padding_mode = wrapper.padding, wrapper.padding_mode
         self._pad = wrapper._reversed_padding_repeated_twice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -251,7 +322,7 @@ class DeployConv(DeployLayer):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._pad, mode=self.padding_mode)
             padding = 0
-        y = conv(x, self.dequantized_weight(), self.bias(), self.stride, padding, self.dilation,
+        y = conv(x, self.dequantized_weight(), self.bias, self.stride, padding, self.dilation,
                  self.groups)
         return self.finish(y)
 
@@ -265,10 +336,10 @@ class DeployEmbedding(nn.Module):
         super().__init__()
         self.layer_name = wrapper.layer_name
         self.layer_type = "Embedding"
+        keep_float_attributes(self, wrapper)  # num_embeddings, embedding_dim, padding_idx...
         with torch.no_grad():
             codes, qparams = wrapper.weight_quant.quantize_weight(wrapper.weight.detach())
         self.weight = IntWeight(codes, qparams)
-        self.padding_idx = wrapper.padding_idx
         self.output_qdq = _qdq(wrapper.output_quant)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -282,19 +353,44 @@ class DeployEmbedding(nn.Module):
         return _run(self.output_qdq, y)
 
 
+class TransposedWeight(WeightInfo):
+    """``DynamicLinear.weight``: its ``(in, out)`` codes seen as the ``(out, in)`` weight of the
+    Linear it replaces; calling it dequantizes."""
+
+    def __init__(self, layer: DynamicLinear) -> None:
+        self.layer = layer
+
+    @property
+    def _codes(self) -> torch.Tensor:
+        return self.layer.weight_t.t()
+
+    @property
+    def _scale(self) -> torch.Tensor:
+        return self.layer.weight_scale
+
+    def __call__(self) -> torch.Tensor:
+        qp = self.layer.weight_qparams()
+        return dequantize_linear(self._codes, qp.scale, qp.zero_point, 0, 0)
+
+
 class DynamicLinear(nn.Module):
-    """Linear with int8 weights whose input is quantized at run time (``dynamic=True``)."""
+    """Linear with int8 weights whose input is quantized at run time (``dynamic=True``).
+
+    The codes are stored ``(in, out)`` (``weight_t``, what MatMulInteger reads); ``weight``
+    describes them as the Linear's ``(out, in)`` weight."""
 
     input_smoothing: torch.Tensor | None
     weight_t: torch.Tensor
     weight_scale: torch.Tensor
     weight_zero_point: torch.Tensor
-    bias: torch.Tensor
+    bias: torch.Tensor | None
+    zero_bias: torch.Tensor
 
     def __init__(self, wrapper: Any) -> None:
         super().__init__()
         self.layer_name = wrapper.layer_name
         self.layer_type = "Linear"
+        keep_float_attributes(self, wrapper)  # in_features, out_features (nf, nx)
         codes, qparams = wrapper.weight_quant.quantize_weight(wrapper.weight.detach())
         grid = qparams.grid
         if qparams.group_size is not None or grid.bits != 8 or not grid.signed or grid.odd:
@@ -308,14 +404,18 @@ class DynamicLinear(nn.Module):
         self.register_buffer("weight_scale", weight.scale)
         self.register_buffer("weight_zero_point", weight.zero_point)
         self.register_buffer("bias", wrapper.bias.detach().clone() if wrapper.bias is not None
-                             else torch.zeros(wrapper.out_features))
+                             else None)
+        # What MatMulInteger's float epilogue adds when the layer has no bias.
+        self.register_buffer("zero_bias", torch.zeros((), device=codes.device),
+                             persistent=False)
         self.activation = wrapper.activation
         self.output_qdq = _qdq(wrapper.output_quant)
         self.register_buffer("input_smoothing", _smoothing(wrapper))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _smooth(x, self.input_smoothing, -1)
-        y = dynamic_linear(x, self.weight_t, self.weight_scale, self.weight_zero_point, self.bias)
+        bias = self.zero_bias if self.bias is None else self.bias
+        y = dynamic_linear(x, self.weight_t, self.weight_scale, self.weight_zero_point, bias)
         if self.activation is not None:
             y = self.activation(y)
         return _run(self.output_qdq, y)
@@ -323,6 +423,10 @@ class DynamicLinear(nn.Module):
     def weight_qparams(self) -> QParams:
         axis = None if self.weight_scale.dim() == 0 else 0
         return QParams(self.weight_scale, self.weight_zero_point, self.grid, axis)
+
+    @property
+    def weight(self) -> TransposedWeight:
+        return TransposedWeight(self)
 
 
 class DeployBinary(nn.Module):
@@ -332,6 +436,7 @@ class DeployBinary(nn.Module):
         super().__init__()
         self.layer_name = wrapper.layer_name
         self.layer_type = wrapper.op_name
+        keep_float_attributes(self, wrapper)
         self.input_qdq = _qdq(wrapper.input_quant)
         self.other_qdq = _qdq(wrapper.other_quant)
         self.output_qdq = _qdq(wrapper.output_quant)
@@ -353,6 +458,7 @@ class DeployActivation(nn.Module):
         super().__init__()
         self.layer_name = wrapper.layer_name
         self.layer_type = type(wrapper).float_type.__name__
+        keep_float_attributes(self, wrapper)  # inplace, min_val, max_val...
         self.input_qdq = _qdq(wrapper.input_quant)
         self.output_qdq = _qdq(wrapper.output_quant)
         self.module = wrapper.module

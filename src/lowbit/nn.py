@@ -16,6 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.config import QuantSpec
+from lowbit.float_modules import (
+    as_parameter,
+    float_class,
+    is_transposed_linear,
+    public_attributes,
+    weight_of,
+)
 from lowbit.numerics import broadcast_param, round_ste
 from lowbit.quantizers import Quantizer, make_quantizer
 from lowbit.registry import LAYERS
@@ -76,6 +83,19 @@ class QuantLayer:
         module.register_load_state_dict_pre_hook(_make_room_for_smoothing)
         if module.weight_quant is not None and weight is not None:
             init_weight_quantizer(module.weight_quant, weight)
+
+    def _keep_float_attributes(self, module: nn.Module) -> None:
+        """Carry the float module's public attributes (``kernel_size``, ``padding_idx``,
+        Conv1D's ``nf``/``nx``...): model code that reads them runs unchanged on the wrapper
+        and, through ``float_attributes``, on its deploy form."""
+        attributes = public_attributes(module)
+        for key, value in attributes.items():
+            setattr(self, key, value)
+        self._float_attributes = tuple(attributes)
+
+    def float_attributes(self) -> dict[str, Any]:
+        """The float module's public attributes, as this wrapper holds them now."""
+        return {k: getattr(self, k) for k in getattr(self, "_float_attributes", ())}
 
     def smooth_input(self, s: torch.Tensor) -> None:
         """Migrate per-input-channel scales ``s`` into the weight: ``W[:, j] *= s_j`` and the
@@ -275,10 +295,23 @@ class QuantLinear(nn.Linear, QuantLayer):
     dynamic_input = True
 
     @classmethod
-    def from_float(cls, module: nn.Linear, specs: LayerSpecs, name: str = "") -> QuantLinear:
-        new = cls(module.in_features, module.out_features, bias=module.bias is not None,
-                  device=module.weight.device, dtype=module.weight.dtype)
-        new.weight, new.bias = module.weight, module.bias
+    def from_float(cls, module: nn.Module, specs: LayerSpecs, name: str = "") -> QuantLinear:
+        """From an ``nn.Linear`` or a transposed Linear (transformers' ``Conv1D``, weight
+        ``(in, out)``): the wrapper holds ``weight.t()`` as a Linear's ``(out, in)`` weight and
+        keeps ``nf``/``nx``; its state dict keeps the ``(in, out)`` layout, so checkpoints of
+        the float model and of the quantized one load into it unchanged."""
+        transposed = is_transposed_linear(module)
+        weight = weight_of(module, name, transpose=transposed)
+        bias = as_parameter(module, "bias")
+        new = cls(weight.shape[1], weight.shape[0], bias=bias is not None,
+                  device=weight.device, dtype=weight.dtype)
+        new.weight = weight
+        if bias is not None:  # else the layer was built with bias=None
+            new.bias = bias
+        new._keep_float_attributes(module)
+        if transposed:
+            new.register_state_dict_post_hook(_save_transposed_weight)
+            new.register_load_state_dict_pre_hook(_load_transposed_weight)
         new._init_quant(specs, name)
         return new
 
@@ -307,11 +340,13 @@ class QuantEmbedding(nn.Embedding, QuantLayer):
             raise ValueError(f"layer {name!r} (Embedding): the weight must be per_tensor or "
                              f"per_channel along rows (axis 0), got {weight.granularity} "
                              f"axis={weight.axis}")
+        table = weight_of(module, name)
         new = cls(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,
                   max_norm=module.max_norm, norm_type=module.norm_type,
                   scale_grad_by_freq=module.scale_grad_by_freq, sparse=module.sparse,
-                  device=module.weight.device, dtype=module.weight.dtype)
-        new.weight = module.weight
+                  device=table.device, dtype=table.dtype)
+        new.weight = table
+        new._keep_float_attributes(module)
         new._init_quant(specs, name)
         return new
 
@@ -325,12 +360,15 @@ class _QuantConvNd(QuantLayer):
     @classmethod
     def from_float(cls, module: Any, specs: LayerSpecs, name: str = "") -> Any:
         conv_cls: Any = cls  # a QuantConv1d/QuantConv2d: takes the torch conv's arguments
+        # A weight-normed conv (wav2vec2's positional conv) holds its materialised weight.
+        weight, bias = weight_of(module, name), as_parameter(module, "bias")
         new = conv_cls(module.in_channels, module.out_channels, module.kernel_size,
                        stride=module.stride, padding=module.padding, dilation=module.dilation,
-                       groups=module.groups, bias=module.bias is not None,
+                       groups=module.groups, bias=bias is not None,
                        padding_mode=module.padding_mode,
-                       device=module.weight.device, dtype=module.weight.dtype)
-        new.weight, new.bias = module.weight, module.bias
+                       device=weight.device, dtype=weight.dtype)
+        new.weight, new.bias = weight, bias
+        new._keep_float_attributes(module)
         new._init_quant(specs, name)
         return new
 
@@ -379,6 +417,7 @@ class _QuantBinary(nn.Module, QuantLayer):
             raise ValueError(f"layer {name!r} ({cls.float_type.__name__}) has no weight; "
                              "its rule's `weight` spec cannot apply")
         new = cls()
+        new._keep_float_attributes(module)
         new._init_quant(specs, name)
         new.other_quant = make_quantizer(specs.input, role="input", channel_axis=cls.input_axis,
                                          layer_name=name)
@@ -433,6 +472,7 @@ class QuantActivation(nn.Module, QuantLayer):
             raise ValueError(f"layer {name!r} ({cls.float_type.__name__}) has no weight; "
                              "its rule's `weight` spec cannot apply")
         new = cls(module)
+        new._keep_float_attributes(module)
         new._init_quant(specs, name)
         return new
 
@@ -449,8 +489,33 @@ for _float in (nn.ReLU, nn.ReLU6, nn.Hardtanh):
 
 
 def quant_type_for(module: nn.Module) -> str | None:
-    """The registered layer-type name for a float module (exact type match), or None."""
+    """The registered layer-type name for a float module, or None.
+
+    The class must match exactly (a subclass may compute something else with its weight),
+    looking through parametrizations (a weight-normed ``Conv1d`` is a ``"Conv1d"``); a
+    transposed Linear (transformers' ``Conv1D``) is a ``"Linear"``."""
+    cls = float_class(module)
     for name in LAYERS:
-        if type(module) is LAYERS.get(name).float_type:
+        if cls is LAYERS.get(name).float_type:
             return name
+    if "Linear" in LAYERS and is_transposed_linear(module):
+        return "Linear"
     return None
+
+
+def _save_transposed_weight(module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                            local_metadata: Any) -> None:
+    """State dicts of a transposed Linear's wrapper hold its weight ``(in, out)``, as the
+    float layer's do."""
+    key = prefix + "weight"
+    if key in state_dict:
+        state_dict[key] = state_dict[key].t().contiguous()
+
+
+def _load_transposed_weight(module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                            *args: Any) -> None:
+    """The counterpart of ``_save_transposed_weight``: every state dict of this layer (of the
+    float model or of a quantized one) holds the ``(in, out)`` layout. Transposes are exact."""
+    key = prefix + "weight"
+    if key in state_dict:
+        state_dict[key] = state_dict[key].t()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -23,6 +23,7 @@ from lowbit.config import (
     read_structured,
     write_structured,
 )
+from lowbit.float_modules import float_class, is_parametrization_list, weight_parameters
 from lowbit.functional import (
     FUNCTIONAL_TYPES,
     between_quantized,
@@ -37,11 +38,6 @@ from lowbit.trace import ModelGraph, trace
 
 CONV_TYPES = {"Conv1d", "Conv2d"}
 
-# Float layers with weights that lowbit cannot quantize (yet): listed, never skipped silently.
-WEIGHTED_FLOAT_TYPES = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                        nn.EmbeddingBag, nn.LSTM, nn.GRU, nn.RNN, nn.Bilinear,
-                        nn.MultiheadAttention)
-
 
 @dataclass(frozen=True, kw_only=True)
 class LayerPlan:
@@ -52,6 +48,14 @@ class LayerPlan:
     weight: QuantSpec | None = None
     input: QuantSpec | None = None
     output: QuantSpec | None = None
+    # The model's own class where it differs from `type`: "Conv1D" for transformers' transposed
+    # Linear, quantized as the "Linear" it is.
+    module_type: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.module_type is not None and not isinstance(self.module_type, str):
+            raise TypeError(f"LayerPlan `module_type` of {self.name!r} must be a str or None, "
+                            f"got {type(self.module_type).__name__}")
 
     @property
     def is_float(self) -> bool:
@@ -63,6 +67,8 @@ class LayerPlan:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.type}
+        if self.module_type is not None:
+            out["module_type"] = self.module_type
         for t in TARGETS:
             spec = getattr(self, t)
             out[t] = None if spec is None else spec.to_dict()
@@ -129,12 +135,13 @@ class Plan:
         for name, entry in layers_data.items():
             if not isinstance(entry, dict) or "type" not in entry:
                 raise ValueError(f"plan entry {name!r} must be a mapping with a `type`")
-            unknown = sorted(set(entry) - {"type", *TARGETS})
+            unknown = sorted(set(entry) - {"type", "module_type", *TARGETS})
             if unknown:
                 raise ValueError(f"plan entry {name!r} has unknown field(s) {unknown}")
             specs = {t: None if entry.get(t) is None else QuantSpec.from_dict(entry[t])
                      for t in TARGETS}
-            layers.append(LayerPlan(name=name, type=entry["type"], **specs))
+            layers.append(LayerPlan(name=name, type=entry["type"],
+                                    module_type=entry.get("module_type"), **specs))
         return cls(layers=layers, fusions=data.get("fusions") or (),
                    skipped=dict(data.get("skipped") or {}))
 
@@ -150,7 +157,8 @@ class Plan:
         lines = [f"{'layer':<32} {'type':<8} {'weight':<14} {'input':<14} {'output':<14}"]
         for layer in self.layers:
             cells = [_short(getattr(layer, t)) for t in TARGETS]
-            lines.append(f"{layer.name:<32} {layer.type:<8} " + " ".join(f"{c:<14}" for c in cells))
+            kind = layer.type if layer.module_type is None else f"{layer.type}({layer.module_type})"
+            lines.append(f"{layer.name:<32} {kind:<8} " + " ".join(f"{c:<14}" for c in cells))
         for name, why in self.skipped.items():
             lines.append(f"{name:<32} float    ({why})")
         return "\n".join(lines)
@@ -186,26 +194,14 @@ def plan(
     check_example_inputs(example_inputs)
 
     layers: list[LayerPlan] = []
-    skipped: dict[str, str] = {}
-    found: list[tuple[str, str]] = []
-    named = {t for rule in config.rules for t in rule.types}
-    for name, module in model.named_modules():
-        type_name = quant_type_for(module)
-        if type_name in OPT_IN_TYPES and type_name not in named:
-            if type_name == "Embedding":
-                skipped[name] = "Embedding is quantized only where a rule names the type"
-            continue  # activations and embeddings take part only where a rule names the type
-        if type_name is None:
-            if isinstance(module, WEIGHTED_FLOAT_TYPES):
-                skipped[name] = f"{type(module).__name__} is not supported yet"
-            continue
-        found.append((name, type_name))
-    weighted = [name for name, type_name in found
+    found, skipped = discover_layers(model, {t for rule in config.rules for t in rule.types})
+    weighted = [name for name, type_name, _ in found
                 if type_name not in FUNCTIONAL_TYPES | OPT_IN_TYPES]
-    for name, type_name in found:
+    for name, type_name, module_type in found:
         positions = frozenset(p for p, n in (("first", weighted[:1]), ("last", weighted[-1:]))
                               if name in n)
-        layers.append(_resolve(config, name, type_name, positions))
+        entry = _resolve(config, name, type_name, positions)
+        layers.append(entry if module_type is None else replace(entry, module_type=module_type))
 
     if graph is None:
         graph = trace(model, example_inputs)
@@ -225,6 +221,39 @@ def plan(
         if isinstance(module, NORMS) and config.fuse_bn and not any(name in c for c in fusions):
             skipped[name] = "BatchNorm not directly after a Conv/Linear: left in float"
     return Plan(layers=layers, fusions=fusions, skipped=skipped)
+
+
+def discover_layers(model: nn.Module, named_types: set[str]
+                    ) -> tuple[list[tuple[str, str, str | None]], dict[str, str]]:
+    """The model's quantizable layers as ``(name, layer type, own class name if it differs)``,
+    and the modules holding weights that stay float, with the reason.
+
+    The rule for the second: any module with a parameter of two or more dimensions of its own
+    (or a parametrized one) that is not a quantizable layer — an unsupported type (LSTM,
+    ConvTranspose, a custom module) or an opt-in type no rule names (Embedding). Nothing
+    holding a weight is left out of the plan without a word.
+    """
+    found: list[tuple[str, str, str | None]] = []
+    skipped: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if is_parametrization_list(module):
+            continue  # the originals of a parametrized weight: its owner stands for them
+        type_name = quant_type_for(module)
+        if type_name in OPT_IN_TYPES and type_name not in named_types:
+            # Activations and embeddings take part only where a rule names the type.
+            if weight_parameters(module):
+                skipped[name] = f"{type_name} is quantized only where a rule names the type"
+            continue
+        if type_name is None:
+            held = weight_parameters(module)
+            if held:
+                why = f"{float_class(module).__name__} is not supported yet"
+                skipped[name] = why if held == ["weight"] else f"{why} (float: {', '.join(held)})"
+            continue
+        own = float_class(module).__name__
+        found.append((name, type_name, own if own != LAYERS.get(type_name).float_type.__name__
+                      else None))
+    return found, skipped
 
 
 def check_example_inputs(example_inputs: object) -> None:

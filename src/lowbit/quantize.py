@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from lowbit.config import QuantConfig
+from lowbit.float_modules import deep_copyable, float_class, is_reparametrized
 from lowbit.functional import FUNCTIONAL_TYPES, insert_functional
 from lowbit.fuse import apply_chains, set_module
-from lowbit.nn import QuantLayer, init_weight_quantizer
+from lowbit.nn import QuantLayer, init_weight_quantizer, quant_type_for
 from lowbit.plan import Plan, check_example_inputs, plan
 from lowbit.registry import LAYERS
 from lowbit.share import share_input_quantizers
@@ -91,22 +92,27 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
 
     functional = {layer.name for layer in the_plan.quantized
                   if layer.type in FUNCTIONAL_TYPES and not _has_module(model, layer.name)}
-    model = model if inplace else copy.deepcopy(model)
+    if not inplace:
+        with deep_copyable(model):
+            model = copy.deepcopy(model)
     quantized = {layer.name for layer in the_plan.quantized}
     activations, norms = apply_chains(model, list(the_plan.fusions), quantized, keep_bn=qat)
     # Functional ops are plan entries with no module behind them yet (``layer1.op_add``...).
     if functional:
         insert_functional(model, functional)
 
+    reparametrized: list[str] = []
     for layer in the_plan.quantized:
         try:
             float_module = model.get_submodule(layer.name)
         except AttributeError:
             raise ValueError(f"the plan names layer {layer.name!r}, which the model lacks") from None
         cls = LAYERS.get(layer.type)
-        if type(float_module) is not cls.float_type:
+        if quant_type_for(float_module) != layer.type:
             raise ValueError(f"the plan says layer {layer.name!r} is a {layer.type}, but the "
-                             f"model's is a {type(float_module).__name__}")
+                             f"model's is a {float_class(float_module).__name__}")
+        if qat and is_reparametrized(float_module):
+            reparametrized.append(layer.name)
         wrapper = cls.from_float(float_module, layer.specs, layer.name)
         wrapper.train(float_module.training)
         if layer.name in activations:
@@ -117,6 +123,10 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
     share_input_quantizers(model, graph)
     follow_model_device(model)
 
+    if reparametrized:
+        warnings.warn(f"lowbit trains the materialised weight of {len(reparametrized)} "
+                      f"weight-normed (parametrized) layer(s) directly: {reparametrized}; the "
+                      "(g, v) parametrization is not kept under QAT", stacklevel=3)
     floats = the_plan.float_layers
     if floats:
         listed = "; ".join(f"{n or '<model>'}: {why}" for n, why in floats.items())

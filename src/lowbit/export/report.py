@@ -131,4 +131,4 @@ def float32_delta(proto: Any, model: nn.Module) -> int:
         tensor = onnx.TensorProto(name=name, dims=shape, data_type=onnx.TensorProto.FLOAT)
         delta += _field(tensor.ByteSize() + _field(4 * count))  # + raw_data (field 9)
     graph = proto.graph.ByteSize()
-    return delta + _field(graph + delta) - _field(graph)
+    return _field(graph + delta) - _field(graph)  # the graph field's length prefix too

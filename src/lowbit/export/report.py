@@ -106,29 +106,66 @@ def _field(length: int) -> int:
 def float32_delta(proto: Any, model: nn.Module) -> int:
     """How many bytes ``proto`` would grow (exactly, as serialized) if every weight were one
     float32 initializer instead of integer codes + scale + zero point, and activation
-    quantizers had no scale/zero-point initializers. Nodes are left as they are."""
-    import onnx
+    quantizers had no scale/zero-point initializers. Nodes are left as they are.
 
-    drop: set[str] = set()
-    floats: list[tuple[str, str, list[int]]] = []  # (codes initializer, float name, shape)
+    Initializers are found by the buffer's name, or where the exporter renamed a constant
+    (the dynamo exporter folds an embedding table's codes into ``val_*``) by dtype, shape and
+    bytes."""
+    from onnx import numpy_helper
+
+    inits = list(proto.graph.initializer)
+    by_name = {i.name: i for i in inits}
+    by_shape: dict[tuple[Any, ...], list[Any]] = {}
+    for i in inits:
+        by_shape.setdefault((i.data_type, tuple(i.dims)), []).append(i)
+
+    def find(name: str, tensor: Any) -> Any:
+        if name in by_name:
+            return by_name[name]
+        array = tensor.detach().cpu().numpy()
+        for i in by_shape.get((_onnx_dtype(array.dtype), tuple(array.shape)), ()):
+            if numpy_helper.to_array(i).tobytes() == array.tobytes():
+                return i
+        return None
+
+    dropped: dict[int, Any] = {}  # id → initializer, each counted once
+    floats: list[tuple[str, list[int]]] = []  # (name, shape) of the float32 weights
     for name, m in model.named_modules():
         if isinstance(m, (IntWeight, IntBias)):
-            drop |= {f"{name}.codes", f"{name}.scale", f"{name}.zero_point"}
-            floats.append((f"{name}.codes", name, list(m.codes.shape)))
+            parts = {"codes": m.codes, "scale": m.scale, "zero_point": m.zero_point}
         elif isinstance(m, DynamicLinear):
-            drop |= {f"{name}.weight_t", f"{name}.weight_scale", f"{name}.weight_zero_point"}
-            floats.append((f"{name}.weight_t", f"{name}.weight", list(m.weight_t.shape)))
+            parts = {"weight_t": m.weight_t, "weight_scale": m.weight_scale,
+                     "weight_zero_point": m.weight_zero_point}
         elif isinstance(m, (QuantizeDequantize, BinarizeDequantize)):
-            drop |= {f"{name}.scale", f"{name}.zero_point"}
-    present = {i.name for i in proto.graph.initializer}
-    delta = -sum(_field(i.ByteSize()) for i in proto.graph.initializer if i.name in drop)
-    for codes, name, shape in floats:
-        if codes not in present:
-            continue  # not in the file: no float copy either
+            parts = {"scale": m.scale, "zero_point": m.zero_point}
+        else:
+            continue
+        found = {key: find(f"{name}.{key}", t) for key, t in parts.items()}
+        codes_key = next(iter(parts))
+        if codes_key in ("codes", "weight_t") and found[codes_key] is None:
+            continue  # the weight is not in the file: no float copy of it either
+        dropped.update({id(i): i for i in found.values() if i is not None})
+        if codes_key in ("codes", "weight_t"):
+            floats.append((name, list(parts[codes_key].shape)))
+    delta = -sum(_field(i.ByteSize()) for i in dropped.values())
+    for name, shape in floats:
         count = 1
         for d in shape:
             count *= d
-        tensor = onnx.TensorProto(name=name, dims=shape, data_type=onnx.TensorProto.FLOAT)
+        tensor = onnx_float_tensor(name, shape)
         delta += _field(tensor.ByteSize() + _field(4 * count))  # + raw_data (field 9)
     graph = proto.graph.ByteSize()
     return _field(graph + delta) - _field(graph)  # the graph field's length prefix too
+
+
+def onnx_float_tensor(name: str, shape: list[int]) -> Any:
+    """An empty float32 ``TensorProto`` header (no data) named ``name``."""
+    import onnx
+
+    return onnx.TensorProto(name=name, dims=shape, data_type=onnx.TensorProto.FLOAT)
+
+
+def _onnx_dtype(dtype: Any) -> int:
+    from onnx import helper
+
+    return helper.np_dtype_to_tensor_dtype(dtype)

@@ -128,7 +128,7 @@ def test_pretrained_minilm_directory(texts, capsys, tmp_path):
     want_mean = (want * mask).sum(1) / mask.sum(1)
     cosine = (got_mean * want_mean).sum(1) / (np.linalg.norm(got_mean, axis=1)
                                               * np.linalg.norm(want_mean, axis=1))
-    assert cosine.min() > 0.98, cosine
+    assert cosine.min() > 0.95, cosine  # 10 calibration texts; a broken export gives ~0
 
 
 @pytest.mark.parametrize(

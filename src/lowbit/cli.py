@@ -183,10 +183,22 @@ def load_batches(ref: str, batch_size: int) -> list[Any]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lowbit.demo import format_table, run_demo
+    from lowbit.demo import (
+        OBSERVERS,
+        format_table,
+        load_digits,
+        run_demo,
+        speed_by_batch,
+        speed_note,
+    )
 
     rows = run_demo(args.out, epochs=args.epochs, weight_bits=args.weight_bits)
     print(format_table(rows))
+    out = Path(args.out)
+    speed = speed_by_batch(out / "digits_fp32.onnx",
+                           out / f"digits_w{args.weight_bits}a8_{OBSERVERS[0]}.onnx",
+                           load_digits().x_test.numpy())
+    print(speed_note(speed))
     print(f"artifacts in {Path(args.out).resolve()}")
     return 0
 

@@ -10,6 +10,7 @@ from lowbit import observers, quantizers, schedules  # noqa: F401  (fill the reg
 from lowbit.calibrate import calibrate, set_calibrating
 from lowbit.config import LayerRule, QuantConfig, QuantSpec
 from lowbit.convert import convert
+from lowbit.export.errors import ExportError
 from lowbit.export.onnx import export_onnx
 from lowbit.export.report import ExportReport
 from lowbit.plan import LayerPlan, Plan, plan
@@ -20,6 +21,7 @@ from lowbit.regularizers import quant_loss
 from lowbit.sensitivity import SensitivityReport, keep_sensitive_layers
 
 __all__ = [
+    "ExportError",
     "ExportReport",
     "QParams",
     "Quantizer",

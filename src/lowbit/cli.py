@@ -1,9 +1,11 @@
 """The ``lowbit`` command: ``demo``, ``plan``, ``quantize``, ``report``.
 
 Built on the same public functions as the Python API. A model is named as
-``pkg.module:factory`` or ``path/to/file.py:factory`` (a callable returning an ``nn.Module``);
-weights load with ``torch.load(weights_only=True)`` or safetensors; calibration data comes from
-``.npy`` / ``.npz`` files or a ``module:factory`` returning an iterable of batches.
+``pkg.module:factory`` or ``path/to/file.py:factory`` (a callable returning an ``nn.Module``),
+or is a local Hugging Face model directory (``lowbit.hf``); weights load with
+``torch.load(weights_only=True)`` or safetensors; calibration data comes from ``.npy`` / ``.npz``
+files, a ``module:factory`` returning an iterable of batches, or a text file (one text a line)
+for a model directory.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import importlib.util
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 EPILOG = "Run `lowbit COMMAND --help` for the options of each command."
+DEFAULT_PRESET = "w8a8"
+DEFAULT_HF_PRESET = "w8a8-transformer"
 
 
 def load_object(ref: str, what: str) -> Any:
@@ -58,6 +63,92 @@ def build_model(ref: str, weights: str | None) -> Any:
     return model.eval()
 
 
+@dataclass
+class LoadedModel:
+    """What the commands need of a model: the module, and for model directories the
+    tokenizer-backed loader and the names the ONNX graph keeps."""
+
+    model: Any
+    hf: Any = None  # lowbit.hf.HFModel for a Hugging Face directory
+    input_names: list[str] | None = None
+    output_names: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def load_model(args: argparse.Namespace) -> LoadedModel:
+    """``--model`` as a factory reference or a Hugging Face directory."""
+    from lowbit import hf
+
+    if hf.is_model_dir(args.model):
+        if args.weights:
+            raise ValueError("--weights does not apply to a model directory: its weights load "
+                             f"from {args.model!r}")
+        loaded = hf.load_model_dir(args.model, max_length=getattr(args, "max_length", 128))
+        return LoadedModel(loaded.model, loaded, loaded.input_names, [loaded.output_name],
+                           [f"loaded {loaded.architecture} from {args.model} (offline), "
+                            f"inputs {', '.join(loaded.input_names)}, output "
+                            f"{loaded.output_name}"])
+    if Path(args.model).is_dir():
+        raise ValueError(f"--model directory {args.model!r} has no config.json (a Hugging Face "
+                         "model directory holds config.json, weights and a tokenizer)")
+    return LoadedModel(build_model(args.model, args.weights))
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` → ``(1, 3, 224, 224)``."""
+    try:
+        shape = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise ValueError("--input-shape must be comma-separated positive ints like "
+                         f"1,3,224,224, got {text!r}")
+    return shape
+
+
+def load_example_inputs(path: str) -> tuple[tuple[Any, ...], list[str] | None]:
+    """``.pt`` (a tensor, a tuple/list of tensors or a dict name → tensor, loaded with
+    ``weights_only=True``) or ``.npz`` (arrays in file order): ``(inputs, names or None)``."""
+    import numpy as np
+    import torch
+
+    if not Path(path).is_file():
+        raise ValueError(f"--example-inputs file {path!r} does not exist")
+    if path.endswith(".npz"):
+        with np.load(path) as arrays:
+            names = list(arrays.files)
+            return tuple(torch.from_numpy(arrays[n]) for n in names), names
+    if not path.endswith((".pt", ".pth")):
+        raise ValueError(f"--example-inputs must be a .pt/.pth or .npz file, got {path!r}")
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(data, torch.Tensor):
+        return (data,), None
+    if isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values()):
+        return tuple(data.values()), [str(k) for k in data]
+    if isinstance(data, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in data):
+        return tuple(data), None
+    raise ValueError(f"--example-inputs {path!r} must hold a tensor, a tuple/list of tensors "
+                     f"or a dict of tensors, got {type(data).__name__}")
+
+
+def example_inputs(args: argparse.Namespace) -> tuple[tuple[Any, ...] | None, list[str] | None]:
+    """``--input-shape`` (random float32 inputs) or ``--example-inputs``; ``(None, None)``
+    when neither is given."""
+    import torch
+
+    shapes = getattr(args, "input_shape", None)
+    file = getattr(args, "example_inputs", None)
+    if shapes and file:
+        raise ValueError("give --input-shape or --example-inputs, not both")
+    if shapes:
+        generator = torch.Generator().manual_seed(0)
+        return tuple(torch.randn(parse_input_shape(s), generator=generator)
+                     for s in shapes), None
+    if file:
+        return load_example_inputs(file)
+    return None, None
+
+
 def load_weights(path: str) -> dict[str, Any]:
     import torch
 
@@ -92,31 +183,59 @@ def load_batches(ref: str, batch_size: int) -> list[Any]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lowbit.demo import format_table, run_demo
+    from lowbit.demo import (
+        OBSERVERS,
+        format_table,
+        load_digits,
+        run_demo,
+        speed_by_batch,
+        speed_note,
+    )
 
     rows = run_demo(args.out, epochs=args.epochs, weight_bits=args.weight_bits)
     print(format_table(rows))
+    out = Path(args.out)
+    speed = speed_by_batch(out / "digits_fp32.onnx",
+                           out / f"digits_w{args.weight_bits}a8_{OBSERVERS[0]}.onnx",
+                           load_digits().x_test.numpy())
+    print(speed_note(speed))
     print(f"artifacts in {Path(args.out).resolve()}")
     return 0
 
 
-def _config(args: argparse.Namespace) -> Any:
+def _config(args: argparse.Namespace, loaded: LoadedModel | None = None) -> Any:
     from lowbit import QuantConfig
 
     if args.config:
         return QuantConfig.from_file(args.config)
+    if args.preset is None:
+        return QuantConfig.preset(DEFAULT_HF_PRESET if loaded is not None and loaded.hf
+                                  else DEFAULT_PRESET)
     return QuantConfig.preset(args.preset)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     import lowbit
 
-    model = build_model(args.model, args.weights)
-    the_plan = lowbit.plan(model, _config(args))
+    loaded = load_model(args)
+    example, _ = example_inputs(args)
+    the_plan = lowbit.plan(loaded.model, _config(args, loaded), example)
     the_plan.to_file(args.out)
     print(the_plan.summary())
     print(f"wrote {args.out}: edit it, then `lowbit quantize --plan {args.out} ...`")
     return 0
+
+
+def _calibration_batches(args: argparse.Namespace, loaded: LoadedModel) -> list[Any]:
+    if loaded.hf is not None and args.data.endswith(".txt"):
+        from lowbit import hf
+
+        return hf.text_batches(loaded.hf, hf.read_texts(args.data), args.batch_size,
+                               args.max_length)
+    if args.data.endswith(".txt"):
+        raise ValueError(f"--data {args.data!r}: text files need --model to be a Hugging Face "
+                         "model directory (its tokenizer reads them)")
+    return load_batches(args.data, args.batch_size)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -124,20 +243,36 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     import lowbit
 
-    model = build_model(args.model, args.weights)
-    config = lowbit.Plan.from_file(args.plan) if args.plan else _config(args)
-    batches = load_batches(args.data, args.batch_size)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive int, got {args.batch_size}")
+    if args.max_length < 2:
+        raise ValueError(f"--max-length must be an int >= 2, got {args.max_length}")
+    loaded = load_model(args)
+    for note in loaded.notes:
+        print(note)
+    given, given_names = example_inputs(args)
+    config = lowbit.Plan.from_file(args.plan) if args.plan else _config(args, loaded)
+    batches = _calibration_batches(args, loaded)
     if not batches:
         raise ValueError(f"--data {args.data!r} holds no batches")
-    qm = lowbit.quantize(model, config)
+    first = batches[0] if isinstance(batches[0], (tuple, list)) else (batches[0],)
+    qm = lowbit.quantize(loaded.model, config, example_inputs=given)
     lowbit.calibrate(qm, batches, max_batches=args.max_batches)
     dm = lowbit.convert(qm)
-    example = batches[0] if isinstance(batches[0], (tuple, list)) else (batches[0],)
+    input_names = given_names or loaded.input_names
     shapes = None
-    if args.dynamic_batch:
-        shapes = tuple({0: torch.export.Dim("batch")} for _ in example)
+    if loaded.hf is not None:
+        from lowbit import hf
+
+        example = given or hf.export_example(tuple(first))
+        shapes = hf.dynamic_shapes(loaded.hf, max(args.max_length, example[0].shape[1]))
+    else:
+        example = given or tuple(first)
+        if args.dynamic_batch:
+            shapes = tuple({0: torch.export.Dim("batch")} for _ in example)
     report = lowbit.export_onnx(dm, args.out, example, dynamic_shapes=shapes,
-                                weight_dtype=args.weight_dtype)
+                                input_names=input_names, output_names=loaded.output_names,
+                                weight_dtype=args.weight_dtype, exporter=args.exporter)
     print(report)
     return 0
 
@@ -183,12 +318,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", required=True,
-                       help="model factory, 'pkg.module:factory' or 'file.py:factory'")
+                       help="model factory, 'pkg.module:factory' or 'file.py:factory', or a "
+                       "local Hugging Face model directory (config.json + weights + "
+                       "tokenizer; loaded offline with the class its config names)")
         p.add_argument("--weights", help="state dict: .pt/.pth (torch.load, weights_only) or "
-                       ".safetensors")
-        p.add_argument("--preset", default="w8a8", choices=QuantConfig.presets(),
-                       help="config preset (default: %(default)s)")
+                       ".safetensors (factories only)")
+        p.add_argument("--preset", default=None, choices=QuantConfig.presets(), metavar="NAME",
+                       help=f"config preset (default: {DEFAULT_PRESET}; "
+                       f"{DEFAULT_HF_PRESET} for a model directory), one of: "
+                       + ", ".join(QuantConfig.presets()))
         p.add_argument("--config", help="QuantConfig file (.yaml/.json); overrides --preset")
+        p.add_argument("--input-shape", action="append", metavar="SHAPE",
+                       help="shape of a float32 example input, e.g. 1,3,224,224; repeat it "
+                       "for several inputs (random values: used to trace the model and "
+                       "export it)")
+        p.add_argument("--example-inputs", metavar="FILE",
+                       help="example inputs instead of --input-shape: .pt (a tensor, a tuple "
+                       "of tensors or a dict name → tensor) or .npz (arrays in order; their "
+                       "names become the ONNX input names)")
 
     plan = sub.add_parser("plan", help="write the editable per-layer plan of a model")
     model_args(plan)
@@ -201,16 +348,23 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--plan", help="edited plan file from `lowbit plan`; overrides --preset "
                        "and --config")
     quant.add_argument("--data", required=True, help="calibration data: .npy/.npz (first array "
-                       "holds the inputs) or 'module:factory' returning an iterable of batches")
+                       "holds the inputs), 'module:factory' returning an iterable of batches, "
+                       "or for a model directory a .txt file (one text a line)")
     quant.add_argument("--batch-size", type=int, default=32,
-                       help="batch size for .npy/.npz data (default: %(default)s)")
+                       help="batch size for .npy/.npz/.txt data (default: %(default)s)")
+    quant.add_argument("--max-length", type=int, default=128,
+                       help="tokenizer truncation length for .txt data (default: %(default)s)")
     quant.add_argument("--max-batches", type=int, default=None,
                        help="use at most this many calibration batches")
     quant.add_argument("--out", default="model.int8.onnx", help="ONNX file (default: %(default)s)")
     quant.add_argument("--weight-dtype", default="auto", choices=["auto", "int8", "uint8"],
                        help="storage of 8-bit weights (default: %(default)s, see docs)")
     quant.add_argument("--dynamic-batch", action="store_true",
-                       help="export with a dynamic batch dimension")
+                       help="export with a dynamic batch dimension (model directories always "
+                       "get dynamic batch and sequence axes)")
+    quant.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
+                       help="torch exporter; auto tries dynamo, then TorchScript "
+                       "(default: %(default)s)")
     quant.set_defaults(func=cmd_quantize)
 
     report = sub.add_parser("report", help="summarise a .quant_params.json file")

@@ -198,6 +198,61 @@ def run_demo(out_dir: str | Path = "lowbit-demo", *, epochs: int = 20, weight_bi
     return rows
 
 
+class SpeedRow(TypedDict):
+    """FP32 and int8 latency of the demo's files at one batch size (``speed_by_batch``)."""
+
+    batch: int
+    fp32_ms: float
+    int8_ms: float
+
+
+def speed_by_batch(fp32_path: Path, int8_path: Path, pool: np.ndarray, *,
+                   batches: tuple[int, ...] = (1, 64, 512, 2048), repeats: int = 7,
+                   threads: int = 2) -> list[SpeedRow]:
+    """Median latency of both files at each batch size, the two runs interleaved so that a
+    busy machine slows both alike. ``pool`` is tiled up to the largest batch."""
+    from lowbit.export.verify import session
+
+    sessions = [session(fp32_path, threads), session(int8_path, threads)]
+    names = [s.get_inputs()[0].name for s in sessions]
+    tiled = np.concatenate([pool] * (max(batches) // len(pool) + 1))
+    rows: list[SpeedRow] = []
+    for b in batches:
+        x = tiled[:b]
+        times: list[list[float]] = [[], []]
+        for sess, name in zip(sessions, names):
+            sess.run(None, {name: x})  # warm-up
+        for _ in range(repeats):
+            for i, (sess, name) in enumerate(zip(sessions, names)):
+                start = time.perf_counter()
+                sess.run(None, {name: x})
+                times[i].append(time.perf_counter() - start)
+        rows.append({"batch": b, "fp32_ms": 1000 * float(np.median(times[0])),
+                     "int8_ms": 1000 * float(np.median(times[1]))})
+    return rows
+
+
+def speed_note(rows: list[SpeedRow]) -> str:
+    """Why int8 is not faster at batch 1 on the demo net, and where (if anywhere) it is."""
+    first = rows[0]
+    lines = [f"int8 at batch {first['batch']}: {first['fp32_ms'] / first['int8_ms']:.2f}x the "
+             "speed of fp32 - a 25k-parameter net does ~0.6 M multiply-adds per image, so ONNX Runtime's "
+             "per-node cost and the Quantize/Dequantize/layout nodes int8 adds outweigh the "
+             "cheaper integer arithmetic."]
+    faster = next((r for r in rows if r["int8_ms"] < r["fp32_ms"]), None)
+    sweep = ", ".join(f"b{r['batch']} {r['fp32_ms'] / r['int8_ms']:.2f}x" for r in rows)
+    if faster is not None:
+        lines.append(f"int8 is faster from batch {faster['batch']} here "
+                     f"({faster['fp32_ms']:.2f} ms fp32 vs {faster['int8_ms']:.2f} ms int8; "
+                     f"int8 speed vs fp32: {sweep}).")
+    else:
+        lines.append(f"int8 was not faster at any batch size measured here ({sweep}): "
+                     "this net's convolutions are too narrow (1-64 channels on 8x8 images) "
+                     "for the integer kernels to pay off; benchmarks/ort_latency.py measures "
+                     "nets where they do (docs/benchmarks.md).")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[DemoRow]) -> str:
     head = (f"{'variant':<18} {'accuracy':>8} {'SQNR dB':>8} {'size KiB':>9} {'ms/b64':>7} "
             f"{'codes =':>8} {'max LSB':>8}")

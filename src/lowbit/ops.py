@@ -2,7 +2,8 @@
 
 Deploy modules (``lowbit.convert``) compute with these ops, so eager PyTorch and ONNX Runtime run
 the same arithmetic, and the exporter maps each op one-to-one onto ONNX nodes
-(``translation_table``): integer weights stay integer initializers feeding ``DequantizeLinear``.
+(``translation_table`` for the dynamo exporter, ``register_torchscript_symbolics`` for the
+TorchScript one): integer weights stay integer initializers feeding ``DequantizeLinear``.
 """
 
 from __future__ import annotations
@@ -148,3 +149,68 @@ def _clip(op: Any, q: Any, zero_point: Any, qmin: int, qmax: int) -> Any:
     lo = op.CastLike(op.Constant(value_int=qmin), zero_point)
     hi = op.CastLike(op.Constant(value_int=qmax), zero_point)
     return op.Clip(q, lo, hi)
+
+
+# ---------------------------------------------------------------------------- TorchScript export
+
+TORCHSCRIPT_OPSETS = range(13, 21)  # the legacy exporter stops at opset 20
+_SYMBOLICS_REGISTERED = False
+
+
+def register_torchscript_symbolics() -> None:
+    """Teach ``torch.onnx.export(dynamo=False)`` the ``lowbit::`` ops (once per process).
+
+    The same ONNX nodes as ``translation_table``: the TorchScript exporter keeps buffers as
+    initializers, so weight codes stay int8/uint8 initializers feeding ``DequantizeLinear``.
+    Registered at opset 13, they serve every later opset.
+    """
+    global _SYMBOLICS_REGISTERED
+    if _SYMBOLICS_REGISTERED:
+        return
+    from torch.onnx import register_custom_op_symbolic
+    from torch.onnx import symbolic_helper as sh
+
+    @sh.parse_args("v", "v", "v", "i", "i", "i")
+    def q_linear(g, x, scale, zero_point, axis, qmin, qmax):  # noqa: ANN001, ANN202
+        q = g.op("QuantizeLinear", x, scale, zero_point, axis_i=axis)
+        if (qmin, qmax) in ((-128, 127), (0, 255)):
+            return q
+        dtype = _jit_dtype(zero_point)
+        lo = g.op("Constant", value_t=torch.tensor(qmin, dtype=dtype))
+        hi = g.op("Constant", value_t=torch.tensor(qmax, dtype=dtype))
+        return g.op("Clip", q, lo, hi)
+
+    @sh.parse_args("v", "v", "v", "i", "i")
+    def dq_linear(g, q, scale, zero_point, axis, block_size):  # noqa: ANN001, ANN202
+        if block_size > 0:
+            return g.op("DequantizeLinear", q, scale, zero_point, axis_i=axis,
+                        block_size_i=block_size)
+        return g.op("DequantizeLinear", q, scale, zero_point, axis_i=axis)
+
+    @sh.parse_args("v", "v", "v", "v", "v")
+    def dyn_linear(g, x, weight_t, w_scale, w_zero_point, bias):  # noqa: ANN001, ANN202
+        xq, x_scale, x_zero_point = g.op("DynamicQuantizeLinear", x, outputs=3)
+        acc = g.op("MatMulInteger", xq, weight_t, x_zero_point, w_zero_point)
+        y = g.op("Mul", g.op("Cast", acc, to_i=1), g.op("Mul", x_scale, w_scale))
+        return g.op("Add", y, bias)
+
+    @sh.parse_args("v")
+    def binarize_(g, x):  # noqa: ANN001, ANN202
+        one = g.op("Constant", value_t=torch.tensor(1, dtype=torch.int8))
+        zero = g.op("Constant", value_t=torch.tensor(0.0, dtype=_jit_dtype(x)))
+        return g.op("Where", g.op("GreaterOrEqual", x, zero), one, g.op("Neg", one))
+
+    for name, fn in (("quantize_linear", q_linear), ("dequantize_linear", dq_linear),
+                     ("dynamic_linear", dyn_linear), ("binarize", binarize_)):
+        register_custom_op_symbolic(f"lowbit::{name}", fn, TORCHSCRIPT_OPSETS.start)
+    _SYMBOLICS_REGISTERED = True
+
+
+def _jit_dtype(value: Any) -> torch.dtype:
+    """The torch dtype of a TorchScript graph value (float32 where the tracer does not know)."""
+    from torch.onnx._internal.torchscript_exporter import _type_utils
+
+    try:
+        return _type_utils.JitScalarType.from_value(value).dtype()
+    except Exception:  # noqa: BLE001 - an untyped value: the deploy ops compute in float32
+        return torch.float32

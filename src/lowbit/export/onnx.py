@@ -10,8 +10,6 @@ and renamed, so a failed export leaves nothing half-written behind.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import tempfile
 import warnings
@@ -19,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from lowbit.config import atomic_write_text
@@ -30,12 +27,21 @@ from lowbit.export.encoding import (
     resolve_weight_dtype,
     with_unsigned_weights,
 )
+from lowbit.export.exporters import (
+    Exporter,
+    check_exporter_args,
+    quiet_exporter,
+    restore_training_flags,
+    run_exporter,
+    training_flags,
+)
 from lowbit.export.int4 import Int4Format, resolve_int4_format, rewrite_int4_weights
 from lowbit.export.params import quant_params_json, save_packed_weights
 from lowbit.export.report import ExportReport
 from lowbit.export.verify import verify
 from lowbit.nn import QuantLayer
-from lowbit.ops import translation_table
+
+__all__ = ["export_onnx", "quiet_exporter", "side_paths", "strip_metadata"]
 
 DEFAULT_OPSET = 19
 BLOCKED_OPSET = 21  # DequantizeLinear with block_size
@@ -81,6 +87,7 @@ def export_onnx(
     weight_dtype: WeightDtype = "auto",
     int4_format: Int4Format = "auto",
     threads: int | None = None,
+    exporter: Exporter = "auto",
 ) -> ExportReport:
     """Export ``model`` (from ``lowbit.convert``) to ``path`` and check it in ONNX Runtime.
 
@@ -98,7 +105,12 @@ def export_onnx(
     ``session.qdq_matmulnbits_accuracy_level`` to 0) or as ``com.microsoft.MatMulNBits``
     (``"matmulnbits"``: ONNX Runtime only, float activations, the deploy model's values to
     float rounding); ``"auto"`` is ``"dequantize"``, the faster of the two with ORT's default
-    session in ``benchmarks/int4_matmul.py`` (see ``lowbit.export.int4``).
+    session in ``benchmarks/int4_matmul.py`` (see ``lowbit.export.int4``). ``exporter``
+    picks torch's exporter: ``"dynamo"``, ``"torchscript"`` (the legacy tracer, opset <= 20)
+    or ``"auto"`` (dynamo, then TorchScript where dynamo fails, with a warning and a line in the
+    report). When no exporter succeeds, ``lowbit.ExportError`` names the module and op where
+    each failed, the exporter's first line and what to try. Every submodule's training flag
+    is restored afterwards, and ``model`` itself is never changed.
     """
     path = _check_args(model, path, example_inputs)
     storage, storage_reason = resolve_weight_dtype(weight_dtype)
@@ -110,6 +122,7 @@ def export_onnx(
     blocked = any(isinstance(m, IntWeight) and m.block_size for m in model.modules())
     if opset is None:
         opset = BLOCKED_OPSET if blocked else DEFAULT_OPSET
+    check_exporter_args(exporter, opset, dynamic_shapes)
     if blocked and opset < BLOCKED_OPSET:
         raise ValueError(f"`opset` must be >= {BLOCKED_OPSET} for per-group weights, got {opset}")
     plan = getattr(source, "lowbit_plan", None)
@@ -117,13 +130,13 @@ def export_onnx(
         float_layers = plan.float_layers if plan is not None else {}
 
     params_path, weights_path = side_paths(path)
-    was_training = source.training
     tmp_dir = tempfile.mkdtemp(prefix=".lowbit-export-", dir=path.parent)
     tmp = Path(tmp_dir) / path.name
+    flags = training_flags(source)
     try:
         model.eval()
-        _torch_export(model, example_inputs, tmp, opset, dynamic_shapes, input_names,
-                      output_names)
+        used = _torch_export(model, example_inputs, tmp, opset, dynamic_shapes, input_names,
+                             output_names, exporter)
         import onnx
 
         proto = strip_metadata(onnx.load(str(tmp)))
@@ -139,14 +152,14 @@ def export_onnx(
         save_packed_weights(model, weights_path)
         os.replace(tmp, path)
     finally:
-        source.train(was_training)
+        restore_training_flags(flags)
         for leftover in Path(tmp_dir).glob("*"):
             leftover.unlink()
         os.rmdir(tmp_dir)
 
     report = ExportReport.build(model, path, params_path, weights_path, opset, parity,
                                 float_layers, f"{storage} ({storage_reason})", packed,
-                                f"{int4_storage} ({int4_reason})")
+                                f"{int4_storage} ({int4_reason})", exporter=used)
     # Fused integer kernels round a few codes one step away; more than that means the runtime
     # computes something else (e.g. u8s8 saturation on CPUs without VNNI, or int8 activations
     # in the MatMulNBits ORT fuses int4 DequantizeLinear → MatMul into).
@@ -185,37 +198,16 @@ def strip_metadata(proto: Any) -> Any:
     return proto
 
 
-@contextlib.contextmanager
-def quiet_exporter():
-    """Keep the exporter's progress prints, warnings and log lines (e.g. "torchvision is not
-    installed") out of the user's console; the captured text is returned on failure."""
-    import logging
-
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    log = io.StringIO()
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(log):
-            warnings.simplefilter("ignore")
-            yield log
-    finally:
-        logger.setLevel(level)
-
-
 def _torch_export(model: nn.Module, inputs: tuple[Any, ...], out: Path, opset: int,
-                  dynamic_shapes: Any, input_names: Any, output_names: Any) -> None:
-    try:
-        with quiet_exporter():
-            program = torch.onnx.export(
-                model, inputs, dynamo=True, opset_version=opset, verbose=False,
-                custom_translation_table=translation_table(opset),
-                dynamic_shapes=dynamic_shapes,
-                input_names=list(input_names) if input_names else None,
-                output_names=list(output_names) if output_names else None,
-            )
-            if program is None:
-                raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNXProgram")
-            program.save(str(out))
-    except Exception as err:
-        raise RuntimeError(f"torch.onnx.export failed: {err}") from err
+                  dynamic_shapes: Any, input_names: Any, output_names: Any,
+                  exporter: Exporter) -> str:
+    """Run the chosen torch exporter; the name of the one that wrote ``out`` (with the dynamo
+    failure it stepped in for, when ``"auto"`` fell back), warning on a fallback."""
+    used, fallback = run_exporter(model, inputs, out, exporter=exporter, opset=opset,
+                                  dynamic_shapes=dynamic_shapes, input_names=input_names,
+                                  output_names=output_names)
+    if fallback is None:
+        return used
+    warnings.warn(f"{fallback.describe()}; exported with the TorchScript exporter instead "
+                  "(exporter='auto')", stacklevel=3)
+    return f"{used} (dynamo failed: {fallback.describe().split(' failed', 1)[1].lstrip()})"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-from lowbit.deploy import IntWeight
+from lowbit.deploy import BinarizeDequantize, DynamicLinear, IntBias, IntWeight, QuantizeDequantize
 from lowbit.export.verify import Parity
 
 
@@ -17,13 +18,14 @@ class ExportReport:
     params_path: Path
     weights_path: Path
     opset: int
-    onnx_bytes: int
-    float_bytes: int  # the same graph with float32 weights (estimated from the codes' count)
+    onnx_bytes: int  # bytes written: the .onnx file plus any external data files
+    float_bytes: int  # exact serialized size of the same graph with float32 weights
     parity: Parity
     float_layers: dict[str, str] = field(default_factory=dict)
     weight_storage: str = "int8"
     int4_weights: list[str] = field(default_factory=list)  # weights stored two codes a byte
     int4_storage: str = ""
+    exporter: str = "dynamo"  # the torch exporter that wrote the file (and why, after a fallback)
 
     @property
     def size_ratio(self) -> float:
@@ -32,17 +34,16 @@ class ExportReport:
     @classmethod
     def build(cls, model: nn.Module, path: Path, params: Path, weights: Path, opset: int,
               parity: Parity, float_layers: dict[str, str], weight_storage: str,
-              int4_weights: list[str] | None = None, int4_storage: str = "") -> ExportReport:
-        size = path.stat().st_size
-        int4 = set(int4_weights or ())
-        # Bytes a float32 copy adds over the stored codes: 3 per int8 code, 3.5 per int4 code.
-        extra = 0.0
-        for name, m in model.named_modules():
-            if isinstance(m, IntWeight):
-                extra += m.codes.numel() * (3.5 if name in int4 else 3)
-        extra += sum(3 * b.numel() for n, b in model.named_buffers() if n.endswith("weight_t"))
-        return cls(path, params, weights, opset, size, size + int(extra), parity,
-                   dict(float_layers), weight_storage, sorted(int4), int4_storage)
+              int4_weights: list[str] | None = None, int4_storage: str = "",
+              exporter: str = "dynamo") -> ExportReport:
+        import onnx
+
+        size = written_bytes(path)
+        proto = onnx.load(str(path))
+        float_size = size + float32_delta(proto, model)
+        return cls(path, params, weights, opset, size, float_size, parity,
+                   dict(float_layers), weight_storage, sorted(int4_weights or ()), int4_storage,
+                   exporter)
 
     def __str__(self) -> str:
         p = self.parity
@@ -53,8 +54,9 @@ class ExportReport:
                    "differ from the deploy model's: " + ", ".join(p.weights_differing))
         lines = [
             f"ONNX file      {self.onnx_path}  (opset {self.opset})",
-            f"size           {self.onnx_bytes / 1024:.1f} KiB vs ~{self.float_bytes / 1024:.1f} "
-            f"KiB float32 ({self.size_ratio:.2f}x)",
+            f"exporter       {self.exporter}",
+            f"size           {self.onnx_bytes / 1024:.1f} KiB written vs {self.float_bytes / 1024:.1f}"
+            f" KiB for this graph with float32 weights ({self.size_ratio:.2f}x)",
             f"8-bit weights  {self.weight_storage}",
             *([f"4-bit weights  {self.int4_storage}, {len(self.int4_weights)} packed"]
               if self.int4_weights else []),
@@ -76,3 +78,94 @@ class ExportReport:
         else:
             lines.append("float layers   none")
         return "\n".join(lines)
+
+
+def written_bytes(path: Path) -> int:
+    """Bytes of an ONNX file plus the external data files its initializers point to."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    extra = set()
+    for init in proto.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            where = {e.key: e.value for e in init.external_data}.get("location")
+            if where:
+                extra.add(path.parent / where)
+    return path.stat().st_size + sum(p.stat().st_size for p in extra if p.is_file())
+
+
+def _field(length: int) -> int:
+    """Serialized bytes of a length-delimited protobuf field (1-byte tag) of ``length``."""
+    varint, rest = 1, length
+    while rest >= 128:
+        rest >>= 7
+        varint += 1
+    return 1 + varint + length
+
+
+def float32_delta(proto: Any, model: nn.Module) -> int:
+    """How many bytes ``proto`` would grow (exactly, as serialized) if every weight were one
+    float32 initializer instead of integer codes + scale + zero point, and activation
+    quantizers had no scale/zero-point initializers. Nodes are left as they are.
+
+    Initializers are found by the buffer's name, or where the exporter renamed a constant
+    (the dynamo exporter folds an embedding table's codes into ``val_*``) by dtype, shape and
+    bytes."""
+    from onnx import numpy_helper
+
+    inits = list(proto.graph.initializer)
+    by_name = {i.name: i for i in inits}
+    by_shape: dict[tuple[Any, ...], list[Any]] = {}
+    for i in inits:
+        by_shape.setdefault((i.data_type, tuple(i.dims)), []).append(i)
+
+    def find(name: str, tensor: Any) -> Any:
+        if name in by_name:
+            return by_name[name]
+        array = tensor.detach().cpu().numpy()
+        for i in by_shape.get((_onnx_dtype(array.dtype), tuple(array.shape)), ()):
+            if numpy_helper.to_array(i).tobytes() == array.tobytes():
+                return i
+        return None
+
+    dropped: dict[int, Any] = {}  # id → initializer, each counted once
+    floats: list[tuple[str, list[int]]] = []  # (name, shape) of the float32 weights
+    for name, m in model.named_modules():
+        if isinstance(m, (IntWeight, IntBias)):
+            parts = {"codes": m.codes, "scale": m.scale, "zero_point": m.zero_point}
+        elif isinstance(m, DynamicLinear):
+            parts = {"weight_t": m.weight_t, "weight_scale": m.weight_scale,
+                     "weight_zero_point": m.weight_zero_point}
+        elif isinstance(m, (QuantizeDequantize, BinarizeDequantize)):
+            parts = {"scale": m.scale, "zero_point": m.zero_point}
+        else:
+            continue
+        found = {key: find(f"{name}.{key}", t) for key, t in parts.items()}
+        codes_key = next(iter(parts))
+        if codes_key in ("codes", "weight_t") and found[codes_key] is None:
+            continue  # the weight is not in the file: no float copy of it either
+        dropped.update({id(i): i for i in found.values() if i is not None})
+        if codes_key in ("codes", "weight_t"):
+            floats.append((name, list(parts[codes_key].shape)))
+    delta = -sum(_field(i.ByteSize()) for i in dropped.values())
+    for name, shape in floats:
+        count = 1
+        for d in shape:
+            count *= d
+        tensor = onnx_float_tensor(name, shape)
+        delta += _field(tensor.ByteSize() + _field(4 * count))  # + raw_data (field 9)
+    graph = proto.graph.ByteSize()
+    return _field(graph + delta) - _field(graph)  # the graph field's length prefix too
+
+
+def onnx_float_tensor(name: str, shape: list[int]) -> Any:
+    """An empty float32 ``TensorProto`` header (no data) named ``name``."""
+    import onnx
+
+    return onnx.TensorProto(name=name, dims=shape, data_type=onnx.TensorProto.FLOAT)
+
+
+def _onnx_dtype(dtype: Any) -> int:
+    from onnx import helper
+
+    return helper.np_dtype_to_tensor_dtype(dtype)

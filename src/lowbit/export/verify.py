@@ -142,7 +142,8 @@ def stored_weight(proto: Any, name: str,
 
     inits = {i.name: i for i in proto.graph.initializer}
     codes_name = f"{name}.codes"
-    node = next((n for n in proto.graph.node if codes_name in n.input), None)
+    node = next((n for n in proto.graph.node if codes_name in n.input
+                 and n.op_type in ("DequantizeLinear", "MatMulNBits")), None)
     if node is None or codes_name not in inits:
         return None
 

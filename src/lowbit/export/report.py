@@ -1,4 +1,5 @@
-"""What an export produced: files and sizes, ONNX Runtime parity, what stayed float."""
+"""What an export produced: files and sizes, ONNX Runtime parity, the kernels ONNX Runtime
+runs (``deploy``), what stayed float."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from lowbit.deploy import IntWeight
+from lowbit.export.deploy import DeployGraph
 from lowbit.export.verify import Parity
 
 
@@ -24,6 +26,13 @@ class ExportReport:
     weight_storage: str = "int8"
     int4_weights: list[str] = field(default_factory=list)  # weights stored two codes a byte
     int4_storage: str = ""
+    deploy: DeployGraph | None = None  # what ORT runs after its graph optimizations
+
+    def __post_init__(self) -> None:
+        # The float layers are what the module tree and the graph hold (with the plan's
+        # reasons), not the plan's intention, whenever the deploy graph was read.
+        if self.deploy is not None:
+            self.float_layers = dict(self.deploy.float_layers)
 
     @property
     def size_ratio(self) -> float:
@@ -32,7 +41,8 @@ class ExportReport:
     @classmethod
     def build(cls, model: nn.Module, path: Path, params: Path, weights: Path, opset: int,
               parity: Parity, float_layers: dict[str, str], weight_storage: str,
-              int4_weights: list[str] | None = None, int4_storage: str = "") -> ExportReport:
+              int4_weights: list[str] | None = None, int4_storage: str = "",
+              deploy: DeployGraph | None = None) -> ExportReport:
         size = path.stat().st_size
         int4 = set(int4_weights or ())
         # Bytes a float32 copy adds over the stored codes: 3 per int8 code, 3.5 per int4 code.
@@ -42,7 +52,7 @@ class ExportReport:
                 extra += m.codes.numel() * (3.5 if name in int4 else 3)
         extra += sum(3 * b.numel() for n, b in model.named_buffers() if n.endswith("weight_t"))
         return cls(path, params, weights, opset, size, size + int(extra), parity,
-                   dict(float_layers), weight_storage, sorted(int4), int4_storage)
+                   dict(float_layers), weight_storage, sorted(int4), int4_storage, deploy)
 
     def __str__(self) -> str:
         p = self.parity
@@ -70,6 +80,10 @@ class ExportReport:
             lines.append(f"               codes differing most: {worst}")
         if p.unmatched:
             lines.append(f"               not compared: {', '.join(p.unmatched)}")
+        if self.deploy is not None:
+            first, *rest = self.deploy.lines()
+            lines.append(f"deploy graph   {first}")
+            lines.extend(f"               {line}" for line in rest)
         if self.float_layers:
             lines.append("float layers   " + "; ".join(f"{n}: {why}" for n, why in
                                                         self.float_layers.items()))

@@ -135,6 +135,28 @@ def test_an_add_with_a_quantized_output_runs_as_qlinearadd(tmp_path):
     assert kernels(report)["op_add"] == (True, "QLinearAdd")
 
 
+def test_the_output_spec_fix_fuses_a_conv_that_feeds_a_float_pool(tmp_path):
+    """The demo's CNN: its last conv feeds AdaptiveAvgPool (a float ReduceMean), so ORT keeps
+    it float; the fix the report gives (an output spec) makes it a QLinearConv. The uint8
+    MaxPool between the other convs is not a float op."""
+    from lowbit.demo import DigitsCNN
+
+    x = torch.randn(8, 1, 8, 8)
+    report, caught = export(DigitsCNN(), QuantConfig.preset("w8a8"), x, tmp_path / "a.onnx")
+    (slow,) = report.deploy.float_quantized
+    assert slow.name == "7" and "feeds a float ReduceMean" in slow.reason
+    assert "output spec" in slow.fix and len(caught) == 1
+    between = " ".join(report.deploy.float_ops_between)
+    assert "ReduceMean" in between and "MaxPool" not in between
+
+    base = QuantConfig.preset("w8a8").rules[0]
+    cfg = QuantConfig(rules=[base, LayerRule(names=["7"], weight=base.weight, input=base.input,
+                                             output=A8)])
+    report, caught = export(DigitsCNN(), cfg, x, tmp_path / "b.onnx")
+    assert report.deploy.float_quantized == [] and caught == []
+    assert kernels(report)["7"] == (True, "QLinearConv")
+
+
 def test_weight_only_layers_run_in_float_because_their_inputs_are(tmp_path):
     report, caught = export(ResNetTiny(), QuantConfig.preset("w8"), torch.randn(2, 3, 8, 8),
                             tmp_path / "w8.onnx")

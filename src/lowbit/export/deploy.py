@@ -594,8 +594,9 @@ def deploy_graph(path: str | os.PathLike, *, model: nn.Module | None = None,
             kernels.append(LayerKernel(layer.name, layer.type, op, True))
             continue
         node = (before.get(layer.name) or [None])[0]
-        if layer.type == "add":
-            reason, fix = "its output is not quantized (no QLinearAdd without an output spec)", ""
+        if layer.type == "add" and node is not None and not any(
+                u.op_type == "QuantizeLinear" for u in exported.consumers.get(node.output[0], [])):
+            reason, fix = "its output is not quantized (QLinearAdd needs an output spec)", ""
         else:
             reason, fix = _reason(exported, node, layer, op)
         kernels.append(LayerKernel(layer.name, layer.type, op, False, reason, fix))
@@ -639,17 +640,33 @@ def _float_between(graph: _Graph, layer_nodes: set[int]) -> list[str]:
     starts = [n for n in graph.nodes if id(n) in layer_nodes]
     down = reach(starts, lambda n: [c for o in n.output for c in graph.consumers.get(o, [])])
     up = reach(starts, lambda n: [graph.producer[i] for i in n.input if i in graph.producer])
+    integer = _integer_tensors(graph)
     out = []
     for node in graph.nodes:
         if id(node) not in down or id(node) not in up or id(node) in layer_nodes:
             continue
         if node.op_type in QUANT_OPS | LAYOUT | INTEGER_COMPUTE | INTEGER_ELEMENTWISE:
             continue
-        src = graph.producer.get(node.input[0]) if node.input else None
-        if node.op_type == "Clip" and src is not None and src.op_type == "QuantizeLinear":
-            continue  # the integer Clip of a grid narrower than its storage
+        if node.input and node.input[0] in integer:
+            continue  # on integer codes: a uint8 MaxPool, the Clip of a 4-bit grid
         out.append(f"{node.op_type} {node.name!r}")
     return out
+
+
+def _integer_tensors(graph: _Graph) -> set[str]:
+    """Tensors holding integer codes: outputs of QuantizeLinear and of integer kernels with a
+    quantized output, carried through ops that keep their input's type (graph order)."""
+    found: set[str] = set()
+    for node in graph.nodes:
+        op = node.op_type
+        quantized_out = (op in ("QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv")
+                         or op in INTEGER_ELEMENTWISE or (op == "QGemm" and len(node.input) >= 9)
+                         or op == "QLinearMatMul")
+        keeps_type = (node.input and node.input[0] in found and op != "DequantizeLinear"
+                      and op not in INTEGER_COMPUTE)
+        if (quantized_out or keeps_type) and node.output:
+            found.add(node.output[0])
+    return found
 
 
 def check_deploy_graph(model: nn.Module, path: str | os.PathLike,

@@ -16,15 +16,10 @@ from torch import nn
 import lowbit
 from lowbit import LayerRule, QuantConfig, QuantSpec
 from lowbit.cli import main
-from lowbit.export.deploy import (
-    ADD_FIX,
-    DeployGraphWarning,
-    deploy_graph,
-    graph_float_layers,
-    module_float_layers,
-    optimized_model,
-)
-from lowbit.export.deploy import _Graph as Graph
+from lowbit.export.deploy import ADD_FIX, DeployGraphWarning, deploy_graph
+from lowbit.export.float_layers import graph_float_layers, module_float_layers
+from lowbit.export.ort_graph import OnnxGraph as Graph
+from lowbit.export.ort_graph import optimized_model
 
 A8 = QuantSpec(bits=8, symmetric=False, observer="minmax")
 S8 = QuantSpec(bits=8, symmetric=True, observer="minmax")

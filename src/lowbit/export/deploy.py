@@ -19,45 +19,33 @@ scale names, under every name a shared quantizer has.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import nn
 
-from lowbit.deploy import DeployBinary, DeployEmbedding, DeployLayer, DynamicLinear
+from lowbit.deploy import DeployBinary, DeployLayer, DynamicLinear
+from lowbit.export.float_layers import graph_float_layers, module_float_layers
+from lowbit.export.ort_graph import (
+    FLOAT_COMPUTE,
+    INTEGER_COMPUTE,
+    INTEGER_ELEMENTWISE,
+    LAYOUT,
+    QUANT_OPS,
+    OnnxGraph,
+    attr,
+    integer_tensors,
+    optimized_model,
+)
 
-# ORT kernels that compute a Conv / MatMul / Gemm on integers (or on packed low-bit weights).
-INTEGER_COMPUTE = frozenset({
-    "QLinearConv", "ConvInteger", "QGemm", "QLinearMatMul", "MatMulInteger",
-    "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "QAttention",
-    "DynamicQuantizeLSTM",
-})
-# ... and the float ones (``FusedConv``: Conv + activation/sum; ``nchwc``-domain ``Conv``).
-FLOAT_COMPUTE = frozenset({
-    "Conv", "ConvTranspose", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul",
-    "Einsum", "Attention", "LSTM", "GRU", "RNN",
-})
-# Integer element-wise kernels a functional op (``op_add``) may run on.
-INTEGER_ELEMENTWISE = frozenset({
-    "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
-    "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSoftmax", "QLinearReduceMean",
-    "QLinearWhere",
-})
 FUNCTIONAL_OPS = {  # lowbit functional op → the ORT nodes that may run it
     "add": frozenset({"Add", "Sum", "QLinearAdd"}),
     "matmul": frozenset({"MatMul", "FusedMatMul", "Gemm", "FusedGemm", "QLinearMatMul",
                          "MatMulInteger", "MatMulIntegerToFloat", "QGemm"}),
 }
-# Ops that move or reshape a tensor without computing on it: looked through when following
-# a weight or an input to its DequantizeLinear, and not counted as float compute.
-LAYOUT = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity",
-                    "Cast", "ReorderInput", "ReorderOutput", "Shape", "Constant"})
-QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 # Initializer-name suffixes that identify a weight layer, most specific first: codes are unique
 # per layer, while the exporter merges equal initializers (zero points, all-zero biases) under
 # one layer's name.
@@ -140,76 +128,12 @@ class DeployGraph:
             return None
         items = "; ".join(f"{k.name} ({k.op}): {k.reason}" + (f" — fix: {k.fix}" if k.fix else "")
                           for k in slow)
-        return (f"ONNX Runtime runs {len(slow)} quantized layer(s) in float, on weights "
-                f"dequantized every run (often slower than the float model): {items}")
+        return (f"ONNX Runtime runs {len(slow)} quantized layer(s) on float kernels (with the "
+                f"quantize/dequantize around them, often slower than the float model): {items}")
 
 
 class DeployGraphWarning(UserWarning):
     """A quantized layer that ONNX Runtime runs in float."""
-
-
-# --------------------------------------------------------------------------- the ORT graph
-
-
-def optimized_model(path: str | os.PathLike) -> Any:
-    """The graph ONNX Runtime runs for ``path``: a CPU session at ``ORT_ENABLE_ALL`` (the
-    default users get) saved to a temp file, read back and the file removed. Layout choices
-    (NCHWc, NHWC) follow this machine's CPU."""
-    import onnx
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    with tempfile.TemporaryDirectory(prefix="lowbit-ort-") as tmp:
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return onnx.load(options.optimized_model_filepath)
-
-
-class _Graph:
-    """Producers, consumers and initializers of one ONNX graph."""
-
-    def __init__(self, proto: Any) -> None:
-        graph = proto.graph
-        self.nodes = list(graph.node)
-        self.inits = {i.name: i for i in graph.initializer}
-        self.outputs = {o.name for o in graph.output}
-        self.producer: dict[str, Any] = {}
-        self.consumers: dict[str, list[Any]] = {}
-        for node in self.nodes:
-            for out in node.output:
-                self.producer[out] = node
-            for name in node.input:
-                if name:
-                    self.consumers.setdefault(name, []).append(node)
-
-    def array(self, name: str) -> np.ndarray | None:
-        from onnx import numpy_helper
-
-        init = self.inits.get(name)
-        return None if init is None else numpy_helper.to_array(init)
-
-    def source(self, name: str) -> tuple[Any | None, list[Any]]:
-        """The node producing ``name`` looking through layout ops, and the layout ops passed."""
-        passed = []
-        node = self.producer.get(name)
-        while node is not None and node.op_type in LAYOUT and node.input:
-            passed.append(node)
-            node = self.producer.get(node.input[0])
-        return node, passed
-
-    def signature(self, node: Any) -> set[str]:
-        """Initializer names a node reads directly or through DequantizeLinear / layout ops."""
-        names: set[str] = set()
-        for name in node.input:
-            if name in self.inits:
-                names.add(name)
-                continue
-            src, _ = self.source(name)
-            if src is not None and src.op_type == "DequantizeLinear":
-                names.update(i for i in src.input if i in self.inits)
-        return names
 
 
 # --------------------------------------------------------------------------- the layers
@@ -295,7 +219,7 @@ def _key(name: str, keys: Mapping[str, tuple[int, _Layer]]) -> tuple[int, _Layer
     return None
 
 
-def locate(graph: _Graph, layers: list[_Layer], ops: frozenset[str]) -> dict[str, list[Any]]:
+def locate(graph: OnnxGraph, layers: list[_Layer], ops: frozenset[str]) -> dict[str, list[Any]]:
     """``{layer name: [nodes]}``: the compute nodes (``ops``) running each layer."""
     keys = _weight_key_map(layers)
     found: dict[str, list[Any]] = {}
@@ -326,30 +250,21 @@ def locate(graph: _Graph, layers: list[_Layer], ops: frozenset[str]) -> dict[str
 # --------------------------------------------------------------------------- why float
 
 
-def _weight_dq(graph: _Graph, node: Any) -> tuple[Any | None, list[Any]]:
+def _weight_dq(graph: OnnxGraph, node: Any) -> tuple[Any | None, list[Any]]:
     if len(node.input) < 2:
         return None, []
     src, passed = graph.source(node.input[1])
     return (src, passed) if src is not None and src.op_type == "DequantizeLinear" else (None, [])
 
 
-def _attr(node: Any, name: str, default: Any = None) -> Any:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _check_weight_layout(graph: _Graph, node: Any, layer: _Layer) -> tuple[str, str] | None:
+def _check_weight_layout(graph: OnnxGraph, node: Any, layer: _Layer) -> tuple[str, str] | None:
     dq, passed = _weight_dq(graph, node)
     if dq is None:
         if layer.functional:
             return None
         return ("its weight is not quantized (float initializer)",
                 "quantize its weight (weight=QuantSpec(bits=8, granularity='per_channel'))")
-    block = _attr(dq, "block_size", 0)
+    block = attr(dq, "block_size", 0)
     if block:
         return (f"its weight is per-group (block_size {block}): ORT's integer Conv/Gemm "
                 "kernels take per-tensor or per-channel weights, and fuse blocked weights only "
@@ -357,7 +272,7 @@ def _check_weight_layout(graph: _Graph, node: Any, layer: _Layer) -> tuple[str, 
                 "per-channel weights (granularity='per_channel') for an integer kernel")
     scale = graph.array(dq.input[1])
     if scale is not None and scale.ndim == 1 and scale.size > 1:
-        axis = _attr(dq, "axis", 1)
+        axis = attr(dq, "axis", 1)
         want = _output_axis(node, passed, graph.array(dq.input[0]))
         if want is not None and axis != want:
             return (f"its weight is per-channel on axis {axis}, not the output-channel axis "
@@ -370,7 +285,7 @@ def _output_axis(node: Any, passed: list[Any], codes: np.ndarray | None) -> int 
     if node.op_type in ("Conv", "ConvInteger"):
         return 0 if not passed else None
     if node.op_type == "Gemm":
-        return 0 if _attr(node, "transB", 0) else 1
+        return 0 if attr(node, "transB", 0) else 1
     if node.op_type == "MatMul" and codes is not None:
         last = codes.ndim - 1
         transposes = [p for p in passed if p.op_type == "Transpose"]
@@ -378,12 +293,12 @@ def _output_axis(node: Any, passed: list[Any], codes: np.ndarray | None) -> int 
             return None
         if not transposes:
             return last
-        perm = _attr(transposes[0], "perm") or list(reversed(range(codes.ndim)))
+        perm = attr(transposes[0], "perm") or list(reversed(range(codes.ndim)))
         return int(perm[last])
     return None
 
 
-def _check_input(graph: _Graph, node: Any, layer: _Layer) -> tuple[str, str] | None:
+def _check_input(graph: OnnxGraph, node: Any, layer: _Layer) -> tuple[str, str] | None:
     slots = (0, 1) if layer.functional else (0,)
     for slot in slots:
         src, _ = graph.source(node.input[slot])
@@ -397,7 +312,7 @@ def _check_input(graph: _Graph, node: Any, layer: _Layer) -> tuple[str, str] | N
     return None
 
 
-def _q_grid_min(graph: _Graph, q: Any) -> tuple[int, int] | None:
+def _q_grid_min(graph: OnnxGraph, q: Any) -> tuple[int, int] | None:
     """``(zero point, storage minimum)`` of a QuantizeLinear."""
     if len(q.input) < 3:
         return None
@@ -408,7 +323,7 @@ def _q_grid_min(graph: _Graph, q: Any) -> tuple[int, int] | None:
     return int(zp.reshape(-1)[0]), qmin
 
 
-def _check_output(graph: _Graph, node: Any, layer: _Layer) -> tuple[str, str] | None:
+def _check_output(graph: OnnxGraph, node: Any, layer: _Layer) -> tuple[str, str] | None:
     """A Conv fuses into QLinearConv only with a QuantizeLinear on its output (a Relu in
     between is dropped when the zero point is the grid's minimum)."""
     if node.op_type != "Conv":
@@ -451,7 +366,7 @@ def _check_output(graph: _Graph, node: Any, layer: _Layer) -> tuple[str, str] | 
 CHECKS = (_check_weight_layout, _check_input, _check_output)
 
 
-def _reason(graph: _Graph, node: Any | None, layer: _Layer, ran: str) -> tuple[str, str]:
+def _reason(graph: OnnxGraph, node: Any | None, layer: _Layer, ran: str) -> tuple[str, str]:
     if node is None:
         return ("not found in the exported graph under its initializer names; cause unknown",
                 "")
@@ -467,93 +382,6 @@ def _reason(graph: _Graph, node: Any | None, layer: _Layer, ran: str) -> tuple[s
             f"{ran})", "")
 
 
-# --------------------------------------------------------------------------- float layers
-
-
-def module_float_layers(model: nn.Module, reasons: Mapping[str, str] | None = None
-                        ) -> dict[str, str]:
-    """Layers that hold a float weight in the deploy model: any module other than lowbit's
-    deploy modules owning a weight parameter of 2+ dims (Conv*, ConvTranspose*, Linear,
-    transformers' Conv1D, RNNs, custom layers), and deploy layers whose weight was not
-    quantized. ``reasons`` (the plan's) name why; a name of the plan that is still a float
-    module of the tree (an unfolded BatchNorm) is kept with its reason."""
-    reasons = dict(reasons or {})
-    prefix = _name_prefix(model)
-    planned = {prefix + n: why for n, why in reasons.items()}
-    out: dict[str, str] = {}
-    lowbit_types = (DeployLayer, DynamicLinear, DeployBinary, DeployEmbedding)
-    inside: list[str] = []
-    for name, m in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside):
-            continue
-        if isinstance(m, lowbit_types):
-            inside.append(name)
-            if isinstance(m, DeployLayer) and m.weight is None:
-                out[name] = planned.get(name, "its weight is not quantized (only activations)")
-            continue
-        own = [p for n, p in m.named_parameters(recurse=False) if "weight" in n and p.dim() >= 2]
-        if own:
-            out[name or "<model>"] = planned.get(
-                name, f"{type(m).__name__} holds a float weight (no rule quantized it)")
-        elif name in planned and name:
-            out[name] = planned[name]
-    return out
-
-
-def _name_prefix(model: nn.Module) -> str:
-    """``"m."`` when the deploy model is wrapped (``LastHidden(dm)``): module paths are then
-    the plan's names behind a prefix."""
-    for path, m in model.named_modules():
-        name = getattr(m, "layer_name", None)
-        if isinstance(name, str) and name and path.endswith(name):
-            return path[: len(path) - len(name)]
-    return ""
-
-
-def graph_float_layers(graph: _Graph, model: nn.Module | None = None) -> dict[str, str]:
-    """Float Conv/MatMul/Gemm/RNN nodes of the exported graph whose weight is a float
-    initializer (not behind DequantizeLinear), named after the initializer's module path, or
-    found by value in ``model`` where the exporter renamed it (a transposed copy)."""
-    out: dict[str, str] = {}
-    for node in graph.nodes:
-        if node.op_type not in FLOAT_COMPUTE or len(node.input) < 2:
-            continue
-        src_name = node.input[1]
-        while src_name not in graph.inits:
-            src = graph.producer.get(src_name)
-            if src is None or src.op_type not in LAYOUT or not src.input:
-                break
-            src_name = src.input[0]
-        if src_name not in graph.inits:
-            continue
-        name = _owner(graph, node, src_name, model)
-        out.setdefault(name, f"float {node.op_type} in the exported graph (weight "
-                             f"{src_name!r} is a float initializer)")
-    return out
-
-
-def _owner(graph: _Graph, node: Any, weight: str, model: nn.Module | None) -> str:
-    if "." in weight:
-        return weight.rsplit(".", 1)[0]
-    for name in node.input[2:]:  # the bias, where it kept its name
-        if "." in name and name in graph.inits:
-            return name.rsplit(".", 1)[0]
-    for user in graph.consumers.get(node.output[0], []):  # MatMul → Add(bias)
-        for name in user.input:
-            if user.op_type == "Add" and "." in name and name in graph.inits:
-                return name.rsplit(".", 1)[0]
-    array = graph.array(weight)
-    if model is not None and array is not None:
-        for path, m in model.named_modules():
-            w = m._parameters.get("weight")
-            if w is None or w.dim() != array.ndim:
-                continue
-            value = w.detach().cpu().numpy()
-            if any(v.shape == array.shape and np.array_equal(v, array) for v in (value, value.T)):
-                return path
-    return f"{node.op_type} {node.name!r}"
-
-
 # --------------------------------------------------------------------------- the whole check
 
 
@@ -567,8 +395,8 @@ def deploy_graph(path: str | os.PathLike, *, model: nn.Module | None = None,
     ``float_layers`` (the plan's reasons) name why a float layer is float."""
     import onnx
 
-    exported = _Graph(onnx.load(str(path)))
-    optimized = _Graph(optimized_model(path))
+    exported = OnnxGraph(onnx.load(str(path)))
+    optimized = OnnxGraph(optimized_model(path))
     if model is not None:
         layers = layers_of_model(model)
     elif params is not None:
@@ -613,7 +441,7 @@ def deploy_graph(path: str | os.PathLike, *, model: nn.Module | None = None,
     )
 
 
-def _merge_float_layers(model: nn.Module | None, graph: _Graph,
+def _merge_float_layers(model: nn.Module | None, graph: OnnxGraph,
                         reasons: Mapping[str, str] | None) -> dict[str, str]:
     out = module_float_layers(model, reasons) if model is not None else {}
     if model is None:
@@ -623,7 +451,7 @@ def _merge_float_layers(model: nn.Module | None, graph: _Graph,
     return out
 
 
-def _float_between(graph: _Graph, layer_nodes: set[int]) -> list[str]:
+def _float_between(graph: OnnxGraph, layer_nodes: set[int]) -> list[str]:
     """Float ops on a path from one quantized layer's kernel to another's (not Q/DQ, layout
     ops, integer kernels, or the layers' own kernels)."""
     def reach(start: Iterable[Any], step: Any) -> set[int]:
@@ -640,7 +468,7 @@ def _float_between(graph: _Graph, layer_nodes: set[int]) -> list[str]:
     starts = [n for n in graph.nodes if id(n) in layer_nodes]
     down = reach(starts, lambda n: [c for o in n.output for c in graph.consumers.get(o, [])])
     up = reach(starts, lambda n: [graph.producer[i] for i in n.input if i in graph.producer])
-    integer = _integer_tensors(graph)
+    integer = integer_tensors(graph)
     out = []
     for node in graph.nodes:
         if id(node) not in down or id(node) not in up or id(node) in layer_nodes:
@@ -651,22 +479,6 @@ def _float_between(graph: _Graph, layer_nodes: set[int]) -> list[str]:
             continue  # on integer codes: a uint8 MaxPool, the Clip of a 4-bit grid
         out.append(f"{node.op_type} {node.name!r}")
     return out
-
-
-def _integer_tensors(graph: _Graph) -> set[str]:
-    """Tensors holding integer codes: outputs of QuantizeLinear and of integer kernels with a
-    quantized output, carried through ops that keep their input's type (graph order)."""
-    found: set[str] = set()
-    for node in graph.nodes:
-        op = node.op_type
-        quantized_out = (op in ("QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv")
-                         or op in INTEGER_ELEMENTWISE or (op == "QGemm" and len(node.input) >= 9)
-                         or op == "QLinearMatMul")
-        keeps_type = (node.input and node.input[0] in found and op != "DequantizeLinear"
-                      and op not in INTEGER_COMPUTE)
-        if (quantized_out or keeps_type) and node.output:
-            found.add(node.output[0])
-    return found
 
 
 def check_deploy_graph(model: nn.Module, path: str | os.PathLike,

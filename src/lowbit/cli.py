@@ -278,10 +278,47 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """Summarise a ``.quant_params.json``; for a ``.onnx`` file also say what ONNX Runtime
+    runs (its sidecar found by name, as ``export_onnx`` writes it)."""
     path = Path(args.params)
+    if path.suffix != ".onnx":
+        _print_params(_read_params(path))
+        return 0
+    from lowbit.export.deploy import deploy_graph
+    from lowbit.export.onnx import side_paths
+
+    if not path.is_file():
+        raise ValueError(f"{args.params!r} does not exist")
+    params_path = side_paths(path)[0]
+    data = None
+    if params_path.is_file():
+        data = _read_params(params_path)
+        _print_params(data)
+    else:
+        print(f"no {params_path.name} beside it: quantized layers found by initializer names")
+    try:
+        graph = deploy_graph(path, params=data, float_layers=(data or {}).get("float_layers"))
+    except Exception as err:  # noqa: BLE001 - ORT refusing the file is the user's answer
+        raise ValueError(f"ONNX Runtime could not load {args.params!r}: {err}") from None
+    print()
+    print("deploy graph")
+    for line in graph.lines():
+        print(f"  {line}")
+    if graph.float_layers:
+        print("float layers")
+        for name, why in graph.float_layers.items():
+            print(f"  {name}: {why}")
+    return 0
+
+
+def _read_params(path: Path) -> dict[str, Any]:
     data = json.loads(path.read_text())
-    if data.get("format") != "lowbit.quant_params":
-        raise ValueError(f"{args.params!r} is not a lowbit quant_params.json file")
+    if not isinstance(data, dict) or data.get("format") != "lowbit.quant_params":
+        raise ValueError(f"{str(path)!r} is not a lowbit quant_params.json file")
+    return data
+
+
+def _print_params(data: dict[str, Any]) -> None:
     print(f"{'layer':<32} {'type':<10} {'weight':<18} {'input':<18} {'output':<18}")
     for name, entry in data["layers"].items():
         cells = []
@@ -297,7 +334,6 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"{name:<32} {entry['type']:<10} " + " ".join(f"{c:<18}" for c in cells))
     for name, why in data.get("float_layers", {}).items():
         print(f"{name:<32} float      ({why})")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -367,8 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: %(default)s)")
     quant.set_defaults(func=cmd_quantize)
 
-    report = sub.add_parser("report", help="summarise a .quant_params.json file")
-    report.add_argument("params", help="path to <model>.quant_params.json")
+    report = sub.add_parser("report", help="summarise an exported model: its quant_params.json "
+                            "and, for a .onnx file, the kernels ONNX Runtime runs")
+    report.add_argument("params", help="path to <model>.onnx (its <model>.quant_params.json is "
+                        "read from beside it) or to <model>.quant_params.json")
     report.set_defaults(func=cmd_report)
     return parser
 

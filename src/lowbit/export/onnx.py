@@ -21,6 +21,7 @@ from torch import nn
 
 from lowbit.config import atomic_write_text
 from lowbit.deploy import IntWeight
+from lowbit.export.deploy import check_deploy_graph
 from lowbit.export.encoding import (
     WeightDtype,
     cpu_has_vnni,
@@ -157,9 +158,10 @@ def export_onnx(
             leftover.unlink()
         os.rmdir(tmp_dir)
 
+    deploy = check_deploy_graph(model, path, float_layers)  # what ORT runs; warns if float
     report = ExportReport.build(model, path, params_path, weights_path, opset, parity,
                                 float_layers, f"{storage} ({storage_reason})", packed,
-                                f"{int4_storage} ({int4_reason})", exporter=used)
+                                f"{int4_storage} ({int4_reason})", deploy, exporter=used)
     # Fused integer kernels round a few codes one step away; more than that means the runtime
     # computes something else (e.g. u8s8 saturation on CPUs without VNNI, or int8 activations
     # in the MatMulNBits ORT fuses int4 DequantizeLinear → MatMul into).

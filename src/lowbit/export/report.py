@@ -1,4 +1,5 @@
-"""What an export produced: files and sizes, ONNX Runtime parity, what stayed float."""
+"""What an export produced: files and sizes, ONNX Runtime parity, the kernels ONNX Runtime
+runs (``deploy``), what stayed float."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from lowbit.deploy import BinarizeDequantize, DynamicLinear, IntBias, IntWeight, QuantizeDequantize
+from lowbit.export.deploy import DeployGraph
 from lowbit.export.verify import Parity
 
 
@@ -25,7 +27,14 @@ class ExportReport:
     weight_storage: str = "int8"
     int4_weights: list[str] = field(default_factory=list)  # weights stored two codes a byte
     int4_storage: str = ""
+    deploy: DeployGraph | None = None  # what ORT runs after its graph optimizations
     exporter: str = "dynamo"  # the torch exporter that wrote the file (and why, after a fallback)
+
+    def __post_init__(self) -> None:
+        # The float layers are what the module tree and the graph hold (with the plan's
+        # reasons), not the plan's intention, whenever the deploy graph was read.
+        if self.deploy is not None:
+            self.float_layers = dict(self.deploy.float_layers)
 
     @property
     def size_ratio(self) -> float:
@@ -35,7 +44,7 @@ class ExportReport:
     def build(cls, model: nn.Module, path: Path, params: Path, weights: Path, opset: int,
               parity: Parity, float_layers: dict[str, str], weight_storage: str,
               int4_weights: list[str] | None = None, int4_storage: str = "",
-              exporter: str = "dynamo") -> ExportReport:
+              deploy: DeployGraph | None = None, exporter: str = "dynamo") -> ExportReport:
         import onnx
 
         size = written_bytes(path)
@@ -43,7 +52,7 @@ class ExportReport:
         float_size = size + float32_delta(proto, model)
         return cls(path, params, weights, opset, size, float_size, parity,
                    dict(float_layers), weight_storage, sorted(int4_weights or ()), int4_storage,
-                   exporter)
+                   deploy, exporter)
 
     def __str__(self) -> str:
         p = self.parity
@@ -72,6 +81,10 @@ class ExportReport:
             lines.append(f"               codes differing most: {worst}")
         if p.unmatched:
             lines.append(f"               not compared: {', '.join(p.unmatched)}")
+        if self.deploy is not None:
+            first, *rest = self.deploy.lines()
+            lines.append(f"deploy graph   {first}")
+            lines.extend(f"               {line}" for line in rest)
         if self.float_layers:
             lines.append("float layers   " + "; ".join(f"{n}: {why}" for n, why in
                                                         self.float_layers.items()))

@@ -176,6 +176,17 @@ def test_per_group_weights_on_a_quantized_input_run_in_float(tmp_path):
     assert report.deploy.integer_kernels == 0 and len(caught) == 1
 
 
+def test_a_linear_whose_relu_feeds_a_float_layer_runs_as_float_fusedgemm(tmp_path):
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    cfg = QuantConfig(rules=[LayerRule(types=["Linear"], weight=W8, input=A8),
+                             LayerRule(names=["2"])])
+    report, caught = export(model, cfg, torch.randn(4, 16), tmp_path / "l.onnx")
+    (slow,) = report.deploy.float_quantized
+    assert slow.name == "0" and slow.op == "FusedGemm"
+    assert "its output (after Relu) feeds a float Gemm" in slow.reason
+    assert report.float_layers == {"2": "kept in float by the config"} and len(caught) == 1
+
+
 def test_int4_weight_only_runs_on_matmulnbits(tmp_path):
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
     report, caught = export(model, QuantConfig.preset("w4-g32"), torch.randn(2, 5, 64),

@@ -325,8 +325,10 @@ def _q_grid_min(graph: OnnxGraph, q: Any) -> tuple[int, int] | None:
 
 def _check_output(graph: OnnxGraph, node: Any, layer: _Layer) -> tuple[str, str] | None:
     """A Conv fuses into QLinearConv only with a QuantizeLinear on its output (a Relu in
-    between is dropped when the zero point is the grid's minimum)."""
-    if node.op_type != "Conv":
+    between is dropped when the zero point is the grid's minimum). A Gemm may keep a float
+    output (QGemm), but not behind a Relu/Clip with no QuantizeLinear after it: ORT then fuses
+    the activation into a float FusedGemm instead."""
+    if node.op_type not in ("Conv", "Gemm"):
         return None
     out, act = node.output[0], None
     users = graph.consumers.get(out, [])
@@ -336,6 +338,8 @@ def _check_output(graph: OnnxGraph, node: Any, layer: _Layer) -> tuple[str, str]
         users = graph.consumers.get(out, [])
     after = f" (after {act.op_type})" if act is not None else ""
     floats = [u for u in users if u.op_type != "QuantizeLinear"]
+    if node.op_type == "Gemm" and (act is None or not (floats or out in graph.outputs)):
+        return None
     if out in graph.outputs:
         return (f"its output{after} is a model output in float (ORT's integer Conv needs a "
                 "QuantizeLinear after it)",

@@ -158,8 +158,10 @@ def float32_delta(proto: Any, model: nn.Module) -> int:
         if codes_key in ("codes", "weight_t") and found[codes_key] is None:
             continue  # the weight is not in the file: no float copy of it either
         dropped.update({id(i): i for i in found.values() if i is not None})
-        if codes_key in ("codes", "weight_t"):
-            floats.append((name, list(parts[codes_key].shape)))
+        if codes_key == "codes":
+            floats.append((name, list(m.codes.shape)))  # IntWeight "x.weight" → "x.weight"
+        elif codes_key == "weight_t":
+            floats.append((f"{name}.weight", list(parts[codes_key].shape)))
     delta = -sum(_field(i.ByteSize()) for i in dropped.values())
     for name, shape in floats:
         count = 1

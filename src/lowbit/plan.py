@@ -20,7 +20,7 @@ from lowbit.config import (
     QuantConfig,
     QuantSpec,
     check_version,
-    read_structured,
+    load_file,
     write_structured,
 )
 from lowbit.functional import FUNCTIONAL_TYPES, find_functional
@@ -135,7 +135,7 @@ class Plan:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Plan:
-        return cls.from_dict(read_structured(path))
+        return load_file(path, cls.from_dict)
 
     def summary(self) -> str:
         lines = [f"{'layer':<32} {'type':<8} {'weight':<14} {'input':<14} {'output':<14}"]

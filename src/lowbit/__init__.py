@@ -10,6 +10,7 @@ from lowbit import observers, quantizers, schedules  # noqa: F401  (fill the reg
 from lowbit.calibrate import calibrate, set_calibrating
 from lowbit.config import LayerRule, QuantConfig, QuantSpec
 from lowbit.convert import convert
+from lowbit.export.files import ExportError, ExportSet, MismatchedFileSetError, load_export
 from lowbit.export.onnx import export_onnx
 from lowbit.export.report import ExportReport
 from lowbit.plan import LayerPlan, Plan, plan
@@ -20,7 +21,10 @@ from lowbit.regularizers import quant_loss
 from lowbit.sensitivity import SensitivityReport, keep_sensitive_layers
 
 __all__ = [
+    "ExportError",
     "ExportReport",
+    "ExportSet",
+    "MismatchedFileSetError",
     "QParams",
     "Quantizer",
     "LayerPlan",
@@ -33,6 +37,7 @@ __all__ = [
     "convert",
     "export_onnx",
     "keep_sensitive_layers",
+    "load_export",
     "plan",
     "prepare_qat",
     "quant_loss",

@@ -243,6 +243,14 @@ class FileSet:
         self._stage_fd: int | None = None
         self.committed = False
 
+    def open(self) -> FileSet:
+        """Create the staging folder (what ``with`` does); pair with ``close``."""
+        return self.__enter__()
+
+    def close(self) -> None:
+        """Discard whatever was staged and not committed (what leaving ``with`` does)."""
+        self.__exit__(None, None, None)
+
     def __enter__(self) -> FileSet:
         for target in self.targets:
             _check_folder(target)

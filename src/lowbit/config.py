@@ -573,6 +573,21 @@ def _json_line(text: str, key: str, nth: int) -> int:
     return 0
 
 
+def warn_unmatched_names(config: QuantConfig, names: Sequence[str]) -> None:
+    """Warn for each ``LayerRule.names`` pattern that matches none of ``names``: a typo there
+    would otherwise leave the layers it meant untouched without a word."""
+    import warnings
+
+    names = list(dict.fromkeys(names))
+    for i, rule in enumerate(config.rules):
+        dead = [p for p in rule.names if not any(_name_matches(p, n) for n in names)]
+        if dead:
+            sample = [n for n in names if n][:8]
+            warnings.warn(f"rule {i} of the config: name pattern(s) {dead} match no layer of the "
+                          f"model, so the rule does nothing for them (layers are named like "
+                          f"{sample}{' ...' if len(names) > 9 else ''})", stacklevel=3)
+
+
 def check_version(data: dict[str, Any], what: str) -> None:
     version = data.get("version", CONFIG_VERSION)
     if isinstance(version, bool) or version != CONFIG_VERSION:

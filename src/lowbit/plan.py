@@ -21,6 +21,7 @@ from lowbit.config import (
     QuantSpec,
     check_version,
     load_file,
+    warn_unmatched_names,
     write_structured,
 )
 from lowbit.functional import FUNCTIONAL_TYPES, find_functional
@@ -206,6 +207,7 @@ def plan(
     for name, module in model.named_modules():
         if isinstance(module, NORMS) and config.fuse_bn and not any(name in c for c in fusions):
             skipped[name] = "BatchNorm not directly after a Conv/Linear: left in float"
+    warn_unmatched_names(config, [n for n, _ in model.named_modules()] + [x.name for x in layers])
     return Plan(layers=layers, fusions=fusions, skipped=skipped)
 
 

@@ -10,11 +10,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.checkpoint import attach_metadata
 from lowbit.config import QuantConfig
 from lowbit.functional import FUNCTIONAL_TYPES, insert_functional
 from lowbit.fuse import apply_chains, set_module
+from lowbit.guard import check_not_meta
 from lowbit.nn import QuantLayer, init_weight_quantizer
 from lowbit.plan import Plan, plan
+from lowbit.quantize_checks import ModuleSnapshot, check_plan_fits
 from lowbit.registry import LAYERS
 from lowbit.share import share_input_quantizers
 
@@ -70,6 +73,10 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
               inplace: bool, *, qat: bool, freeze_bn: int | None = None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"`inplace` must be a bool (True or False), got "
+                        f"{type(inplace).__name__} {inplace!r}")
+    check_not_meta(model)
     if isinstance(config, QuantConfig):
         the_plan = plan(model, config, example_inputs)
     elif isinstance(config, Plan):
@@ -93,7 +100,21 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
             "inplace=True cannot be combined with rules for functional 'add'/'matmul' ops: "
             f"inserting {sorted(functional)} builds a new traced module; use inplace=False"
         )
-    model = model if inplace else copy.deepcopy(model)
+    check_plan_fits(model, the_plan, functional, from_config=isinstance(config, QuantConfig))
+    if not inplace:
+        return _apply_plan(copy.deepcopy(model), the_plan, functional, example_inputs, qat,
+                           freeze_bn)
+    snapshot = ModuleSnapshot(model)
+    try:
+        return _apply_plan(model, the_plan, functional, example_inputs, qat, freeze_bn)
+    except BaseException:
+        snapshot.restore()  # a failing call leaves the caller's model as it was
+        raise
+
+
+def _apply_plan(model: nn.Module, the_plan: Plan, functional: set[str],
+                example_inputs: Sequence[object] | None, qat: bool,
+                freeze_bn: int | None) -> nn.Module:
     quantized = {layer.name for layer in the_plan.quantized}
     activations, norms = apply_chains(model, list(the_plan.fusions), quantized, keep_bn=qat)
     # Functional ops are plan entries with no module behind them yet (``op_add``...).
@@ -122,8 +143,9 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
     floats = the_plan.float_layers
     if floats:
         listed = "; ".join(f"{n or '<model>'}: {why}" for n, why in floats.items())
-        warnings.warn(f"lowbit left {len(floats)} layer(s) in float: {listed}", stacklevel=3)
+        warnings.warn(f"lowbit left {len(floats)} layer(s) in float: {listed}", stacklevel=4)
     setattr(model, PLAN_ATTR, the_plan)
+    attach_metadata(model)
     return model
 
 

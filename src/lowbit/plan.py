@@ -114,6 +114,10 @@ class Plan:
         if not isinstance(data, dict):
             raise TypeError(f"a Plan must be a mapping, got {type(data).__name__}")
         check_version(data, "Plan")
+        unknown = sorted(set(data) - {"version", "fusions", "layers", "skipped"})
+        if unknown:
+            raise ValueError(f"unknown Plan field(s) {unknown}; allowed: "
+                             "['fusions', 'layers', 'skipped', 'version']")
         layers_data = data.get("layers") or {}
         if not isinstance(layers_data, dict):
             raise TypeError("Plan `layers` must map layer names to entries")

@@ -58,7 +58,10 @@ def build_model(ref: str, weights: str | None) -> Any:
     if not callable(factory):
         raise TypeError(f"--model {ref!r} must name a callable that returns a torch.nn.Module, "
                         f"got {type(factory).__name__}")
-    model = factory()
+    try:
+        model = factory()
+    except Exception as err:
+        raise ValueError(f"--model factory {ref!r} failed: {type(err).__name__}: {err}") from err
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"--model factory must return a torch.nn.Module, got {type(model).__name__}")
     if weights:
@@ -193,10 +196,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad usage is one line on stderr (not the usage block) and exit code 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lowbit.config import QuantConfig
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lowbit", description="Quantize PyTorch models and export integer ONNX.",
         epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

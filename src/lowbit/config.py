@@ -528,7 +528,10 @@ def parse_yaml(text: str, source: str) -> Any:
     """Parse YAML safely; syntax errors and duplicate keys name the file and line."""
     import yaml
 
-    loader = _Loader.get(source)(text)
+    try:
+        loader = _Loader.get(source)(text)
+    except yaml.YAMLError as err:  # the reader rejects control characters up front
+        raise ConfigFileError(f"{source}: invalid YAML: {' '.join(str(err).split())}") from None
     try:
         return loader.get_single_data()
     except yaml.MarkedYAMLError as err:

@@ -56,9 +56,10 @@ def export_step_error(step: str, err: Exception) -> Exception:
         hint = ("; free some disk space and export again" if err.errno == errno.ENOSPC else
                 "; check the folder's permissions" if err.errno in (errno.EACCES, errno.EPERM,
                                                                     errno.EROFS) else "")
-        out = type(err)(err.errno, f"export step '{step}' failed: {err.strerror}{hint}")
-        out.filename = err.filename
-        return out
+        message = f"export step '{step}' failed: {err.strerror}{hint}"
+        if err.filename is not None:
+            return type(err)(err.errno, message, err.filename)
+        return type(err)(err.errno, message)
     message = str(err)
     prefix = "torch.onnx.export failed: "
     if message.startswith(prefix):  # the exporter's own message, without our wrapper's words

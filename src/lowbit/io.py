@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 STAGE_PREFIX = ".lowbit-stage-"
+LEGACY_PREFIX = ".lowbit-export-"  # temp folders of lowbit versions before FileSet
 TMP_SUFFIX = ".lowbit-tmp"
 JOURNAL = "JOURNAL"  # roll forward: the new set is committed
 ROLLBACK = "ROLLBACK"  # roll back: a live writer failed during the renames
@@ -194,7 +195,8 @@ def recover(folder: str | os.PathLike, *, locked: bool = False,
         cleaned: list[Path] = []
         for entry in sorted(folder.iterdir()):
             name = entry.name
-            if entry == keep or not (name.startswith(STAGE_PREFIX) or name.endswith(TMP_SUFFIX)):
+            if entry == keep or not (name.startswith((STAGE_PREFIX, LEGACY_PREFIX))
+                                     or name.endswith(TMP_SUFFIX)):
                 continue
             fd = _try_lock(entry)
             if fd is None:

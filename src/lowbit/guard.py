@@ -57,12 +57,12 @@ def layer_errors(model: nn.Module, step: str) -> Iterator[None]:
     Errors that already name a layer (``LayerError``) and the caller's own ``TypeError`` /
     ``ValueError`` raised outside any submodule pass through unchanged.
     """
-    stack: list[tuple[str, nn.Module, str]] = []
+    # (name, module, args, kwargs) of the submodules running now; described only on failure.
+    stack: list[tuple[str, nn.Module, Any, Any]] = []
 
     def pre(name: str) -> Any:
         def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
-            stack.append((name, module, describe(args) if not kwargs else
-                          describe(args) + " " + describe(kwargs)))
+            stack.append((name, module, args, kwargs))
         return hook
 
     def post(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
@@ -83,7 +83,8 @@ def layer_errors(model: nn.Module, step: str) -> Iterator[None]:
     except (RuntimeError, TypeError, ValueError, IndexError) as err:
         if not stack:
             raise
-        name, module, inputs = stack[-1]
+        name, module, args, kwargs = stack[-1]
+        inputs = describe(args) + (" " + describe(kwargs) if kwargs else "")
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LayerError(f"{step}: layer {name!r} ({type(module).__name__}) rejected its "
                          f"input {inputs}: {type(err).__name__}: {first}", name) from err

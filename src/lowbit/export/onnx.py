@@ -118,7 +118,13 @@ def export_onnx(
     params_path, weights_path = side_paths(path)
     was_training = source.training
     # One file set: all three files appear together or not at all (lowbit.io.FileSet).
-    files = FileSet([params_path, weights_path, path]).open()
+    try:
+        files = FileSet([params_path, weights_path, path]).open()
+    except OSError as err:
+        wrapped = export_step_error("creating the staging folder", err)
+        if wrapped is err:
+            raise
+        raise wrapped from err
     tmp = files.staged(path)
     step = "checking example_inputs"
     try:
@@ -151,7 +157,10 @@ def export_onnx(
         step = "committing the files"
         files.commit()
     except Exception as err:
-        raise export_step_error(step, err) from err
+        wrapped = export_step_error(step, err)
+        if wrapped is err:
+            raise
+        raise wrapped from err
     finally:
         source.train(was_training)
         files.close()

@@ -244,7 +244,8 @@ def test_calibration_can_skip_non_finite_batches() -> None:
         count = lowbit.calibrate(qm, [torch.randn(4, 6), bad, torch.randn(4, 6)],
                                  nonfinite="skip", progress=False)
     assert count == 2
-    with pytest.raises(ValueError, match=r"all 1 were skipped"):
+    with pytest.raises(ValueError, match=r"all 1 were skipped"), \
+            pytest.warns(UserWarning, match=r"skipped calibration batch 1"):
         lowbit.calibrate(quantized(), [bad], nonfinite="skip", progress=False)
 
 

@@ -146,7 +146,7 @@ def calibrate(
             except NonFiniteError as err:
                 if nonfinite == "raise":
                     raise
-                warnings.warn(f"skipped {err}", stacklevel=3)
+                warnings.warn(f"skipped {str(err).split('; clean the data')[0]}", stacklevel=3)
                 continue
             count += 1
             if max_batches is not None and count >= max_batches:

@@ -416,7 +416,8 @@ def test_convert_loads_safetensors_and_reports_bad_checkpoints(tmp_path):
     other = tmp_path / "int2.pt"
     two_bit = SlbQuantAwareTraining({"quant_dtype": [QuantDtype.INT8, QuantDtype.INT2]})
     torch.save(apply_quietly(two_bit, lenet()).state_dict(), other)
-    with pytest.raises(RuntimeError, match="failed to load.*last dimension must be 2"):
+    with pytest.raises(RuntimeError, match="failed to load.*layer '0' \\(weight_quant\\) was "
+                                           "saved with bits=2, this model has bits=1"):
         algo.convert(target, str(other))
     listed = tmp_path / "list.pt"
     torch.save([1, 2], listed)

@@ -11,6 +11,7 @@ from lowbit.calibrate import calibrate, set_calibrating
 from lowbit.config import LayerRule, QuantConfig, QuantSpec
 from lowbit.convert import convert
 from lowbit.export.errors import ExportError
+from lowbit.export.files import ExportSet, MismatchedFileSetError, load_export
 from lowbit.export.onnx import export_onnx
 from lowbit.export.report import ExportReport
 from lowbit.plan import LayerPlan, Plan, plan
@@ -23,6 +24,8 @@ from lowbit.sensitivity import SensitivityReport, keep_sensitive_layers
 __all__ = [
     "ExportError",
     "ExportReport",
+    "ExportSet",
+    "MismatchedFileSetError",
     "QParams",
     "Quantizer",
     "LayerPlan",
@@ -35,6 +38,7 @@ __all__ = [
     "convert",
     "export_onnx",
     "keep_sensitive_layers",
+    "load_export",
     "plan",
     "prepare_qat",
     "quant_loss",

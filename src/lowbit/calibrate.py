@@ -5,11 +5,12 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from lowbit.guard import NonFiniteError, check_finite, check_not_meta, layer_errors
 from lowbit.quantizers import Quantizer
 from lowbit.weight_calibration import calibrate_weights, layers_needing_data
 
@@ -87,6 +88,7 @@ def calibrate(
     *,
     max_batches: int | None = None,
     progress: bool = True,
+    nonfinite: Literal["raise", "skip"] = "raise",
 ) -> int:
     """Record activation ranges over ``batches`` and freeze them; returns the batch count.
 
@@ -98,8 +100,18 @@ def calibrate(
     Each batch is passed as ``forward(model, batch)`` (default: see ``default_forward``; for a
     loader of ``(x, y)`` pairs use ``forward=lambda m, b: m(b[0])``). Runs in eval mode under
     ``no_grad`` and restores every module's training flag afterwards, even on error.
+
+    A batch a layer rejects (wrong shape, dtype or device) raises a ``LayerError`` (a
+    ``ValueError``) naming the layer. NaN/inf reaching a quantizer raises one too
+    (``nonfinite="raise"``), or skips that batch with a warning naming the layer
+    (``nonfinite="skip"``; layers before it may already have recorded the batch).
     """
     quantizers = _require_quantized(model)
+    check_not_meta(model)
+    if not isinstance(progress, bool):
+        raise TypeError(f"`progress` must be a bool, got {type(progress).__name__} {progress!r}")
+    if nonfinite not in ("raise", "skip"):
+        raise ValueError(f"`nonfinite` must be 'raise' or 'skip', got {nonfinite!r}")
     if forward is None:
         forward = default_forward
     elif not callable(forward):
@@ -115,6 +127,7 @@ def calibrate(
         raise ValueError(f"`max_batches` must be a positive int or None, got {max_batches!r}")
 
     run_forward: Forward = forward
+    seen_batches = [0]  # the batch being fed, for messages
 
     def feed(desc: str) -> int:
         iterator: Iterable[Any] = batches
@@ -123,28 +136,51 @@ def calibrate(
 
             total = max_batches if max_batches is not None else _len_or_none(batches)
             iterator = tqdm(batches, total=total, desc=desc, unit="batch", leave=False)
-        count = 0
+        count = seen = 0
         for batch in iterator:
-            run_forward(model, batch)
+            seen += 1
+            seen_batches[0] = seen
+            try:
+                with layer_errors(model, f"calibration batch {seen}"):
+                    run_forward(model, batch)
+            except NonFiniteError as err:
+                if nonfinite == "raise":
+                    raise
+                warnings.warn(f"skipped {str(err).split('; clean the data')[0]}", stacklevel=3)
+                continue
             count += 1
             if max_batches is not None and count >= max_batches:
                 break
         if count == 0:
-            raise ValueError("`batches` is empty: calibration needs at least one batch")
+            raise ValueError("`batches` is empty: calibration needs at least one batch"
+                             + (f" (all {seen} were skipped for NaN/inf)" if seen else ""))
         return count
 
-    with _eval_state(model):
-        if layers_needing_data(model):
-            if iter(batches) is batches:
-                raise TypeError(
-                    "`batches` is read twice when layers use `smoothing` or a weight algorithm "
-                    "(statistics, then ranges): pass a list or a DataLoader, not an iterator"
-                )
+    def finite_hook(q: Quantizer) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if module.observing and args and isinstance(args[0], torch.Tensor):
+                check_finite(args[0], q.layer_name or "?", q.role,
+                             f"calibration batch {seen_batches[0]}")
+        return hook
+
+    handles = [q.register_forward_pre_hook(finite_hook(q)) for q in quantizers]
+    try:
+        with _eval_state(model):
+            if layers_needing_data(model):
+                if iter(batches) is batches:
+                    raise TypeError(
+                        "`batches` is read twice when layers use `smoothing` or a weight "
+                        "algorithm (statistics, then ranges): pass a list or a DataLoader, not "
+                        "an iterator"
+                    )
+                set_calibrating(model, True)
+                calibrate_weights(model, batches, lambda _: feed("weight statistics"))
             set_calibrating(model, True)
-            calibrate_weights(model, batches, lambda _: feed("weight statistics"))
-        set_calibrating(model, True)
-        count = feed("calibrating")
-        set_calibrating(model, False)
+            count = feed("calibrating")
+            set_calibrating(model, False)
+    finally:
+        for handle in handles:
+            handle.remove()
 
     unseen = sorted({q.layer_name for q in quantizers if not q.is_ready()})
     if unseen:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,15 +34,23 @@ def load_object(ref: str, what: str) -> Any:
         if not path.is_file():
             raise ValueError(f"{what}: file {target!r} does not exist")
         spec = importlib.util.spec_from_file_location(path.stem, path)
-        assert spec is not None and spec.loader is not None
+        if spec is None or spec.loader is None:
+            raise ValueError(f"{what}: cannot load {target!r} as a Python file")
         module = importlib.util.module_from_spec(spec)
         sys.modules.setdefault(path.stem, module)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as err:
+            raise ValueError(f"{what}: running {target!r} failed: {type(err).__name__}: "
+                             f"{err}") from err
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as err:
             raise ValueError(f"{what}: cannot import {target!r}: {err}") from None
+        except Exception as err:
+            raise ValueError(f"{what}: importing {target!r} failed: {type(err).__name__}: "
+                             f"{err}") from err
     if not hasattr(module, name):
         raise ValueError(f"{what}: {target!r} has no attribute {name!r}")
     return getattr(module, name)
@@ -52,14 +59,22 @@ def load_object(ref: str, what: str) -> Any:
 def build_model(ref: str, weights: str | None) -> Any:
     import torch
 
-    model = load_object(ref, "--model")()
+    factory = load_object(ref, "--model")
+    if not callable(factory):
+        raise TypeError(f"--model {ref!r} must name a callable that returns a torch.nn.Module, "
+                        f"got {type(factory).__name__}")
+    try:
+        model = factory()
+    except Exception as err:
+        raise ValueError(f"--model factory {ref!r} failed: {type(err).__name__}: {err}") from err
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"--model factory must return a torch.nn.Module, got {type(model).__name__}")
     if weights:
         try:
             model.load_state_dict(load_weights(weights))
-        except RuntimeError as err:
-            raise ValueError(f"--weights {weights!r} do not fit the model: {err}") from None
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"--weights {weights!r} do not fit the model: "
+                             f"{' '.join(str(err).split())}") from None
     return model.eval()
 
 
@@ -155,10 +170,19 @@ def load_weights(path: str) -> dict[str, Any]:
     if not Path(path).is_file():
         raise ValueError(f"--weights file {path!r} does not exist")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(path)
+        except SafetensorError as err:
+            raise ValueError(f"--weights {path!r} is not a valid safetensors file: {err}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors: all mean "not a state dict file"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"--weights {path!r} cannot be read as a torch state dict "
+                         f"(torch.load weights_only): {type(err).__name__}: {first}") from None
     if not isinstance(state, dict):
         raise ValueError(f"--weights {path!r} must hold a state dict, got {type(state).__name__}")
     return state
@@ -174,10 +198,18 @@ def load_batches(ref: str, batch_size: int) -> list[Any]:
     if ref.endswith((".npy", ".npz")):
         if not Path(ref).is_file():
             raise ValueError(f"--data file {ref!r} does not exist")
-        arr = np.load(ref)
-        if ref.endswith(".npz"):
-            arr = arr[arr.files[0]]
-        tensor = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+        try:
+            arr = np.load(ref, allow_pickle=False)
+            if ref.endswith(".npz"):
+                if not arr.files:
+                    raise ValueError("the archive holds no arrays")
+                arr = arr[arr.files[0]]
+            tensor = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+        except (ValueError, OSError, EOFError) as err:
+            raise ValueError(f"--data {ref!r} cannot be read as a NumPy array: {err}") from None
+        if tensor.dim() == 0:
+            raise ValueError(f"--data {ref!r} holds a scalar; it must hold a batch of inputs "
+                             "(first dimension: samples)")
         return list(tensor.split(batch_size))
     return list(load_object(ref, "--data")())
 
@@ -288,7 +320,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from lowbit.export.onnx import side_paths
 
     if not path.is_file():
-        raise ValueError(f"{args.params!r} does not exist")
+        raise FileNotFoundError(f"{args.params!r} does not exist")
     params_path = side_paths(path)[0]
     data = None
     if params_path.is_file():
@@ -312,10 +344,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _read_params(path: Path) -> dict[str, Any]:
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict) or data.get("format") != "lowbit.quant_params":
-        raise ValueError(f"{str(path)!r} is not a lowbit quant_params.json file")
-    return data
+    """The quant params, checked against the ``.onnx`` beside them (a mismatched set is
+    refused, naming the file that does not belong)."""
+    from lowbit.export.files import read_quant_params
+
+    return read_quant_params(path)
 
 
 def _print_params(data: dict[str, Any]) -> None:
@@ -336,10 +369,17 @@ def _print_params(data: dict[str, Any]) -> None:
         print(f"{name:<32} float      ({why})")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad usage is one line on stderr (not the usage block) and exit code 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lowbit.config import QuantConfig
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lowbit", description="Quantize PyTorch models and export integer ONNX.",
         epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -411,14 +451,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """An error as one line: its first line, shortened."""
+    text = " ".join(str(err).split("\n", 1)[0].split()) or type(err).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+# Errors about what the user gave (arguments, files, models): exit code 2. Anything else is a
+# failure while running (disk full, exporter, ONNX Runtime): exit code 1.
+USAGE_ERRORS = (TypeError, ValueError, NotImplementedError, FileNotFoundError, IsADirectoryError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; errors are one line on stderr (a traceback only with ``--debug``).
+
+    Exit codes: 0 success, 2 bad usage or bad input, 1 a failure while running, 130 when
+    interrupted.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]  # accepted before or after the command
     parser = build_parser()
-    args = parser.parse_args(argv)
+    parser.add_argument("--debug", action="store_true",
+                        help="print the full traceback of an error")
+    args = parser.parse_args(argv)  # bad usage: argparse prints one line and exits with 2
     try:
         return int(args.func(args))
-    except (TypeError, ValueError, NotImplementedError, OSError) as err:
-        print(f"lowbit {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"lowbit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            raise
+        usage = isinstance(err, USAGE_ERRORS)
+        hint = ("fix the input and run again" if usage else
+                "run again with --debug for the traceback")
+        print(f"lowbit {args.command}: error: {type(err).__name__}: {_one_line(err)} "
+              f"({hint})", file=sys.stderr)
+        return 2 if usage else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,12 +13,16 @@ import fnmatch
 import json
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from lowbit.io import (  # noqa: F401 - atomic_write_* re-exported for compat front ends
+    MissingFileError,
+    atomic_write_bytes,
+    atomic_write_text,
+)
 from lowbit.registry import LAYERS, OBSERVERS, QUANTIZERS, WEIGHT_ALGORITHMS
 
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
@@ -421,12 +425,179 @@ class QuantConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> QuantConfig:
-        return cls.from_dict(read_structured(path))
+        return load_file(path, cls.from_dict)
+
+
+class ConfigFileError(ValueError):
+    """A config or plan file that cannot be used: names the file and, where known, the line
+    and key."""
+
+
+class ConfigFileTypeError(ConfigFileError, TypeError):
+    """A config or plan file holding a value of the wrong type (also a ``TypeError``)."""
+
+
+class LocatedDict(dict):
+    """A mapping read from a file, remembering the file and the line of each key."""
+
+    source: str = ""
+    line: int = 0
+    lines: dict[str, int]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lines = {}
+
+
+def _key_in_message(message: str, data: LocatedDict) -> str | None:
+    message = message.split("; allowed")[0]  # the allowed names are not the culprit
+    for key in data:
+        if isinstance(key, str) and (f"`{key}`" in message or f"'{key}'" in message
+                                     or f"{key}=" in message):
+            return key
+    return None
+
+
+def located_error(err: Exception, data: Any, source: str) -> Exception:
+    """``err`` as a ``ConfigFileError`` naming ``source``, the line and the key it concerns
+    (searched in ``data``'s mappings, innermost first)."""
+    message = str(err)
+    found: tuple[int, str | None] | None = None
+
+    def walk(node: Any) -> None:
+        nonlocal found
+        if isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+            if found is None and isinstance(node, LocatedDict):
+                key = _key_in_message(message, node)
+                if key is not None:
+                    found = (node.lines.get(key, node.line), key)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(data)
+    where = source
+    if found is not None:
+        line, key = found
+        where = f"{source}:{line}" if line else source
+        if key is not None and f"`{key}`" not in message:
+            message = f"key {key!r}: {message}"
+    cls = ConfigFileTypeError if isinstance(err, TypeError) else ConfigFileError
+    return cls(f"{where}: {message}")
+
+
+class _Loader:
+    """Builds the YAML loader class on first use (yaml is imported lazily)."""
+
+    cls: Any = None
+
+    @classmethod
+    def get(cls, source: str) -> Any:
+        import yaml
+
+        if cls.cls is None:
+            class Loader(yaml.SafeLoader):
+                source = ""
+
+                def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+                    seen: dict[Any, int] = {}
+                    for key_node, _ in node.value:
+                        key = self.construct_object(key_node, deep=True)
+                        line = key_node.start_mark.line + 1
+                        if isinstance(key, (str, int, float, bool)) and key in seen:
+                            raise ConfigFileError(
+                                f"{self.source}:{line}: duplicate key {key!r} (first at line "
+                                f"{seen[key]}); each key may appear once")
+                        if isinstance(key, (str, int, float, bool)):
+                            seen[key] = line
+                    return super().construct_mapping(node, deep)
+
+            def construct_map(loader: Any, node: Any) -> Any:
+                data = LocatedDict()
+                data.source, data.line = loader.source, node.start_mark.line + 1
+                yield data
+                data.update(loader.construct_mapping(node))
+                data.lines = {k.value: k.start_mark.line + 1 for k, _ in node.value
+                              if hasattr(k, "value") and isinstance(k.value, str)}
+
+            Loader.add_constructor("tag:yaml.org,2002:map", construct_map)
+            cls.cls = Loader
+        loader_cls = type("SourceLoader", (cls.cls,), {"source": source})
+        return loader_cls
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML safely; syntax errors and duplicate keys name the file and line."""
+    import yaml
+
+    try:
+        loader = _Loader.get(source)(text)
+    except yaml.YAMLError as err:  # the reader rejects control characters up front
+        raise ConfigFileError(f"{source}: invalid YAML: {' '.join(str(err).split())}") from None
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = " ".join(p for p in (err.context, err.problem) if p)
+        raise ConfigFileError(f"{where}: invalid YAML: {problem}") from None
+    except yaml.YAMLError as err:
+        raise ConfigFileError(f"{source}: invalid YAML: {err}") from None
+    finally:
+        loader.dispose()
+
+
+def parse_json(text: str, source: str) -> Any:
+    """Parse JSON; syntax errors and duplicate keys name the file and line."""
+
+    def pairs(items: list[tuple[str, Any]]) -> LocatedDict:
+        data = LocatedDict()
+        data.source = source
+        for key, value in items:
+            if key in data:
+                raise ConfigFileError(f"{source}:{_json_line(text, key, 2)}: duplicate key "
+                                      f"{key!r} (first at line {_json_line(text, key, 1)}); "
+                                      "each key may appear once")
+            data[key] = value
+            data.lines[key] = _json_line(text, key, 1)
+        return data
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs)
+    except json.JSONDecodeError as err:
+        raise ConfigFileError(f"{source}:{err.lineno}:{err.colno}: invalid JSON: "
+                              f"{err.msg}") from None
+
+
+def _json_line(text: str, key: str, nth: int) -> int:
+    """The line of the ``nth`` occurrence of ``"key":`` in ``text`` (0 if not found)."""
+    pattern = re.compile(re.escape(json.dumps(key)) + r"\s*:")
+    for i, match in enumerate(pattern.finditer(text), start=1):
+        if i == nth:
+            return text.count("\n", 0, match.start()) + 1
+    return 0
+
+
+def warn_unmatched_names(config: QuantConfig, names: Sequence[str]) -> None:
+    """Warn for each ``LayerRule.names`` pattern that matches none of ``names``: a typo there
+    would otherwise leave the layers it meant untouched without a word."""
+    import warnings
+
+    names = list(dict.fromkeys(names))
+    for i, rule in enumerate(config.rules):
+        dead = [p for p in rule.names if not any(_name_matches(p, n) for n in names)]
+        if dead:
+            sample = [n for n in names if n][:8]
+            warnings.warn(f"rule {i} of the config: name pattern(s) {dead} match no layer of the "
+                          f"model, so the rule does nothing for them (layers are named like "
+                          f"{sample}{' ...' if len(names) > 9 else ''})", stacklevel=3)
 
 
 def check_version(data: dict[str, Any], what: str) -> None:
     version = data.get("version", CONFIG_VERSION)
-    if version != CONFIG_VERSION:
+    if isinstance(version, bool) or version != CONFIG_VERSION:
         raise ValueError(f"{what} file version {version!r} is not supported; expected {CONFIG_VERSION}")
 
 
@@ -441,6 +612,8 @@ def _format_of(path: Path) -> str:
 
 def write_structured(path: str | os.PathLike, data: dict[str, Any]) -> None:
     """Write a dict as YAML or JSON (by suffix) through a temp file and a rename."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
     fmt = _format_of(path)
     if fmt == "yaml":
@@ -453,40 +626,32 @@ def write_structured(path: str | os.PathLike, data: dict[str, Any]) -> None:
 
 
 def read_structured(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML/JSON file's top-level mapping; every mapping in it is a ``LocatedDict`` that
+    knows its file and the line of each key, so later errors can point at them."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
     fmt = _format_of(path)
     if not path.is_file():
-        raise ValueError(f"{str(path)!r} does not exist or is not a file")
-    text = path.read_text()
-    if fmt == "yaml":
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
+        raise MissingFileError(f"{str(path)!r} does not exist or is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigFileError(f"{path}: not a UTF-8 text file ({err.reason} at byte "
+                              f"{err.start})") from None
+    data = parse_yaml(text, str(path)) if fmt == "yaml" else parse_json(text, str(path))
     if not isinstance(data, dict):
-        raise ValueError(f"{str(path)!r} must hold a mapping at the top level")
+        raise ConfigFileError(f"{str(path)!r} must hold a mapping at the top level, got "
+                              f"{type(data).__name__}")
     return data
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the target folder, then rename: no half-written file ever."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise ValueError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist")
+def load_file(path: str | os.PathLike, build: Any) -> Any:
+    """``build(read_structured(path))``, with errors pointing at the file (and line, key)."""
+    data = read_structured(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        raise ValueError(f"cannot write {str(path)!r}: {err.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return build(data)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigFileError):
+            raise
+        raise located_error(err, data, str(Path(path))) from None

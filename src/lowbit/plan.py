@@ -20,7 +20,8 @@ from lowbit.config import (
     QuantConfig,
     QuantSpec,
     check_version,
-    read_structured,
+    load_file,
+    warn_unmatched_names,
     write_structured,
 )
 from lowbit.float_modules import float_class, is_parametrization_list, weight_parameters
@@ -128,6 +129,10 @@ class Plan:
         if not isinstance(data, dict):
             raise TypeError(f"a Plan must be a mapping, got {type(data).__name__}")
         check_version(data, "Plan")
+        unknown = sorted(set(data) - {"version", "fusions", "layers", "skipped"})
+        if unknown:
+            raise ValueError(f"unknown Plan field(s) {unknown}; allowed: "
+                             "['fusions', 'layers', 'skipped', 'version']")
         layers_data = data.get("layers") or {}
         if not isinstance(layers_data, dict):
             raise TypeError("Plan `layers` must map layer names to entries")
@@ -151,7 +156,7 @@ class Plan:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Plan:
-        return cls.from_dict(read_structured(path))
+        return load_file(path, cls.from_dict)
 
     def summary(self) -> str:
         lines = [f"{'layer':<32} {'type':<8} {'weight':<14} {'input':<14} {'output':<14}"]
@@ -220,6 +225,7 @@ def plan(
     for name, module in model.named_modules():
         if isinstance(module, NORMS) and config.fuse_bn and not any(name in c for c in fusions):
             skipped[name] = "BatchNorm not directly after a Conv/Linear: left in float"
+    warn_unmatched_names(config, [n for n, _ in model.named_modules()] + [x.name for x in layers])
     return Plan(layers=layers, fusions=fusions, skipped=skipped)
 
 

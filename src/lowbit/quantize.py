@@ -10,15 +10,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.checkpoint import attach_metadata
 from lowbit.config import QuantConfig
 from lowbit.float_modules import deep_copyable, float_class, is_reparametrized
 from lowbit.functional import FUNCTIONAL_TYPES, insert_functional
 from lowbit.fuse import apply_chains, set_module
+from lowbit.guard import check_not_meta
 from lowbit.nn import QuantLayer, init_weight_quantizer, quant_type_for
 from lowbit.plan import Plan, check_example_inputs, plan
+from lowbit.quantize_checks import ModuleSnapshot, check_plan_fits
 from lowbit.registry import LAYERS
 from lowbit.share import share_input_quantizers
-from lowbit.trace import trace
+from lowbit.trace import ModelGraph, trace
 
 PLAN_ATTR = "lowbit_plan"
 
@@ -72,6 +75,10 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
               inplace: bool, *, qat: bool, freeze_bn: int | None = None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"`inplace` must be a bool (True or False), got "
+                        f"{type(inplace).__name__} {inplace!r}")
+    check_not_meta(model)
     check_example_inputs(example_inputs)
     graph = trace(model, example_inputs)  # of the float model: plan, fusions and sharing
     if isinstance(config, QuantConfig):
@@ -92,9 +99,21 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
 
     functional = {layer.name for layer in the_plan.quantized
                   if layer.type in FUNCTIONAL_TYPES and not _has_module(model, layer.name)}
+    check_plan_fits(model, the_plan, functional, from_config=isinstance(config, QuantConfig))
     if not inplace:
         with deep_copyable(model):
             model = copy.deepcopy(model)
+        return _apply_plan(model, the_plan, functional, graph, qat, freeze_bn)
+    snapshot = ModuleSnapshot(model)
+    try:
+        return _apply_plan(model, the_plan, functional, graph, qat, freeze_bn)
+    except BaseException:
+        snapshot.restore()  # a failing call leaves the caller's model as it was
+        raise
+
+
+def _apply_plan(model: nn.Module, the_plan: Plan, functional: set[str],
+                graph: ModelGraph | None, qat: bool, freeze_bn: int | None) -> nn.Module:
     quantized = {layer.name for layer in the_plan.quantized}
     activations, norms = apply_chains(model, list(the_plan.fusions), quantized, keep_bn=qat)
     # Functional ops are plan entries with no module behind them yet (``layer1.op_add``...).
@@ -126,12 +145,13 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
     if reparametrized:
         warnings.warn(f"lowbit trains the materialised weight of {len(reparametrized)} "
                       f"weight-normed (parametrized) layer(s) directly: {reparametrized}; the "
-                      "(g, v) parametrization is not kept under QAT", stacklevel=3)
+                      "(g, v) parametrization is not kept under QAT", stacklevel=4)
     floats = the_plan.float_layers
     if floats:
         listed = "; ".join(f"{n or '<model>'}: {why}" for n, why in floats.items())
-        warnings.warn(f"lowbit left {len(floats)} layer(s) in float: {listed}", stacklevel=3)
+        warnings.warn(f"lowbit left {len(floats)} layer(s) in float: {listed}", stacklevel=4)
     setattr(model, PLAN_ATTR, the_plan)
+    attach_metadata(model)
     return model
 
 

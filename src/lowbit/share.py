@@ -54,8 +54,10 @@ def share_input_quantizers(model: nn.Module, graph: ModelGraph | None) -> list[t
     for value in values:
         by_grid: dict[tuple[object, ...], list[tuple[str, QuantLayer, str]]] = {}
         for name, layer, pos in _readers(graph, value, modules):
-            slot = INPUT_SLOTS[pos] if pos < len(INPUT_SLOTS) else None
-            quantizer = getattr(layer, slot, None) if slot else None
+            if pos >= len(INPUT_SLOTS):
+                continue
+            slot = INPUT_SLOTS[pos]
+            quantizer = getattr(layer, slot, None)
             if quantizer is not None:
                 by_grid.setdefault(_grid_key(quantizer), []).append((name, layer, slot))
         for members in by_grid.values():

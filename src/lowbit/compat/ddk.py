@@ -313,7 +313,7 @@ def _load_state(quant_model: nn.Module, pth_file: Path, config_file: Any) -> Non
                          f"(quant_model.state_dict()), got {type(state).__name__}")
     try:
         quant_model.load_state_dict(state)
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:  # ValueError: lowbit's checkpoint metadata check
         raise ValueError(f"`pth_file` {str(pth_file)!r} does not match the model quantized with "
                          f"`config_file` {str(config_file)!r}; use the config_path given to "
                          f"optimize_model: {err}") from None

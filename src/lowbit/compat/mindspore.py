@@ -22,6 +22,7 @@ from torch import nn
 
 import lowbit
 from lowbit import nn as lnn
+from lowbit.checkpoint import KEY as CHECKPOINT_KEY
 from lowbit.compat._mindspore_cells import (
     Conv2dBnAct,
     DenseBnAct,
@@ -407,9 +408,10 @@ def _candidates(name: str, renames: list[tuple[str, str]]) -> list[str]:
 
 
 def _lowbit_owned(model: nn.Module, key: str) -> bool:
-    """State that lowbit adds: quantizers, BN-freeze and schedule counters."""
+    """State that lowbit adds: quantizers, BN-freeze and schedule counters, checkpoint
+    metadata."""
     parts = key.split(".")
-    if parts[-1] in (EPOCH_BUFFER, STEP_BUFFER, "bn_steps"):
+    if parts[-1] in (EPOCH_BUFFER, STEP_BUFFER, "bn_steps", CHECKPOINT_KEY):
         return True
     return any(isinstance(model.get_submodule(".".join(parts[:i])), Quantizer)
                for i in range(1, len(parts)))

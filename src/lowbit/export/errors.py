@@ -45,6 +45,12 @@ class ExportFailure:
 
 
 class ExportError(RuntimeError):
+    """An export step failed for a reason that is not a bad argument (the exporter could not
+    trace the model, ONNX Runtime rejected the file...). The message names the step and keeps
+    the underlying tool's own message."""
+
+
+class ExporterError(ExportError):
     """``export_onnx`` could not produce an ONNX file: where each exporter failed and what to
     try. ``failures`` holds one ``ExportFailure`` per exporter tried."""
 

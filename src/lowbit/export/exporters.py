@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lowbit.export.errors import ExportError, ExportFailure, explain, hints
+from lowbit.export.errors import ExporterError, ExportFailure, explain, hints
 from lowbit.ops import (
     SUPPORTED_OPSETS,
     TORCHSCRIPT_OPSETS,
@@ -107,7 +107,7 @@ def run_exporter(model: nn.Module, inputs: tuple[Any, ...], out: Path, *, export
             cause = err
             continue
         return name, (failures[0] if failures else None)
-    raise ExportError(failures, hints(failures, order, opset, dynamic_shapes)) from cause
+    raise ExporterError(failures, hints(failures, order, opset, dynamic_shapes)) from cause
 
 
 def _dynamo(model: nn.Module, inputs: tuple[Any, ...], out: Path, opset: int,

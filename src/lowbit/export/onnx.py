@@ -11,16 +11,16 @@ and renamed, so a failed export leaves nothing half-written behind.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from lowbit.config import atomic_write_text
 from lowbit.deploy import IntWeight
+from lowbit.export.checks import check_export_options
 from lowbit.export.deploy import check_deploy_graph
 from lowbit.export.encoding import (
     WeightDtype,
@@ -36,22 +36,19 @@ from lowbit.export.exporters import (
     run_exporter,
     training_flags,
 )
+from lowbit.export.files import export_step_error, side_paths, stamp_file_set
 from lowbit.export.int4 import Int4Format, resolve_int4_format, rewrite_int4_weights
-from lowbit.export.params import quant_params_json, save_packed_weights
+from lowbit.export.params import packed_weights_bytes, quant_params_json
 from lowbit.export.report import ExportReport
 from lowbit.export.verify import verify
+from lowbit.guard import layer_errors
+from lowbit.io import FileSet, sha256_bytes
 from lowbit.nn import QuantLayer
 
 __all__ = ["export_onnx", "quiet_exporter", "side_paths", "strip_metadata"]
 
 DEFAULT_OPSET = 19
 BLOCKED_OPSET = 21  # DequantizeLinear with block_size
-
-
-def side_paths(path: Path) -> tuple[Path, Path]:
-    """``model.onnx`` → ``model.quant_params.json``, ``model.weights.safetensors``."""
-    stem = path.name[:-5] if path.name.endswith(".onnx") else path.name
-    return path.with_name(f"{stem}.quant_params.json"), path.with_name(f"{stem}.weights.safetensors")
 
 
 def _check_args(model: Any, path: Any, example_inputs: Any) -> Path:
@@ -114,6 +111,9 @@ def export_onnx(
     is restored afterwards, and ``model`` itself is never changed.
     """
     path = _check_args(model, path, example_inputs)
+    check_export_options(model, opset=opset, dynamic_shapes=dynamic_shapes, threads=threads,
+                         verify_inputs=verify_inputs, input_names=input_names,
+                         output_names=output_names)
     storage, storage_reason = resolve_weight_dtype(weight_dtype)
     int4_storage, int4_reason = resolve_int4_format(int4_format)
     source = model
@@ -131,32 +131,54 @@ def export_onnx(
         float_layers = plan.float_layers if plan is not None else {}
 
     params_path, weights_path = side_paths(path)
-    tmp_dir = tempfile.mkdtemp(prefix=".lowbit-export-", dir=path.parent)
-    tmp = Path(tmp_dir) / path.name
     flags = training_flags(source)
+    # One file set: all three files appear together or not at all (lowbit.io.FileSet).
+    try:
+        files = FileSet([params_path, weights_path, path]).open()
+    except OSError as err:
+        wrapped = export_step_error("creating the staging folder", err)
+        if wrapped is err:
+            raise
+        raise wrapped from err
+    tmp = files.staged(path)
+    step = "checking example_inputs"
     try:
         model.eval()
+        with torch.no_grad(), layer_errors(model, "export with `example_inputs`"):
+            model(*example_inputs)  # a bad input names its layer here, not deep in the exporter
+        step = "torch.onnx.export"
         used = _torch_export(model, example_inputs, tmp, opset, dynamic_shapes, input_names,
                              output_names, exporter)
         import onnx
 
+        step = "ONNX rewrite and check"
         proto = strip_metadata(onnx.load(str(tmp)))
         packed = rewrite_int4_weights(proto, model, int4_storage)
         onnx.checker.check_model(proto)
+        step = "writing the side files"
+        sidecars = {params_path: quant_params_json(model, float_layers, path.name,
+                                                   opset).encode(),
+                    weights_path: packed_weights_bytes(model)}
+        for side, data in sidecars.items():
+            files.write_bytes(side, data)
+        stamp_file_set(proto, {p.name: sha256_bytes(d) for p, d in sidecars.items()})
         onnx.save(proto, str(tmp))
+        step = "ONNX Runtime verification"
         parity = verify(model, tmp, [example_inputs, *[tuple(b) for b in verify_inputs or ()]],
                         threads=threads)
         if parity.weights_differing:
             raise RuntimeError("the ONNX file's weight codes differ from the deploy model's: "
                                + ", ".join(parity.weights_differing))
-        atomic_write_text(params_path, quant_params_json(model, float_layers, path.name, opset))
-        save_packed_weights(model, weights_path)
-        os.replace(tmp, path)
+        step = "committing the files"
+        files.commit()
+    except Exception as err:
+        wrapped = export_step_error(step, err)
+        if wrapped is err:
+            raise
+        raise wrapped from err
     finally:
         restore_training_flags(flags)
-        for leftover in Path(tmp_dir).glob("*"):
-            leftover.unlink()
-        os.rmdir(tmp_dir)
+        files.close()
 
     deploy = check_deploy_graph(model, path, float_layers)  # what ORT runs; warns if float
     report = ExportReport.build(model, path, params_path, weights_path, opset, parity,

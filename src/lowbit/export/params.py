@@ -106,10 +106,16 @@ def unpack_weight(tensors: dict[str, torch.Tensor], meta: dict[str, str],
     return codes.reshape(info["shape"])
 
 
-def save_packed_weights(model: nn.Module, path: Path) -> None:
+def packed_weights_bytes(model: nn.Module) -> bytes:
+    """The safetensors file of packed weight codes, as bytes."""
     from safetensors.torch import save
 
-    from lowbit.config import atomic_write_bytes
-
     tensors, meta = packed_weights(model)
-    atomic_write_bytes(path, save(tensors, metadata=meta))
+    return save(tensors, metadata=meta)
+
+
+def save_packed_weights(model: nn.Module, path: Path) -> None:
+    """Write the packed weights file alone, atomically (an export writes it in its file set)."""
+    from lowbit.io import atomic_write_bytes
+
+    atomic_write_bytes(path, packed_weights_bytes(model))

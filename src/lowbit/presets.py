@@ -122,6 +122,26 @@ def _qat(weight: QuantSpec, input: QuantSpec | None) -> QuantConfig:
     return QuantConfig(rules=rules)
 
 
+def _qat_bnn() -> QuantConfig:
+    """BinaryNet: ±1 weights and activations, the sign taken where the signal is signed.
+
+    Every layer's *output* is binarized: ``sign(BN(conv(x)))``, which replaces a fused ReLU
+    (a ReLU before a sign makes it +1 everywhere); binary layers also binarize their input
+    (exact on ±1 values; a warning names the layer if it ever sees only non-negative values).
+    The first layer keeps 8-bit weights and input, the last 8-bit weights and input and float
+    logits. On the digits CNN with ReLU this trains where binarizing each layer's (post-ReLU)
+    input stayed at chance (docs/design.md).
+    """
+    sign = _qat_activations(1, "binary")
+    return QuantConfig(rules=[
+        LayerRule(types=WEIGHT_LAYERS, weight=_qat_weights(1, "binary"), input=sign, output=sign),
+        LayerRule(types=WEIGHT_LAYERS, positions=["first"], weight=_qat_weights(8),
+                  input=_qat_activations(8), output=sign),
+        LayerRule(types=WEIGHT_LAYERS, positions=["last"], weight=_qat_weights(8),
+                  input=_qat_activations(8)),
+    ])
+
+
 def _recipe(weight: tuple[Any, ...], input: tuple[Any, ...] | None,
             **weight_extra: Any) -> Callable[[], QuantConfig]:
     """A preset builder; specs are built when called (the quantizer registry is full by then)."""
@@ -148,7 +168,7 @@ QAT_PRESETS: dict[str, Callable[[], QuantConfig]] = {
     "w2-dorefa": _recipe((2, "dorefa"), None),
     "w4-dorefa": _recipe((4, "dorefa"), None),
     # Binary: BNN (sign weights and activations), XNOR (per-filter scale, 8-bit activations).
-    "w1a1-bnn": _recipe((1, "binary"), (1, "binary")),
+    "w1a1-bnn": _qat_bnn,
     "w1a8-xnor": _recipe((1, "binary"), (8,), xnor=True),
     # SLB: weights searched over a discrete value set, 8-bit or float activations.
     "w1a8-slb": _recipe((1, "slb"), (8,)),

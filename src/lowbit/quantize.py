@@ -112,7 +112,11 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
         wrapper = cls.from_float(float_module, layer.specs, layer.name)
         wrapper.train(float_module.training)
         if layer.name in activations:
-            wrapper.activation = activations.pop(layer.name)
+            relu = activations.pop(layer.name)
+            # A ±1 output quantizer replaces the ReLU (sign(BN(conv)), BinaryNet): after it,
+            # every value would be +1.
+            if wrapper.output_quant is None or not wrapper.output_quant.splits_at_zero:
+                wrapper.activation = relu
         if layer.name in norms:
             attach_bn(wrapper, norms.pop(layer.name), freeze_bn)
         set_module(model, layer.name, wrapper)

@@ -1,6 +1,6 @@
-"""W1A1 on a ReLU network: preset ``w1a1-bnn`` takes the sign of each layer's BN output in place
-of its ReLU, ``signed=False`` gives post-ReLU inputs {0, 1} codes with a learned threshold; both
-train on digits and run in ONNX Runtime with the same codes."""
+"""W1A1 on a ReLU network: preset ``w1a1-bnn`` gives post-ReLU inputs {0, 1} codes with a
+learned threshold; a binary *output* takes the sign of the BN output in place of the ReLU. Both
+train on digits and run in ONNX Runtime with the same codes; the sign of post-ReLU inputs warns."""
 
 from __future__ import annotations
 
@@ -26,14 +26,14 @@ def digits():
     return data, train_digits(data, epochs=4, seed=0)
 
 
-def unsigned_inputs() -> QuantConfig:
-    """Binary weights, {0, 1} inputs with a learned threshold; edges at 8 bits."""
-    x01 = QuantSpec(bits=1, method="binary", signed=False)
+def sign_of_outputs() -> QuantConfig:
+    """BinaryNet's layout: the sign of each layer's BN output, in place of its ReLU."""
+    sign = QuantSpec(bits=1, method="binary")
+    w8, x8 = QuantSpec(bits=8, granularity="per_channel"), QuantSpec(bits=8, symmetric=False)
     return QuantConfig(rules=[
-        LayerRule(types=LAYERS, weight=QuantSpec(bits=1, method="binary"), input=x01),
-        LayerRule(types=LAYERS, positions=["first", "last"],
-                  weight=QuantSpec(bits=8, granularity="per_channel"),
-                  input=QuantSpec(bits=8, symmetric=False, observer="ema"))])
+        LayerRule(types=LAYERS, weight=sign, input=sign, output=sign),
+        LayerRule(types=LAYERS, positions=["first"], weight=w8, input=x8, output=sign),
+        LayerRule(types=LAYERS, positions=["last"], weight=w8, input=x8)])
 
 
 def sign_of_inputs() -> QuantConfig:
@@ -63,27 +63,37 @@ def qat(model: nn.Module, cfg: QuantConfig, data, epochs: int = 3) -> nn.Module:
     return qm.eval()
 
 
-def test_preset_takes_the_sign_of_bn_outputs_in_place_of_the_relus() -> None:
+def test_preset_gives_binary_layers_0_1_inputs_with_a_learned_threshold() -> None:
     from lowbit.demo import DigitsCNN
 
     qm = lowbit.prepare_qat(DigitsCNN().eval(), QuantConfig.preset("w1a1-bnn"))
-    convs = [qm[0], qm[3], qm[7]]
-    for conv in convs:
-        assert conv.output_quant is not None and conv.output_quant.spec.method == "binary"
+    for layer in (qm[3], qm[7]):
+        assert layer.weight_quant.spec.method == "binary" and layer.weight_quant.grid.odd
+        x_q = layer.input_quant
+        assert x_q.spec.method == "binary" and (x_q.grid.qmin, x_q.grid.qmax) == (0, 1)
+        assert "scale" in dict(x_q.named_parameters()), "the threshold is learned"
+        assert isinstance(layer.activation, nn.ReLU), "the ReLU stays"
+    assert qm[0].weight_quant.spec.bits == 8 and qm[12].input_quant.spec.bits == 8
+
+
+def test_a_binary_output_takes_the_sign_of_bn_in_place_of_the_fused_relu() -> None:
+    from lowbit.demo import DigitsCNN
+
+    qm = lowbit.prepare_qat(DigitsCNN().eval(), sign_of_outputs())
+    for conv in (qm[0], qm[3], qm[7]):
+        assert conv.output_quant is not None and conv.output_quant.grid.odd
         assert conv.activation is None, "the sign replaces the fused ReLU"
         assert conv.bn is not None, "the sign reads BN(conv(x)), the BN stays inside"
-    assert qm[0].weight_quant.spec.bits == 8 and qm[3].weight_quant.spec.method == "binary"
     assert qm[12].output_quant is None, "logits stay float"
-    assert qm[12].input_quant.spec.bits == 8
     w8a8 = lowbit.prepare_qat(DigitsCNN().eval(), QuantConfig.preset("w8a8-qat"))
-    assert isinstance(w8a8[0].activation, nn.ReLU), "other presets keep their fused ReLU"
+    assert isinstance(w8a8[0].activation, nn.ReLU), "other layers keep their fused ReLU"
 
 
-@pytest.mark.parametrize("layout", ["w1a1-bnn", "unsigned-inputs"])
+@pytest.mark.parametrize("layout", ["w1a1-bnn", "sign-of-outputs"])
 def test_w1a1_on_a_relu_net_trains_above_chance_and_matches_onnx_runtime(layout, digits,
                                                                           tmp_path) -> None:
     data, fp32 = digits
-    cfg = QuantConfig.preset("w1a1-bnn") if layout == "w1a1-bnn" else unsigned_inputs()
+    cfg = QuantConfig.preset("w1a1-bnn") if layout == "w1a1-bnn" else sign_of_outputs()
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConstantQuantizerWarning)
         qm = qat(fp32, cfg, data)
@@ -104,7 +114,7 @@ def test_w1a1_on_a_relu_net_trains_above_chance_and_matches_onnx_runtime(layout,
 def test_the_sign_of_post_relu_inputs_warns_and_stays_at_chance(digits) -> None:
     data, fp32 = digits
     with pytest.warns(ConstantQuantizerWarning, match=r"layer '3'.*binary ±1 codes need signed "
-                                                      r"inputs.*'w1a1-bnn'.*signed=False"):
+                                                      r"inputs.*signed=False.*'w1a1-bnn'"):
         qm = qat(fp32, sign_of_inputs(), data, epochs=1)
     with torch.no_grad():
         assert accuracy(qm(data.x_test), data.y_test) < 0.2

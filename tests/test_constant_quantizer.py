@@ -40,7 +40,7 @@ def test_calibration_warns_for_a_binary_input_after_a_relu() -> None:
     (message,) = constant_warnings(record)
     assert "input quantizer of layer '3'" in message and "all quantize to 1" in message
     assert "inputs lie in [0," in message
-    assert "binary" in message and "before the ReLU" in message and "signed=False" in message
+    assert "binary" in message and "sign before the ReLU" in message and "signed=False" in message
 
 
 def test_calibration_warns_for_an_unsigned_grid_on_non_positive_inputs() -> None:

@@ -10,12 +10,12 @@ BinaryNet clips latent weights to ``[−1, 1]`` after every optimizer step: ``co
 (``lowbit.schedules`` calls it). The quantizer holds no state; weights keep a following
 BatchNorm (``folds_bn = False``), folded into the dequantization scale at convert.
 
-Where the sign goes. ``sign`` of a ReLU output is +1 everywhere: binary activations need a
-signed tensor. As a layer's ``output`` the ±1 quantizer sits on ``BN(conv(x))`` and replaces a
-fused ReLU (``splits_at_zero``; BinaryNet's ``sign(BN(conv))``, what preset ``w1a1-bnn`` does).
-An ``input`` after a ReLU can instead take ``signed=False``: codes {0, 1},
-``y = s·[x > s/2]`` with a learned step ``s`` (LSQ's gradient, so the threshold ``s/2`` is
-learned), exported as an ordinary uint ``QuantizeLinear``/``DequantizeLinear`` on ``[0, 1]``.
+Where the sign goes. ``sign`` of a ReLU output is +1 everywhere: ±1 activations need a signed
+tensor. An activation with ``signed=False`` has codes {0, 1} instead: ``y = s·[x > s/2]`` with
+a learned step ``s`` (LSQ's gradient, so the threshold ``s/2`` is learned), exported as an
+ordinary uint ``QuantizeLinear``/``DequantizeLinear`` on ``[0, 1]`` (preset ``w1a1-bnn``'s
+inputs). As a layer's ``output`` the ±1 quantizer sits on ``BN(conv(x))`` and replaces a fused
+ReLU (``splits_at_zero``; BinaryNet's ``sign(BN(conv))``).
 """
 
 from __future__ import annotations
@@ -169,11 +169,11 @@ class BinaryQuantizer(Quantizer):
     def constant_fix(self, lo: float, hi: float) -> str:
         if not self.unsigned and lo >= 0:
             return ("binary ±1 codes need signed inputs, and these are all >= 0 (a ReLU before "
-                    "this layer?), so every value is +1. Put the sign before the ReLU: "
-                    "QuantSpec(bits=1, method='binary') as the *output* of the layer that "
-                    "produces this tensor replaces its fused ReLU (sign(BN(conv)), as preset "
-                    "'w1a1-bnn' does); or give this input {0, 1} codes with a learned threshold: "
-                    "QuantSpec(bits=1, method='binary', signed=False)")
+                    "this layer?), so every value is +1. Give this input {0, 1} codes with a "
+                    "learned threshold: QuantSpec(bits=1, method='binary', signed=False), as "
+                    "preset 'w1a1-bnn' does; or take the sign before the ReLU: QuantSpec(bits=1, "
+                    "method='binary') as the *output* of the layer that produces this tensor "
+                    "replaces its fused ReLU (sign(BN(conv)))")
         return super().constant_fix(lo, hi)
 
     @torch.no_grad()

@@ -113,8 +113,8 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
         wrapper.train(float_module.training)
         if layer.name in activations:
             relu = activations.pop(layer.name)
-            # A ±1 output quantizer replaces the ReLU (sign(BN(conv)), BinaryNet): after it,
-            # every value would be +1.
+            # A ±1 output quantizer replaces the ReLU (sign(BN(conv)), BinaryNet): a ReLU
+            # before it would make every code +1.
             if wrapper.output_quant is None or not wrapper.output_quant.splits_at_zero:
                 wrapper.activation = relu
         if layer.name in norms:

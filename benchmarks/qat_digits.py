@@ -115,12 +115,43 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("W1 slb", "lowbit", preset="w1-slb", target=2.0),
     Setting("FP32 Hardtanh (BNN baseline)", "fp32", arch="htanh"),
     Setting("W1A1 bnn", "lowbit", arch="htanh", preset="w1a1-bnn", target=6.0),
+    Setting("W1A1 sign of inputs", "lowbit", arch="htanh", preset="bench:w1a1-sign-inputs"),
+    # W1A1 on the ReLU net itself: the preset ({0, 1} inputs with a learned threshold), the
+    # sign of each BN output in place of its ReLU, and the sign of post-ReLU inputs.
+    Setting("W1A1 bnn (ReLU)", "lowbit", preset="w1a1-bnn", target=12.0),
+    Setting("W1A1 sign of BN outputs (ReLU)", "lowbit", preset="bench:w1a1-sign-outputs",
+            target=12.0),
+    Setting("W1A1 sign of inputs (ReLU)", "lowbit", preset="bench:w1a1-sign-inputs"),
     Setting("torch.ao W8A8", "torch.ao", wbits=8, abits=8, target=0.3),
     Setting("torch.ao W4A8", "torch.ao", wbits=4, abits=8, target=0.3),
     Setting("torch.ao W4A4", "torch.ao", wbits=4, abits=4),
     Setting("torch.ao W2A2", "torch.ao", wbits=2, abits=2, target=0.8),
     Setting("torch.ao W2", "torch.ao", wbits=2, abits=None, target=0.8),
 )
+def bench_config(name: str):  # noqa: ANN201
+    """A lowbit preset, or one of the W1A1 layouts the table compares with ``w1a1-bnn``
+    (``bench:`` names): binary weights in the middle layers and ±1 activations taken either
+    from each layer's input (``sign-inputs``, the layout ``w1a1-bnn`` had before) or from each
+    layer's BN output, which replaces the fused ReLU (``sign-outputs``); edges at 8 bits."""
+    from lowbit import LayerRule, QuantConfig, QuantSpec
+
+    if not name.startswith("bench:"):
+        return QuantConfig.preset(name)
+    layers = ["Conv2d", "Linear"]
+    sign, w8 = QuantSpec(bits=1, method="binary"), QuantSpec(bits=8, granularity="per_channel")
+    x8 = QuantSpec(bits=8, symmetric=False, observer="ema")
+    if name == "bench:w1a1-sign-inputs":
+        return QuantConfig(rules=[LayerRule(types=layers, weight=sign, input=sign),
+                                  LayerRule(types=layers, positions=["first", "last"], weight=w8,
+                                            input=x8)])
+    if name == "bench:w1a1-sign-outputs":
+        return QuantConfig(rules=[
+            LayerRule(types=layers, weight=sign, input=sign, output=sign),
+            LayerRule(types=layers, positions=["first"], weight=w8, input=x8, output=sign),
+            LayerRule(types=layers, positions=["last"], weight=w8, input=x8)])
+    raise ValueError(f"unknown benchmark config {name!r}")
+
+
 QUICK = ("FP32", "W8A8 ste", "W4A8 lsq", "W2A8 slb", "FP32 Hardtanh (BNN baseline)",
          "W1A1 bnn", "torch.ao W8A8", "torch.ao W4A4")
 
@@ -242,12 +273,11 @@ def resync_ste_weight_ranges(qm: nn.Module) -> None:
 def run_lowbit(s: Setting, fp32: nn.Module, data, seed: int, r: Recipe,  # noqa: ANN001
                workdir: Path) -> dict:
     import lowbit
-    from lowbit import QuantConfig
     from lowbit.demo import ort_logits
 
     torch.manual_seed(seed)
     with quiet():
-        qm = lowbit.prepare_qat(fp32, QuantConfig.preset(s.preset), freeze_bn=None)
+        qm = lowbit.prepare_qat(fp32, bench_config(s.preset), freeze_bn=None)
     calib = [data.x_train[i:i + r.batch] for i in range(0, r.bn_calib_batches * r.batch, r.batch)]
     recal = r.bn_recal == "all" or (r.bn_recal == "slb" and "slb" in (s.preset or ""))
     workaround = recal and not r.bn_recal_plain

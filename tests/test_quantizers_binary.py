@@ -156,7 +156,8 @@ def test_state_dict_round_trip() -> None:
         ("weight", {"xnor": True, "granularity": "per_group", "group_size": 2},
          r"`granularity` must be one of \['per_tensor', 'per_channel'\].*got 'per_group'"),
         ("weight", {"narrow_range": True}, r"`narrow_range` must be False .*binary"),
-        ("input", {"signed": False}, r"`signed` must be True or None .*binary.*signed=False"),
+        ("weight", {"signed": False}, r"`signed` must be True or None for 'binary' weights.*"
+                                      r"signed=False"),
     ],
 )
 def test_invalid_specs_name_the_field_and_the_value(role: str, kwargs: dict, match: str) -> None:

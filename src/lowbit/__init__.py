@@ -16,12 +16,13 @@ from lowbit.export.onnx import export_onnx
 from lowbit.export.report import ExportReport
 from lowbit.plan import LayerPlan, Plan, plan
 from lowbit.quantize import prepare_qat, quantize
-from lowbit.quantizers import QParams, Quantizer
+from lowbit.quantizers import ConstantQuantizerWarning, QParams, Quantizer
 from lowbit.registry import QUANTIZERS
 from lowbit.regularizers import quant_loss
 from lowbit.sensitivity import SensitivityReport, keep_sensitive_layers
 
 __all__ = [
+    "ConstantQuantizerWarning",
     "ExportError",
     "ExportReport",
     "ExportSet",

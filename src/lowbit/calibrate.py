@@ -33,7 +33,8 @@ def _require_quantized(model: nn.Module) -> list[Quantizer]:
 
 def set_calibrating(model: nn.Module, enabled: bool, *, reset: bool = True) -> None:
     """Switch observers on (``True``: ranges are recorded, values pass through unchanged) or
-    off (``False``: ranges are frozen into scales and zero points, fake quant resumes).
+    off (``False``: ranges are frozen into scales and zero points, fake quant resumes; a
+    quantizer whose whole observed range maps to one code warns, naming the layer).
 
     Turning it on with ``reset=True`` forgets earlier statistics.
     """
@@ -49,6 +50,7 @@ def set_calibrating(model: nn.Module, enabled: bool, *, reset: bool = True) -> N
         elif q.observing:
             q.observing = False
             q.freeze()
+            q.check_calibrated_range()  # ConstantQuantizerWarning if all of it is one code
 
 
 @contextmanager

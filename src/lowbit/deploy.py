@@ -208,10 +208,14 @@ class IntBias(nn.Module):
     scale: torch.Tensor
     zero_point: torch.Tensor
 
-    def __init__(self, bias: torch.Tensor, step: torch.Tensor) -> None:
+    def __init__(self, bias: torch.Tensor, step: torch.Tensor, *, below_sign: bool = False) -> None:
         super().__init__()
         step = step.detach().float().reshape(-1) if step.dim() else step.detach().float()
-        self.register_buffer("codes", torch.round(bias.detach().float() / step).to(torch.int32))
+        if below_sign:  # (⌊b/step⌋ + ½)·step (QuantLayer.sign_reads_output): odd half steps
+            codes, step = 2 * torch.floor(bias.detach().float() / step) + 1, step / 2
+        else:
+            codes = torch.round(bias.detach().float() / step)
+        self.register_buffer("codes", codes.to(torch.int32))
         self.register_buffer("scale", step)
         self.register_buffer("zero_point", torch.zeros(step.shape, dtype=torch.int32,
                                                        device=step.device))
@@ -264,7 +268,7 @@ class DeployLayer(nn.Module):
             else:
                 self.register_buffer("weight", weight.detach().clone())
         if bias is not None and step is not None:
-            self.int_bias = IntBias(bias, step)
+            self.int_bias = IntBias(bias, step, below_sign=wrapper.sign_reads_output())
             bias = None
         self.register_buffer("float_bias", None if bias is None else bias.detach().clone())
 

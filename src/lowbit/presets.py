@@ -130,7 +130,9 @@ def _qat_weights(bits: int, method: str = "ste", **extra: Any) -> QuantSpec:
 
 def _qat_activations(bits: int = 8, method: str = "ste") -> QuantSpec:
     if method == "binary":
-        return QuantSpec(bits=1, method="binary")
+        # {0, 1} codes with a learned threshold: ±1 codes of a post-ReLU input are all +1.
+        # On digits this trained best on ReLU and Hardtanh nets alike (docs/design.md).
+        return QuantSpec(bits=1, method="binary", signed=False)
     observer = "ema" if method == "ste" else "minmax"
     return QuantSpec(bits=bits, symmetric=False, observer=observer, method=method)
 
@@ -171,7 +173,8 @@ QAT_PRESETS: dict[str, Callable[[], QuantConfig]] = {
     # DoReFa weights (tanh-normalised), float activations.
     "w2-dorefa": _recipe((2, "dorefa"), None),
     "w4-dorefa": _recipe((4, "dorefa"), None),
-    # Binary: BNN (sign weights and activations), XNOR (per-filter scale, 8-bit activations).
+    # Binary: BNN (sign weights, {0, 1} activations with a learned threshold), XNOR
+    # (per-filter scale, 8-bit activations).
     "w1a1-bnn": _recipe((1, "binary"), (1, "binary")),
     "w1a8-xnor": _recipe((1, "binary"), (8,), xnor=True),
     # SLB: weights searched over a discrete value set, 8-bit or float activations.

@@ -135,7 +135,11 @@ def _apply_plan(model: nn.Module, the_plan: Plan, functional: set[str],
         wrapper = cls.from_float(float_module, layer.specs, layer.name)
         wrapper.train(float_module.training)
         if layer.name in activations:
-            wrapper.activation = activations.pop(layer.name)
+            relu = activations.pop(layer.name)
+            # A ±1 output quantizer replaces the ReLU (sign(BN(conv)), BinaryNet): a ReLU
+            # before it would make every code +1.
+            if wrapper.output_quant is None or not wrapper.output_quant.splits_at_zero:
+                wrapper.activation = relu
         if layer.name in norms:
             attach_bn(wrapper, norms.pop(layer.name), freeze_bn)
         set_module(model, layer.name, wrapper)

@@ -8,6 +8,6 @@ from lowbit.quantizers import (  # noqa: F401  (each registers its method)
     slb,
     uniform,
 )
-from lowbit.quantizers.base import QParams, Quantizer, make_quantizer
+from lowbit.quantizers.base import ConstantQuantizerWarning, QParams, Quantizer, make_quantizer
 
-__all__ = ["QParams", "Quantizer", "make_quantizer"]
+__all__ = ["ConstantQuantizerWarning", "QParams", "Quantizer", "make_quantizer"]

@@ -21,6 +21,7 @@ integer grid), and register it with ``@QUANTIZERS.register("name")``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,6 +33,11 @@ from lowbit.numerics import IntRange, quantize
 from lowbit.registry import QUANTIZERS
 
 Role = Literal["weight", "input", "output"]
+
+
+class ConstantQuantizerWarning(UserWarning):
+    """An activation quantizer maps every value of a non-constant tensor to one code, so the
+    layer behind it sees a constant (e.g. binary codes after a ReLU: all +1)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,11 @@ class Quantizer(nn.Module):
     options: tuple[str, ...] = ()
     folds_bn: bool = True
     odd_grid: bool = False  # codes are the odd integers of IntRange(odd=True)
+    # Codes change exactly at 0 (sign). As a layer's output: a ReLU before it would make it
+    # constant, so it replaces a fused ReLU (BinaryNet's sign(BN(conv)); lowbit.quantize drops
+    # it), and the layer's int32-grid bias sits half a step off the grid, so that no integer
+    # sum lands on the threshold where float accumulation order would decide the sign.
+    splits_at_zero: bool = False
 
     train_steps: torch.Tensor
 
@@ -100,6 +111,11 @@ class Quantizer(nn.Module):
                              odd=self.odd_grid)
         self.layer_name = ""
         self.observing = False
+        # Constant-output check (ConstantQuantizerWarning): the raw range seen while observing,
+        # the mode ("train"/"eval") of the last data check, and whether it already warned.
+        self._seen_range: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last_checked: str | None = None
+        self._warned_constant = False
         if spec.quant_delay:
             # Training forwards seen (a buffer: a resumed run continues the count).
             self.register_buffer("train_steps", torch.zeros((), dtype=torch.int64))
@@ -111,6 +127,7 @@ class Quantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             self.observe(x)
+            self._note_range(x)
             return x
         if self.training:
             if self.spec.quant_delay:
@@ -118,8 +135,14 @@ class Quantizer(nn.Module):
                 if int(self.train_steps) <= self.spec.quant_delay:
                     self.warm_up(x)
                     return x
-            return self.train_forward(x)
-        return self.eval_forward(x)
+            y = self.train_forward(x)
+            if self._last_checked != "train":  # the first quantized batch of a training phase
+                self._check_constant(x, y, "train")
+            return y
+        y = self.eval_forward(x)
+        if self._last_checked != "eval":  # the first batch after training or calibration
+            self._check_constant(x, y, "eval")
+        return y
 
     def train_forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """Fake-quantize with a gradient, updating ranges / learned state."""
@@ -181,6 +204,60 @@ class Quantizer(nn.Module):
     def is_ready(self) -> bool:
         """True once the quantizer has parameters to quantize with (calibrated or trained)."""
         return True
+
+    # ------------------------------------------------------------------ constant quantizers
+
+    def constant_fix(self, lo: float, hi: float) -> str:
+        """How to fix a quantizer that maps inputs in ``[lo, hi]`` to one code (for the
+        warning); algorithms with a better-known cause override it."""
+        if not self.grid.signed and hi <= 0:
+            return ("a grid that starts at 0 cannot hold these inputs, all <= 0: use an affine "
+                    "or signed grid (QuantSpec(symmetric=False) with method 'ste' or 'lsq', or "
+                    "signed=True), or quantize a tensor whose values are positive")
+        return ("its range is narrower than one step of the grid: calibrate with representative "
+                "data (every layer reached), or keep this tensor in float")
+
+    @torch.no_grad()
+    def _note_range(self, x: torch.Tensor) -> None:
+        """Observing: keep the raw min / max on the device (no host sync per batch)."""
+        lo, hi = x.detach().amin().float(), x.detach().amax().float()
+        if self._seen_range is not None:
+            lo = torch.minimum(lo, self._seen_range[0].to(lo.device))
+            hi = torch.maximum(hi, self._seen_range[1].to(hi.device))
+        self._seen_range = (lo, hi)
+
+    @torch.no_grad()
+    def check_calibrated_range(self) -> None:
+        """After calibration froze the ranges: warn if the whole observed range ``[lo, hi]``
+        maps to one code. Quantization is monotone, so the two ends decide it exactly (per
+        tensor); per-channel quantizers are checked on the next eval batch instead."""
+        seen, self._seen_range = self._seen_range, None
+        self._last_checked = None
+        if seen is None or self.axis is not None or not self.is_ready():
+            return
+        probe = torch.stack(seen)  # (2,): the smallest and largest value seen
+        self._check_constant(probe, self.eval_forward(probe), "eval")
+
+    @torch.no_grad()
+    def _check_constant(self, x: torch.Tensor, y: torch.Tensor, mode: str) -> None:
+        """Warn once if ``y`` (the quantized ``x``) holds one value where ``x`` holds several.
+        One host sync, on the first batch of each train/eval phase only."""
+        self._last_checked = mode
+        if (self._warned_constant or self.role == "weight" or self.spec.dynamic
+                or x.numel() < 2 or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            return
+        x, y = x.detach(), y.detach()
+        y_lo, y_hi, lo, hi = torch.stack([y.amin(), y.amax(), x.amin(), x.amax()]).float().tolist()
+        if y_lo != y_hi or not lo < hi:
+            return
+        self._warned_constant = True
+        where = f"layer {self.layer_name!r}" if self.layer_name else "a layer"
+        warnings.warn(
+            f"the {self.role} quantizer of {where} (method {self.spec.method!r}, "
+            f"{'int' if self.grid.signed else 'uint'}{self.spec.bits}) maps every value to one "
+            f"code: its inputs lie in [{lo:.4g}, {hi:.4g}] and all quantize to {y_lo:.4g}, so "
+            f"the layer sees a constant. Fix: {self.constant_fix(lo, hi)}",
+            ConstantQuantizerWarning, stacklevel=3)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -120,7 +120,7 @@ def adaround_codes(weight: torch.Tensor, qp: QParams, inputs: torch.Tensor,
         return torch.clamp(floor + (v >= 0).float() + z, qp.grid.qmin, qp.grid.qmax)
 
 
-SMALL_STEP_MACS = 1 << 24
+SMALL_STEP_MACS = 1 << 27
 
 
 def _positions(inputs: torch.Tensor) -> int:

@@ -5,8 +5,9 @@ The flow is five verbs: ``plan`` → ``quantize`` → ``calibrate`` → ``conver
 for quantization-aware training); everything in between is driven by one ``QuantConfig``.
 """
 
+from lowbit import algorithms, observers, quantizers, schedules  # noqa: F401  (fill the registries)
 from lowbit import nn as _nn  # noqa: F401  (registers the layer types)
-from lowbit import observers, quantizers, schedules  # noqa: F401  (fill the registries)
+from lowbit.algorithms import equalize
 from lowbit.calibrate import calibrate, set_calibrating
 from lowbit.config import LayerRule, QuantConfig, QuantSpec
 from lowbit.convert import convert
@@ -37,6 +38,7 @@ __all__ = [
     "SensitivityReport",
     "calibrate",
     "convert",
+    "equalize",
     "export_onnx",
     "keep_sensitive_layers",
     "load_export",

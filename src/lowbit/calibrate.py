@@ -10,6 +10,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lowbit.algorithms.bias_correction import check_mode as check_bias_correction
+from lowbit.algorithms.bias_correction import correct_biases
 from lowbit.guard import NonFiniteError, check_finite, check_not_meta, layer_errors
 from lowbit.quantizers import Quantizer
 from lowbit.weight_calibration import calibrate_weights, layers_needing_data
@@ -91,13 +93,19 @@ def calibrate(
     max_batches: int | None = None,
     progress: bool = True,
     nonfinite: Literal["raise", "skip"] = "raise",
+    bias_correction: str | None = None,
 ) -> int:
     """Record activation ranges over ``batches`` and freeze them; returns the batch count.
 
     Layers whose specs ask for data-driven weights (``QuantSpec.smoothing``,
-    ``QuantSpec.algorithm`` ``"gptq"``/``"awq"``) get a statistics pass over the same batches
-    first (``lowbit.weight_calibration``), so ``batches`` must then be re-iterable. Batches
-    may differ in shape (e.g. tokenizer outputs padded per batch).
+    ``QuantSpec.algorithm`` ``"gptq"``/``"awq"``/``"adaround"``) get a statistics pass over
+    the same batches first (``lowbit.weight_calibration``), so ``batches`` must then be
+    re-iterable. Batches may differ in shape (e.g. tokenizer outputs padded per batch).
+
+    ``bias_correction`` (``"empirical"``: one more pass over the batches; ``"analytical"``:
+    from the BatchNorm statistics ``lowbit.equalize`` kept; ``None``) removes the mean output
+    shift that weight rounding causes, before ranges are taken
+    (``lowbit.algorithms.bias_correction``).
 
     Each batch is passed as ``forward(model, batch)`` (default: see ``default_forward``; for a
     loader of ``(x, y)`` pairs use ``forward=lambda m, b: m(b[0])``). Runs in eval mode under
@@ -127,6 +135,7 @@ def calibrate(
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
         raise ValueError(f"`max_batches` must be a positive int or None, got {max_batches!r}")
+    check_bias_correction(bias_correction)
 
     run_forward: Forward = forward
     seen_batches = [0]  # the batch being fed, for messages
@@ -168,15 +177,20 @@ def calibrate(
     handles = [q.register_forward_pre_hook(finite_hook(q)) for q in quantizers]
     try:
         with _eval_state(model):
-            if layers_needing_data(model):
-                if iter(batches) is batches:
-                    raise TypeError(
-                        "`batches` is read twice when layers use `smoothing` or a weight "
-                        "algorithm (statistics, then ranges): pass a list or a DataLoader, not "
-                        "an iterator"
-                    )
+            weights_need_data = bool(layers_needing_data(model))
+            if ((weights_need_data or bias_correction == "empirical")
+                    and iter(batches) is batches):
+                raise TypeError(
+                    "`batches` is read twice when layers use `smoothing`, a weight algorithm "
+                    "or empirical bias correction (statistics, then ranges): pass a list or a "
+                    "DataLoader, not an iterator"
+                )
+            if weights_need_data:
                 set_calibrating(model, True)
                 calibrate_weights(model, batches, lambda _: feed("weight statistics"))
+            if bias_correction is not None:
+                set_calibrating(model, True)
+                correct_biases(model, bias_correction, lambda: feed("bias correction"))
             set_calibrating(model, True)
             count = feed("calibrating")
             set_calibrating(model, False)

@@ -36,6 +36,7 @@ from lowbit.registry import WEIGHT_ALGORITHMS
 
 AWQ_ROWS = 4096  # input rows kept per layer for AWQ's searches
 AWQ_ROWS_PER_BATCH = 512
+INPUT_SAMPLES = 1024  # whole inputs (dim 0 entries) kept per layer for AdaRound
 
 
 @dataclass
@@ -48,8 +49,15 @@ class InputStats:
     hessian: torch.Tensor | None = None
     hessian_rows: int = 0
     sample: list[torch.Tensor] = field(default_factory=list)
+    inputs: list[torch.Tensor] = field(default_factory=list)  # whole inputs, any layer type
 
     def update(self, x: torch.Tensor, needs: set[str], generator: torch.Generator) -> None:
+        if "inputs" in needs:
+            kept = sum(len(t) for t in self.inputs)
+            if kept < INPUT_SAMPLES:
+                self.inputs.append(x.detach()[:INPUT_SAMPLES - kept])
+            if needs == {"inputs"}:
+                return
         rows = x.detach().reshape(-1, x.shape[-1]).float()
         if "absmax" in needs:
             m = rows.abs().amax(dim=0)
@@ -86,6 +94,7 @@ class WeightAlgorithm:
     """A post-training weight algorithm: the statistics it needs and how it applies them."""
 
     needs: frozenset[str] = frozenset()
+    layer_types: tuple[type, ...] = (nn.Linear,)  # the float layer types it handles
 
     def apply(self, group: Group) -> None:
         raise NotImplementedError
@@ -205,6 +214,10 @@ def _needs(layer: Any) -> set[str]:
     return needs
 
 
+def _quantizers(layer: Any) -> tuple[Any, Any]:
+    return layer.weight_quant, layer.input_quant
+
+
 def layers_needing_data(model: nn.Module) -> dict[str, tuple[Any, set[str]]]:
     """Quant layers whose weights calibration changes, with the statistics each needs."""
     found = {}
@@ -212,13 +225,19 @@ def layers_needing_data(model: nn.Module) -> dict[str, tuple[Any, set[str]]]:
         if isinstance(module, QuantLayer) and getattr(module, "weight", None) is not None:
             needs = _needs(module)
             if needs:
-                if not isinstance(module, nn.Linear):
+                w_q, x_q = _quantizers(module)
+                types = (WEIGHT_ALGORITHMS.get(w_q.spec.algorithm).layer_types
+                         if w_q is not None else (nn.Linear,))
+                if x_q is not None and x_q.spec.smoothing is not None:
+                    types = (nn.Linear,)
+                if not isinstance(module, types):
                     raise ValueError(
                         f"layer {name!r} ({type(module).float_type.__name__}): `smoothing` and "
-                        "weight algorithms other than 'rtn' apply to Linear layers only"
+                        "weight algorithms other than 'rtn' and 'adaround' apply to Linear "
+                        "layers only"
                     )
-                x_spec = module.input_quant.spec if module.input_quant is not None else None
-                w_spec = module.weight_quant.spec if module.weight_quant is not None else None
+                x_spec = x_q.spec if x_q is not None else None
+                w_spec = w_q.spec if w_q is not None else None
                 if x_spec is not None and x_spec.smoothing is not None and \
                         w_spec is not None and w_spec.algorithm == "awq":
                     raise ValueError(f"layer {name!r}: `smoothing` and algorithm 'awq' both "

@@ -104,7 +104,7 @@ class QuantLayer:
         module: Any = self
         with torch.no_grad():
             s = s.to(module.weight)
-            module.weight.mul_(broadcast_param(s, module.weight, 1))  # input channels
+            replace_weight(module, module.weight * broadcast_param(s, module.weight, 1))
             old = module.input_smoothing
             module.input_smoothing = 1.0 / s if old is None else old / s
         self.refresh_weight_range()
@@ -288,6 +288,15 @@ def _make_room_for_smoothing(module: Any, state_dict: dict[str, Any], prefix: st
     saved = state_dict.get(prefix + "input_smoothing")
     if saved is not None and module.input_smoothing is None:
         module.input_smoothing = torch.empty_like(saved, device=module.weight.device)
+
+
+def replace_weight(module: Any, value: torch.Tensor) -> None:
+    """Give ``module`` a new weight Parameter holding ``value``, never writing into the old one:
+    a weight may be shared with another module (GPT-2's ``lm_head`` and its tied token
+    embedding), and calibration that changes one layer's weight must not change the other's."""
+    old = module.weight
+    module.weight = nn.Parameter(value.detach().to(old.dtype).clone(),
+                                 requires_grad=old.requires_grad)
 
 
 def fold_scale(scale: torch.Tensor, k: torch.Tensor, channels: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lowbit import awq, gptq
-from lowbit.nn import QuantLayer
+from lowbit.nn import QuantLayer, replace_weight
 from lowbit.numerics import dequantize, fake_quantize, qparams_from_range
 from lowbit.quantizers.uniform import to_rows
 from lowbit.registry import WEIGHT_ALGORITHMS
@@ -131,7 +131,7 @@ class GPTQ(WeightAlgorithm):
                                        qp, block_size=self.block_size, damp=self.damp)
             with torch.no_grad():
                 w = dequantize(codes, qp.scale, qp.zero_point, qp.axis, qp.group_size)
-                layer.weight.copy_(w.to(layer.weight.dtype))
+                replace_weight(layer, w)
             q.pin_qparams(qp.scale, qp.zero_point)
 
 

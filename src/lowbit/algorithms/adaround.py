@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.nn import replace_weight
 from lowbit.numerics import broadcast_param, dequantize
 from lowbit.quantizers.base import QParams
 from lowbit.registry import WEIGHT_ALGORITHMS
@@ -201,7 +202,7 @@ class AdaRound(WeightAlgorithm):
                                        layer.activation)
             with torch.no_grad():
                 w = dequantize(codes, qp.scale, qp.zero_point, qp.axis, qp.group_size)
-                layer.weight.copy_(w.to(layer.weight.dtype))
+                replace_weight(layer, w)
             q.pin_qparams(qp.scale, qp.zero_point)
 
 

@@ -393,3 +393,21 @@ def test_deepcopy_and_pickle_of_a_quantized_conv1d(tmp_path: Path):
     torch.save(copied, tmp_path / "m.pt")
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     assert loaded.state_dict()["up.weight"].shape == (6, 12)
+
+
+def test_subclasses_that_compute_like_their_base_are_quantized_and_others_listed():
+    class DepthwiseConv(nn.Conv2d):  # EfficientNet's: a constructor, the base's forward
+        def __init__(self, c: int) -> None:
+            super().__init__(c, c, 3, padding=1, groups=c)
+
+    class OffsetEmbedding(nn.Embedding):  # BART's learned positions: a forward of its own
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return super().forward(ids + 2)
+
+    from lowbit.nn import quant_type_for
+
+    assert quant_type_for(DepthwiseConv(4)) == "Conv2d"
+    assert quant_type_for(OffsetEmbedding(10, 4)) is None
+    model = nn.Sequential(DepthwiseConv(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    plan = lowbit.plan(model, QuantConfig.preset("w8a8"))
+    assert plan["0"].type == "Conv2d" and plan["0"].weight is not None

@@ -514,13 +514,20 @@ for _float in (nn.ReLU, nn.ReLU6, nn.Hardtanh):
 def quant_type_for(module: nn.Module) -> str | None:
     """The registered layer-type name for a float module, or None.
 
-    The class must match exactly (a subclass may compute something else with its weight),
-    looking through parametrizations (a weight-normed ``Conv1d`` is a ``"Conv1d"``); a
+    The class matches exactly, looking through parametrizations (a weight-normed ``Conv1d``
+    is a ``"Conv1d"``), or is a subclass that computes what its registered base computes (it
+    overrides neither ``forward`` nor ``_conv_forward``, as EfficientNet's depthwise conv);
+    a subclass that does (BART's learned positional embedding adds an offset) is not one. A
     transposed Linear (transformers' ``Conv1D``) is a ``"Linear"``."""
     cls = float_class(module)
-    for name in LAYERS:
-        if cls is LAYERS.get(name).float_type:
-            return name
+    types = {LAYERS.get(name).float_type: name for name in LAYERS}
+    if cls in types:
+        return types[cls]
+    for depth, base in enumerate(cls.__mro__):
+        if base in types:
+            overrides = any("forward" in c.__dict__ or "_conv_forward" in c.__dict__
+                            for c in cls.__mro__[:depth])
+            return None if overrides else types[base]
     if "Linear" in LAYERS and is_transposed_linear(module):
         return "Linear"
     return None

@@ -7,6 +7,7 @@ for quantization-aware training); everything in between is driven by one ``Quant
 
 from lowbit import nn as _nn  # noqa: F401  (registers the layer types)
 from lowbit import observers, quantizers, schedules  # noqa: F401  (fill the registries)
+from lowbit.analysis import AnalysisReport, SensitivityReport, analyze, keep_sensitive_layers
 from lowbit.calibrate import calibrate, set_calibrating
 from lowbit.config import LayerRule, QuantConfig, QuantSpec
 from lowbit.convert import convert
@@ -17,9 +18,9 @@ from lowbit.quantize import prepare_qat, quantize
 from lowbit.quantizers import QParams, Quantizer
 from lowbit.registry import QUANTIZERS
 from lowbit.regularizers import quant_loss
-from lowbit.sensitivity import SensitivityReport, keep_sensitive_layers
 
 __all__ = [
+    "AnalysisReport",
     "ExportReport",
     "QParams",
     "Quantizer",
@@ -29,6 +30,7 @@ __all__ = [
     "QuantConfig",
     "QuantSpec",
     "SensitivityReport",
+    "analyze",
     "calibrate",
     "convert",
     "export_onnx",

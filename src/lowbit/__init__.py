@@ -7,7 +7,14 @@ for quantization-aware training); everything in between is driven by one ``Quant
 
 from lowbit import nn as _nn  # noqa: F401  (registers the layer types)
 from lowbit import observers, quantizers, schedules  # noqa: F401  (fill the registries)
-from lowbit.analysis import AnalysisReport, SensitivityReport, analyze, keep_sensitive_layers
+from lowbit.analysis import (
+    AnalysisReport,
+    AutoQuantResult,
+    SensitivityReport,
+    analyze,
+    autoquant,
+    keep_sensitive_layers,
+)
 from lowbit.calibrate import calibrate, set_calibrating
 from lowbit.config import LayerRule, QuantConfig, QuantSpec
 from lowbit.convert import convert
@@ -21,6 +28,7 @@ from lowbit.regularizers import quant_loss
 
 __all__ = [
     "AnalysisReport",
+    "AutoQuantResult",
     "ExportReport",
     "QParams",
     "Quantizer",
@@ -31,6 +39,7 @@ __all__ = [
     "QuantSpec",
     "SensitivityReport",
     "analyze",
+    "autoquant",
     "calibrate",
     "convert",
     "export_onnx",

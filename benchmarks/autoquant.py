@@ -147,8 +147,15 @@ def run_minilm(n_eval: int, n_calib: int, html: Path | None) -> tuple[dict[str, 
     ref = embeddings(model)
     ref_nn = mb.neighbours(ref, mb.TOPK)
 
+    calls = {"n": 0}
+    started = time.perf_counter()
+
     def evaluate(m: nn.Module) -> float:
-        return mb.fidelity(embeddings(m), ref, ref_nn)["top10_overlap"]
+        score = mb.fidelity(embeddings(m), ref, ref_nn)["top10_overlap"]
+        calls["n"] += 1
+        print(f"  [{time.perf_counter() - started:6.0f} s] evaluate #{calls['n']}: top-10 "
+              f"{score:.4f}", file=sys.stderr, flush=True)
+        return score
 
     # lowbit.analyze on the preset as given: wall and CPU seconds
     qm = lowbit.quantize(model, QuantConfig.preset("w8a8-transformer"))
@@ -170,6 +177,8 @@ def run_minilm(n_eval: int, n_calib: int, html: Path | None) -> tuple[dict[str, 
         analyze["html_bytes"] = target.stat().st_size
     del qm
     print(report.table(), file=sys.stderr)
+    print(f"analyze: {analyze['wall_s']:.1f} s wall, {analyze['cpu_s']:.1f} s CPU; calibrate "
+          f"{calib_s:.1f} s; HTML {analyze['html_s']:.1f} s", file=sys.stderr, flush=True)
 
     max_drop = 1.0 - 0.93
     result = lowbit.autoquant(model, QuantConfig.preset("w8a8-transformer"), as_tuples,

@@ -142,7 +142,7 @@ function sortTable(col, numeric) {
 STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; font-size: 13px; }
-th, td { border: 1px solid #ccc; padding: 3px 7px; }
+th, td { border: 1px solid #ccc; padding: 3px 7px; white-space: nowrap; }
 th { background: #f0f0f0; cursor: pointer; user-select: none; white-space: nowrap; }
 th[data-dir="asc"]::after { content: " \\25B2"; } th[data-dir="desc"]::after { content: " \\25BC"; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }

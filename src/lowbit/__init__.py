@@ -8,6 +8,14 @@ for quantization-aware training); everything in between is driven by one ``Quant
 from lowbit import algorithms, observers, quantizers, schedules  # noqa: F401  (fill the registries)
 from lowbit import nn as _nn  # noqa: F401  (registers the layer types)
 from lowbit.algorithms import equalize
+from lowbit.analysis import (
+    AnalysisReport,
+    AutoQuantResult,
+    SensitivityReport,
+    analyze,
+    autoquant,
+    keep_sensitive_layers,
+)
 from lowbit.calibrate import calibrate, set_calibrating
 from lowbit.config import LayerRule, QuantConfig, QuantSpec
 from lowbit.convert import convert
@@ -20,9 +28,10 @@ from lowbit.quantize import prepare_qat, quantize
 from lowbit.quantizers import ConstantQuantizerWarning, QParams, Quantizer
 from lowbit.registry import QUANTIZERS
 from lowbit.regularizers import quant_loss
-from lowbit.sensitivity import SensitivityReport, keep_sensitive_layers
 
 __all__ = [
+    "AnalysisReport",
+    "AutoQuantResult",
     "ConstantQuantizerWarning",
     "ExportError",
     "ExportReport",
@@ -36,6 +45,8 @@ __all__ = [
     "QuantConfig",
     "QuantSpec",
     "SensitivityReport",
+    "analyze",
+    "autoquant",
     "calibrate",
     "convert",
     "equalize",

@@ -1,4 +1,4 @@
-"""The ``lowbit`` command: ``demo``, ``plan``, ``quantize``, ``report``.
+"""The ``lowbit`` command: ``demo``, ``plan``, ``quantize``, ``analyze``, ``report``.
 
 Built on the same public functions as the Python API. A model is named as
 ``pkg.module:factory`` or ``path/to/file.py:factory`` (a callable returning an ``nn.Module``),
@@ -309,6 +309,24 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    import lowbit
+
+    model = build_model(args.model, args.weights)
+    config = lowbit.Plan.from_file(args.plan) if args.plan else _config(args)
+    batches = load_batches(args.data, args.batch_size)
+    if not batches:
+        raise ValueError(f"--data {args.data!r} holds no batches")
+    qm = lowbit.quantize(model, config)
+    lowbit.calibrate(qm, batches, max_batches=args.max_batches)
+    report = lowbit.analyze(qm, batches, max_batches=args.max_batches)
+    print(report.table(sort=args.sort))
+    for path, write in ((args.html, report.to_html), (args.json, report.to_json)):
+        if path:
+            print(f"wrote {write(path)}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Summarise a ``.quant_params.json``; for a ``.onnx`` file also say what ONNX Runtime
     runs (its sidecar found by name, as ``export_onnx`` writes it)."""
@@ -442,6 +460,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch exporter; auto tries dynamo, then TorchScript "
                        "(default: %(default)s)")
     quant.set_defaults(func=cmd_quantize)
+
+    analyze = sub.add_parser("analyze", help="quantize and calibrate as `quantize` does, then "
+                             "per-layer SQNR, ranges and clipping (table, HTML, JSON)")
+    model_args(analyze)
+    analyze.add_argument("--plan", help="edited plan file; overrides --preset and --config")
+    analyze.add_argument("--data", required=True, help="calibration data, also analysed: "
+                         ".npy/.npz or 'module:factory' (as for `quantize`)")
+    analyze.add_argument("--batch-size", type=int, default=32,
+                         help="batch size for .npy/.npz data (default: %(default)s)")
+    analyze.add_argument("--max-batches", type=int, default=None,
+                         help="calibrate on and analyse at most this many batches")
+    analyze.add_argument("--html", help="write the report page here (needs matplotlib)")
+    analyze.add_argument("--json", help="write the table as JSON here")
+    analyze.add_argument("--sort", choices=["sqnr_isolated", "sqnr_cumulative", "weight_sqnr",
+                                            "input_sqnr", "clipped", "size_bits"],
+                         help="order the table by this column, ascending (default: model order)")
+    analyze.set_defaults(func=cmd_analyze)
 
     report = sub.add_parser("report", help="summarise an exported model: its quant_params.json "
                             "and, for a .onnx file, the kernels ONNX Runtime runs")

@@ -23,7 +23,6 @@ import datetime
 import json
 import logging
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ sys.path.insert(0, str(HERE))
 
 from ort_latency import cpu_info  # noqa: E402
 from zoo_models import BY_NAME, MODELS, ZooModel, first_line  # noqa: E402
+from zoo_report import HEADER, format_row, lowbit_commit, merge  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.export.onnx import quiet_exporter, strip_metadata  # noqa: E402
@@ -195,7 +195,7 @@ class FloatBaseline:
     """Per model, built once and shared by its rows: the float model, its FP32 ONNX file and
     the torch float output on the evaluation batch."""
 
-    def __init__(self, zm: ZooModel, folder: Path, threads: int) -> None:
+    def __init__(self, zm: ZooModel, folder: Path, threads: int, fp32_file: bool = True) -> None:
         self.model = zm.build()
         self.example = zm.inputs(2, 100)
         self.evaluate = zm.inputs(2, 101)
@@ -204,9 +204,11 @@ class FloatBaseline:
             self.reference = self.model(*self.evaluate).numpy()
         self.output_std = float(self.reference.std())  # ~0 would make the cosine meaningless
         self.path = folder / f"{zm.name}.fp32.onnx"
-        self.error = ""
+        self.error = "" if fp32_file else "not exported"
         self.dynamic = False
         self.cosine: float | None = None
+        if not fp32_file:  # no size or speed columns (the tests)
+            return
         try:
             self.dynamic = export_float(self.model, self.path, self.example, zm.dynamic_shapes())
             self.cosine = cosine(run_ort(self.path, self.evaluate, threads), self.reference)
@@ -258,6 +260,7 @@ def run_row(zm: ZooModel, preset: str, base: FloatBaseline, folder: Path, *,
         p = report.parity
         row.update(codes_identical=p.codes_identical, codes_max_diff=p.codes_max_diff,
                    first_identical=p.first_identical, output_max_lsb=p.output_max_lsb,
+                   worst_layers=p.worst_layers,
                    weight_storage=report.weight_storage)
         row["cosine"] = cosine(run_ort(path, base.evaluate, threads), base.reference)
         if not base.error:
@@ -344,50 +347,6 @@ def sweep(names: list[str], presets: list[str] | None, *, speed: bool, threads: 
     return rows
 
 
-# ----------------------------------------------------------------------------------- table
-
-HEADER = ("| model | family | preset | export | quant / float / BN folded / BN left | silently "
-          "float | codes identical | cosine | size | int / float kernels | speed b1 | speed b8 "
-          "| fails |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-
-
-def _num(v: Any, fmt: str, none: str = "–") -> str:
-    return none if v is None else format(v, fmt)
-
-
-def format_row(r: dict[str, Any]) -> str:
-    fails = [k for k, v in r.get("targets", {}).items() if v is False]
-    counts = ("–" if "quantized" not in r else
-              f"{r['quantized']} / {r['float']} / {r['folded_bn']} / {r['bn_left']}")
-    silent = "–" if "silently_float" not in r else str(len(r["silently_float"]))
-    codes = r.get("codes_identical")
-    kernels = r.get("kernels")
-    export = r["export"] if r["export"].startswith("ok") or not r["export"] else r["export"][:90]
-    if r.get("stage") in ("ort", "speed"):
-        export += f" ({r['stage']}: {r['error'][:80]})"
-    if r.get("float_export") not in (None, "dynamic", "static"):
-        export += " (FP32 export fails too)"
-    return (f"| {r['model']} | {r['family']} | {r['preset']} | {export} | {counts} | {silent} | "
-            f"{_num(None if codes is None else 100 * codes, '.2f')}{'%' if codes is not None else ''}"
-            f" | {_num(r.get('cosine'), '.4f')} | {_num(r.get('size_ratio'), '.2f')}"
-            f"{'x' if r.get('size_ratio') else ''} | "
-            f"{'–' if not kernels else str(kernels['int']) + ' / ' + str(kernels['float'])} | "
-            f"{_num(r.get('speed_b1'), '.2f')} | {_num(r.get('speed_b8'), '.2f')} | "
-            f"{', '.join(fails) or 'pass'} |")
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    return "\n".join([HEADER, *(format_row(r) for r in rows)])
-
-
-def lowbit_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True, cwd=HERE).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", action="append", choices=sorted(BY_NAME), metavar="NAME",
@@ -399,7 +358,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (default 1)")
     ap.add_argument("--repeats", type=int, default=5, help="timing repeats (median ratio)")
     ap.add_argument("--row-timeout", type=float, default=300.0, help="seconds per row")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                    help="instead of running: combine the rows of partial runs (e.g. one per "
+                         "half of the models, run side by side) into --json, first file first")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.json)
 
     cpu = cpu_info()
     print(f"CPU: {cpu['model_name']}; VNNI (lowbit.export.encoding.cpu_has_vnni): "

@@ -34,6 +34,8 @@ CONV1D = xfail("HF GPT-2 Conv1D is neither quantized nor listed as float: plan()
                "unregistered weight layers without a reason (plan.py, nn.quant_type_for)")
 TIED_SMOOTHING = xfail("SmoothQuant scales lm_head's weight in place, and GPT-2 ties it to the "
                        "token embedding, which changes with it (nn.QuantLayer.smooth_input)")
+SMOOTHING = xfail("SmoothQuant at the preset's fixed alpha 0.8 costs this random-init ViT its "
+                  "cosine (0.982; 0.999 without smoothing): alpha is not searched per layer")
 TF_PADDING = xfail("HF MobileNetV1 reads conv.kernel_size in forward; lowbit's DeployConv "
                    "does not keep it (deploy.DeployConv)")
 
@@ -42,7 +44,7 @@ CASES: dict[tuple[str, str], dict[str, Any]] = {
     ("resnet", "w8a8"): {"bn_folded": BN_UNFOLDED},
     ("mobilenet_v1", "w8a8"): {"exports": TF_PADDING, "codes": TF_PADDING,
                                "cosine": TF_PADDING, "bn_folded": BN_UNFOLDED},
-    ("vit", "w8a8-transformer"): {},
+    ("vit", "w8a8-transformer"): {"cosine": SMOOTHING},
     ("bert", "w8a8-transformer"): {},
     ("gpt2", "w8a8-transformer"): {"no_silent_float": CONV1D, "cosine": TIED_SMOOTHING},
 }
@@ -62,7 +64,8 @@ def _params() -> list[Any]:
 
 @functools.cache
 def _baseline(model: str, folder: str) -> zoo.FloatBaseline:
-    return zoo.FloatBaseline(zoo_models.BY_NAME[model], Path(folder), threads=1)
+    return zoo.FloatBaseline(zoo_models.BY_NAME[model], Path(folder), threads=1,
+                             fp32_file=False)
 
 
 @functools.cache

@@ -1,0 +1,76 @@
+"""The zoo sweep's outputs: the markdown table, and merging partial runs into one result."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from zoo_models import MODELS
+
+PRESET_ORDER = ("w8a8", "w8a8-transformer", "w8", "w4-g128")
+
+HEADER = ("| model | family | preset | export | quant / float / BN folded / BN left | silently "
+          "float | codes identical | cosine | size | int / float kernels | speed b1 | speed b8 "
+          "| fails |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _num(v: Any, fmt: str, none: str = "–") -> str:
+    return none if v is None else format(v, fmt)
+
+
+def format_row(r: dict[str, Any]) -> str:
+    fails = [k for k, v in r.get("targets", {}).items() if v is False]
+    counts = ("–" if "quantized" not in r else
+              f"{r['quantized']} / {r['float']} / {r['folded_bn']} / {r['bn_left']}")
+    silent = "–" if "silently_float" not in r else str(len(r["silently_float"]))
+    codes = r.get("codes_identical")
+    kernels = r.get("kernels")
+    export = r["export"] if r["export"].startswith("ok") or not r["export"] else r["export"][:90]
+    if r.get("stage") in ("ort", "speed"):
+        export += f" ({r['stage']}: {r['error'][:80]})"
+    if r.get("float_export") not in (None, "dynamic", "static", "not exported"):
+        export += " (FP32 export fails too)"
+    return (f"| {r['model']} | {r['family']} | {r['preset']} | {export} | {counts} | {silent} | "
+            f"{_num(None if codes is None else 100 * codes, '.2f')}{'%' if codes is not None else ''}"
+            f" | {_num(r.get('cosine'), '.4f')} | {_num(r.get('size_ratio'), '.2f')}"
+            f"{'x' if r.get('size_ratio') else ''} | "
+            f"{'–' if not kernels else str(kernels['int']) + ' / ' + str(kernels['float'])} | "
+            f"{_num(r.get('speed_b1'), '.2f')} | {_num(r.get('speed_b8'), '.2f')} | "
+            f"{', '.join(fails) or 'pass'} |")
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    return "\n".join([HEADER, *(format_row(r) for r in rows)])
+
+
+def lowbit_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def merge(parts: list[Path], out: Path) -> dict[str, Any]:
+    """One result from several partial runs: rows in model-list order, each (model, preset)
+    from the first file that has it; the runs' commands and dates are kept."""
+    runs = [json.loads(p.read_text()) for p in parts]
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for run in runs:
+        for r in run["rows"]:
+            rows.setdefault((r["model"], r["preset"]), r)
+    order = {m.name: i for i, m in enumerate(MODELS)}
+    merged = sorted(rows.values(), key=lambda r: (order.get(r["model"], len(order)),
+                                                  PRESET_ORDER.index(r["preset"])))
+    result = {**runs[0], "command": [r["command"] for r in runs],
+              "date": [r["date"] for r in runs], "complete": all(r["complete"] for r in runs),
+              "seconds": sum(r["seconds"] for r in runs), "rows": merged,
+              "summary": {"rows": len(merged), "pass": sum(r["pass"] for r in merged),
+                          "exports": sum(r["export"].startswith("ok") for r in merged)}}
+    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(format_table(merged))
+    print(f"\n{result['summary']['pass']}/{len(merged)} rows meet every target; "
+          f"{result['summary']['exports']} export; wrote {out}")
+    return result

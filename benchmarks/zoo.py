@@ -39,7 +39,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from ort_latency import cpu_info  # noqa: E402
+from harness import cpu_info  # noqa: E402
 from zoo_models import BY_NAME, MODELS, ZooModel, first_line  # noqa: E402
 from zoo_report import HEADER, format_row, lowbit_commit, merge  # noqa: E402
 
@@ -230,7 +230,10 @@ def run_row(zm: ZooModel, preset: str, base: FloatBaseline, folder: Path, *,
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            qm = lowbit.quantize(base.model, lowbit.QuantConfig.preset(preset))
+            # example_inputs: how lowbit traces models torch.fx cannot (most HF ones) — what
+            # its warning asks a user for; no extra rules.
+            qm = lowbit.quantize(base.model, lowbit.QuantConfig.preset(preset),
+                                 example_inputs=base.example)
             plan = qm.lowbit_plan
             row["quantized"] = sum(isinstance(m, QuantLayer) for m in qm.modules())
             row["float"] = len(plan.float_layers)

@@ -79,10 +79,9 @@ def test_one_exporter_only_and_the_other_is_suggested(tmp_path, quiet):
 
 def test_wrong_input_names_the_layer(tmp_path, quiet):
     dm = _deploy(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), (4, 16))
-    with pytest.raises(lowbit.ExportError) as info:
+    # The inputs are run once before any exporter: the error names the layer that rejects them.
+    with pytest.raises(ValueError, match=r"layer '0' \(DeployLinear\) rejected its input") as info:
         lowbit.export_onnx(dm, tmp_path / "m.onnx", (torch.randn(4, 3),))  # wrong width
-    failure = info.value.failures[-1]  # the TorchScript exporter runs the eager model
-    assert failure.module is not None and "'0'" in failure.module
     assert "example_inputs" in str(info.value)
 
 
@@ -91,8 +90,8 @@ def test_wrong_input_names_the_layer(tmp_path, quiet):
     [
         ({"exporter": "onnxruntime"}, ValueError, r"`exporter` must be one of 'auto', "
                                                   r"'dynamo', 'torchscript', got 'onnxruntime'"),
-        ({"opset": 12}, ValueError, r"`opset` must be in 13..23, got 12"),
-        ({"opset": "19"}, TypeError, r"`opset` must be an int, got str '19'"),
+        ({"opset": 12}, ValueError, r"`opset` must be in 13\.\.\d+ .*got 12"),
+        ({"opset": "19"}, TypeError, r"`opset` must be an int or None, got str '19'"),
         ({"opset": 21, "exporter": "torchscript"}, ValueError,
          r"`opset` must be <= 20 for exporter='torchscript', got 21"),
         ({"dynamic_shapes": 0}, TypeError, r"`dynamic_shapes` must be a tuple"),
@@ -180,11 +179,11 @@ def test_swin_w8a8_falls_back_to_torchscript_with_parity(tmp_path):
     assert report.size_ratio < 1
 
 
-def test_swin_float_model_says_where_dynamo_fails(tmp_path, quiet):
+def test_swin_says_where_dynamo_fails(tmp_path, quiet):
     pytest.importorskip("transformers")
-    model = _swin()
+    dm = _deploy(_swin(), (1, 3, 32, 32))
     with pytest.raises(lowbit.ExportError) as info:
-        lowbit.export_onnx(model, tmp_path / "f.onnx", (torch.randn(1, 3, 32, 32),),
+        lowbit.export_onnx(dm, tmp_path / "f.onnx", (torch.randn(1, 3, 32, 32),),
                            exporter="dynamo")
     failure = info.value.failures[0]
     assert failure.op == "aten.view.default" and "SwinAttention" in (failure.module or "")

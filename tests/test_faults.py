@@ -285,8 +285,8 @@ def test_inplace_failing_late_is_rolled_back(monkeypatch) -> None:
     before = _fingerprint(model)
     real = q.share_input_quantizers
 
-    def boom(m: nn.Module) -> None:
-        real(m)
+    def boom(m: nn.Module, graph: object) -> None:
+        real(m, graph)
         raise ValueError("injected failure after the swaps")
 
     monkeypatch.setattr(q, "share_input_quantizers", boom)

@@ -22,7 +22,7 @@ from lowbit.trace import ModelGraph, Node, trace
 
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-ACTIVATIONS = (nn.ReLU,)
+ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 
 Chain = tuple[str, ...]
 

@@ -68,9 +68,10 @@ def test_convs_whose_output_only_float_ops_read_quantize_it():
     plan = lowbit.plan(_model(), QuantConfig.preset("w8a8"))
     assert [x.name for x in plan.layers if x.output is not None] == ["head"]  # → mean
     cfg = QuantConfig(rules=[*QuantConfig.preset("w8a8").rules, LayerRule(types=["add"])])
-    plan = lowbit.plan(_model(), cfg)  # adds float: the convs before them quantize outputs
-    assert [x.name for x in plan.layers if x.output is not None] == ["b1.conv2", "b2.conv2",
-                                                                      "head"]
+    plan = lowbit.plan(_model(), cfg)  # adds float: the convs before them quantize outputs,
+    # the stem too (its output is read by b1.conv1 and by the float add)
+    assert [x.name for x in plan.layers if x.output is not None] == ["stem.0", "b1.conv2",
+                                                                      "b2.conv2", "head"]
 
 
 def test_an_add_that_no_quantized_layer_reads_stays_float():
@@ -146,6 +147,6 @@ def test_models_that_fx_cannot_trace_get_module_level_placement():
         warnings.simplefilter("always")
         plan = lowbit.plan(model, QuantConfig.preset("w8a8"), (torch.randn(1, 3, 8, 8),))
     placed = [layer.name for layer in plan.layers if layer.output is not None]
-    assert placed == ["b1.conv2", "b2.conv2", "head"]
+    assert placed == ["stem.0", "b1.conv2", "b2.conv2", "head"]
     assert sum("module-level placement" in str(w.message) for w in caught) == 1
     assert not _adds(plan), "no module to insert: the adds are not plan entries"

@@ -85,14 +85,19 @@ def _from_layer(graph: ModelGraph, value: int, modules: dict[str, nn.Module],
                 and _from_layer(graph, node.inputs[0], modules, layers, depth + 1))
 
 
-def reaches_output(graph: ModelGraph, node: Node, modules: dict[str, nn.Module],
-                   depth: int = 0) -> bool:
-    """Whether ``node``'s output is (through pass-through ops) an output of the model."""
-    if any(graph.is_output(v) for v in node.outputs):
-        return True
-    return depth < 8 and any(_passes(user, modules) and reaches_output(graph, user, modules,
-                                                                        depth + 1)
-                             for user, _ in graph.users(node))
+def reaches_float_op(graph: ModelGraph, node: Node, modules: dict[str, nn.Module],
+                     readers: set[str], depth: int = 0) -> bool:
+    """Whether an op outside ``readers`` (quantized layers and ops) reads ``node``'s output,
+    looking through pass-through ops; the model's output does not count."""
+    if depth > 8:
+        return False
+    for user, _ in graph.users(node):
+        if user.name in readers:
+            continue
+        if not _passes(user, modules) or reaches_float_op(graph, user, modules, readers,
+                                                          depth + 1):
+            return True
+    return False
 
 
 def reaches(graph: ModelGraph, node: Node, modules: dict[str, nn.Module], layers: set[str],

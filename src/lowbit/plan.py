@@ -29,8 +29,7 @@ from lowbit.functional import (
     FUNCTIONAL_TYPES,
     between_quantized,
     find_functional,
-    reaches,
-    reaches_output,
+    reaches_float_op,
 )
 from lowbit.fuse import NORMS, find_chains
 from lowbit.nn import ACTIVATION_TYPES, OPT_IN_TYPES, LayerSpecs, quant_type_for
@@ -317,10 +316,11 @@ def _graph_modules(model: nn.Module, fusions: Sequence[Sequence[str]]) -> dict[s
 
 def _place_outputs(model: nn.Module, config: QuantConfig, graph: ModelGraph,
                    layers: list[LayerPlan], fusions: Sequence[Sequence[str]]) -> list[LayerPlan]:
-    """Re-resolve, with position ``"feeds_float"``, each quantized conv whose output reaches
-    neither a quantized layer or op nor the model's output: only float ops read it (a float
-    add where ``forward`` could not be rewritten, a LayerNorm, a mean). ONNX Runtime fuses
-    ``DQ → Conv → Q`` only, so the presets quantize such a conv's output."""
+    """Re-resolve, with position ``"feeds_float"``, each quantized conv whose output a float op
+    reads (a float add where ``forward`` could not be rewritten, a LayerNorm, a mean), also
+    where quantized layers read it too. ONNX Runtime fuses ``DQ → Conv → Q`` only, so the
+    presets quantize such a conv's output; a layer reading it then requantizes a value already
+    on a grid (nearly the same one), which costs one elementwise step, not a float conv."""
     modules = _graph_modules(model, fusions)
     readers = {x.name for x in layers if x.input is not None and not x.input.dynamic}
     calls = graph.module_calls()
@@ -330,8 +330,7 @@ def _place_outputs(model: nn.Module, config: QuantConfig, graph: ModelGraph,
         nodes = calls.get(layer.name, [])
         if (layer.type not in CONV_TYPES or layer.input is None or layer.input.dynamic
                 or layer.output is not None or len(nodes) != 1
-                or reaches(graph, nodes[0], modules, readers, through_adds=False)
-                or reaches_output(graph, nodes[0], modules)):
+                or not reaches_float_op(graph, nodes[0], modules, readers)):
             out.append(layer)
             continue
         positions = {"feeds_float"} | {p for p, n in (("first", weighted[:1]),

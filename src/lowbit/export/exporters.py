@@ -36,23 +36,18 @@ _NOISY_LOGGERS = ("torch.onnx", "torch._subclasses.fake_tensor", "torch.export",
                   "torch._dynamo", "torch.fx.experimental.symbolic_shapes")
 
 
-def check_exporter_args(exporter: Any, opset: Any, dynamic_shapes: Any) -> None:
-    """``ValueError``/``TypeError`` for arguments no exporter could use."""
+def check_exporter_args(exporter: Any, opset: Any) -> None:
+    """``ValueError`` for an exporter name or an opset torch's exporters cannot write (types
+    and the generic checks are ``export.checks.check_export_options``'s)."""
     if exporter not in EXPORTERS:
         raise ValueError(f"`exporter` must be one of {', '.join(map(repr, EXPORTERS))}, "
                          f"got {exporter!r}")
-    if isinstance(opset, bool) or not isinstance(opset, int):
-        raise TypeError(f"`opset` must be an int, got {type(opset).__name__} {opset!r}")
     if opset not in SUPPORTED_OPSETS:
         raise ValueError(f"`opset` must be in {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}"
-                         f", got {opset}")
+                         f" (what torch's exporters write), got {opset}")
     if exporter == "torchscript" and opset not in TORCHSCRIPT_OPSETS:
         raise ValueError(f"`opset` must be <= {TORCHSCRIPT_OPSETS.stop - 1} for "
                          f"exporter='torchscript', got {opset}")
-    if dynamic_shapes is not None and not isinstance(dynamic_shapes, (tuple, list, dict)):
-        raise TypeError("`dynamic_shapes` must be a tuple (one entry per input), a dict keyed "
-                        "by argument name, or None, got "
-                        f"{type(dynamic_shapes).__name__}")
 
 
 def training_flags(model: nn.Module) -> list[tuple[nn.Module, bool]]:

@@ -123,7 +123,7 @@ def export_onnx(
     blocked = any(isinstance(m, IntWeight) and m.block_size for m in model.modules())
     if opset is None:
         opset = BLOCKED_OPSET if blocked else DEFAULT_OPSET
-    check_exporter_args(exporter, opset, dynamic_shapes)
+    check_exporter_args(exporter, opset)
     if blocked and opset < BLOCKED_OPSET:
         raise ValueError(f"`opset` must be >= {BLOCKED_OPSET} for per-group weights, got {opset}")
     plan = getattr(source, "lowbit_plan", None)

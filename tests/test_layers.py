@@ -90,3 +90,28 @@ def test_quant_params_name_the_float_layer_type(tmp_path):
     report = lowbit.export_onnx(lowbit.convert(qm), tmp_path / "m.onnx", (torch.randn(2, 3, 6, 6),))
     layers = json.loads(report.params_path.read_text())["layers"]
     assert layers["0"]["type"] == "Conv2d" and layers["2"]["type"] == "Linear"
+
+
+class _ReadsAParameter(nn.Module):
+    """A block whose forward reads a submodule's parameter (as PoolFormer's does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(1, 4)
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(self.norm(x) * self.norm.weight.view(1, -1, 1, 1))
+
+
+def test_a_rewritten_block_keeps_reading_its_submodules_parameters():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _ReadsAParameter(), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(2, 3, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = lowbit.quantize(model, QuantConfig.preset("w8a8"))
+    assert "1.op_add" in {layer.name for layer in qm.lowbit_plan.layers}
+    lowbit.calibrate(qm, [x], progress=False)
+    assert qm[1].norm.weight is not None and not hasattr(qm[1], "norm.weight")
+    with torch.no_grad():
+        assert torch.allclose(qm(x), model(x), atol=0.2)

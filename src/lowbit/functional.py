@@ -171,7 +171,22 @@ def _rewrite(module: nn.Module, owner: str, names: set[str]) -> None:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
     rewritten = fx.GraphModule(module, graph)
-    for node in graph.nodes:  # constants the tracer lifted into attributes
-        if node.op == "get_attr" and not hasattr(module, str(node.target)):
-            setattr(module, str(node.target), getattr(rewritten, str(node.target)))
+    for node in graph.nodes:  # constants the tracer lifted into attributes of its own
+        if node.op == "get_attr" and not _resolves(module, str(node.target)):
+            setattr(module, str(node.target), _resolve_attr(rewritten, str(node.target)))
     module.forward = types.MethodType(type(rewritten).forward, module)  # type: ignore[method-assign]
+
+
+def _resolve_attr(obj: object, path: str) -> object:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _resolves(obj: object, path: str) -> bool:
+    """Whether a dotted attribute path (``norm.weight``) exists on ``obj``."""
+    try:
+        _resolve_attr(obj, path)
+    except AttributeError:
+        return False
+    return True

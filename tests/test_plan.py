@@ -321,7 +321,17 @@ def test_quantize_keeps_each_layers_training_flag() -> None:
 @pytest.mark.parametrize("preset", QuantConfig.presets())
 def test_every_preset_plan_round_trips(preset: str, tmp_path: Path) -> None:
     the_plan = lowbit.plan(cnn(), QuantConfig.preset(preset))
-    assert the_plan.quantized, "every preset quantizes the CNN's layers"
+    if preset.startswith("w4-g"):  # groups wider than the CNN's 8-wide head: float, and told
+        assert "does not divide its 8 input channels" in the_plan.float_layers["8"]
+    else:
+        assert the_plan.quantized, "every preset quantizes the CNN's layers"
     for suffix in (".yaml", ".json"):
         the_plan.to_file(tmp_path / f"plan{suffix}")
         assert Plan.from_file(tmp_path / f"plan{suffix}") == the_plan
+
+
+def test_a_layer_whose_width_does_not_fit_the_group_size_stays_float_and_is_told():
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    the_plan = lowbit.plan(model, QuantConfig.preset("w4-g128"))
+    assert [layer.name for layer in the_plan.quantized] == ["0"]
+    assert "group_size 128 does not divide its 64 input channels" in the_plan.float_layers["2"]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from torch import nn
 
 from lowbit.config import (
@@ -205,7 +206,12 @@ def plan(
         positions = frozenset(p for p, n in (("first", weighted[:1]), ("last", weighted[-1:]))
                               if name in n)
         entry = _resolve(config, name, type_name, positions)
-        layers.append(entry if module_type is None else replace(entry, module_type=module_type))
+        entry = entry if module_type is None else replace(entry, module_type=module_type)
+        misfit = _group_misfit(model, entry)
+        if misfit:
+            skipped[name] = misfit  # the rest of the model still takes the preset
+        else:
+            layers.append(entry)
 
     if graph is None:
         graph = trace(model, example_inputs)
@@ -259,6 +265,22 @@ def discover_layers(model: nn.Module, named_types: set[str]
         found.append((name, type_name, own if own != LAYERS.get(type_name).float_type.__name__
                       else None))
     return found, skipped
+
+
+def _group_misfit(model: nn.Module, entry: LayerPlan) -> str | None:
+    """Why a per-group weight spec cannot apply to this layer (its input width is not a
+    multiple of ``group_size``, e.g. a 64-wide classifier under ``w4-g128``), or None."""
+    spec = entry.weight
+    if spec is None or spec.granularity != "per_group" or spec.group_size is None:
+        return None
+    weight = getattr(model.get_submodule(entry.name), "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        return None
+    width = weight.shape[0] if entry.module_type == "Conv1D" else weight.shape[1]
+    if width % spec.group_size == 0:
+        return None
+    return (f"kept in float: group_size {spec.group_size} does not divide its {width} input "
+            "channels (give it a rule with a group size that does, or per_channel)")
 
 
 def check_example_inputs(example_inputs: object) -> None:

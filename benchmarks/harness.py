@@ -9,6 +9,7 @@ repeats. ``cpu_info`` records the CPU flags that decide which integer kernels ON
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import io
@@ -233,6 +234,23 @@ def ort_quantize_static(fp32: Path, calib: list[torch.Tensor], out: Path,
             "quantize_s": round(time.perf_counter() - start, 1), "quantize_warnings": caught,
         }
     return files
+
+
+def add_timing_args(ap: argparse.ArgumentParser, *, repeats: int, max_repeats: int,
+                    budget: float, runs: int, warmup: int) -> None:
+    """The options every ORT timing benchmark takes (threads, quiet repeats, runs, warm-up)."""
+    ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2)")
+    ap.add_argument("--repeats", type=int, default=repeats,
+                    help=f"interleaved repeats on a quiet machine to collect (default {repeats}, "
+                         ">= 5)")
+    ap.add_argument("--max-repeats", type=int, default=max_repeats,
+                    help=f"give up collecting quiet repeats after this many (default {max_repeats})")
+    ap.add_argument("--budget", type=float, default=budget,
+                    help=f"...or after this many seconds of timing (default {budget:g})")
+    ap.add_argument("--runs", type=int, default=runs,
+                    help=f"timed runs per repeat (default {runs})")
+    ap.add_argument("--warmup", type=int, default=warmup,
+                    help="untimed runs before each repeat")
 
 
 def machine_line(machine: dict) -> str:

@@ -50,6 +50,7 @@ import onnxruntime as ort
 import torch
 from harness import (
     CLEAN_LOAD,
+    add_timing_args,
     cpu_info,
     interleaved_repeats,
     quiet_call,
@@ -150,15 +151,7 @@ def executed_ops(path: Path, threads: int, config: dict | None) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2)")
-    ap.add_argument("--repeats", type=int, default=5,
-                    help="interleaved repeats on a quiet machine to collect (default 5, >= 5)")
-    ap.add_argument("--max-repeats", type=int, default=12,
-                    help="give up collecting quiet repeats after this many (default 12)")
-    ap.add_argument("--budget", type=float, default=240,
-                    help="...or after this many seconds of timing and waiting (default 240)")
-    ap.add_argument("--runs", type=int, default=3, help="timed runs per repeat (default 3)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed runs before each repeat")
+    add_timing_args(ap, repeats=5, max_repeats=12, budget=240, runs=3, warmup=1)
     ap.add_argument("--batch", type=int, nargs=2, default=(32, 128), metavar=("B", "S"),
                     help="input batch and sequence length (default 32 128)")
     ap.add_argument("--wait-idle", type=float, default=60,

@@ -45,6 +45,7 @@ from convnets import available, build
 from harness import (
     CLEAN_LOAD,
     _fmt_load,
+    add_timing_args,
     cpu_info,
     executed_ops,
     interleaved_repeats,
@@ -168,18 +169,10 @@ def main(argv: list[str] | None = None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nets", nargs="+", default=None, choices=available(),
                     help="nets to measure (default: all that can be built here)")
-    ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2)")
-    ap.add_argument("--repeats", type=int, default=7,
-                    help="interleaved repeats on a quiet machine to collect (default 7, >= 5)")
-    ap.add_argument("--max-repeats", type=int, default=15,
-                    help="give up collecting quiet repeats after this many (default 15)")
-    ap.add_argument("--budget", type=float, default=120,
-                    help="...or after this many seconds of timing per net (default 120)")
-    ap.add_argument("--runs", type=int, default=10, help="timed runs per repeat at batch 64")
+    add_timing_args(ap, repeats=7, max_repeats=15, budget=120, runs=10, warmup=3)
     ap.add_argument("--runs-b1", type=int, default=50, help="timed runs per repeat at batch 1")
     ap.add_argument("--wait-idle", type=float, default=60,
                     help="wait up to this many seconds for quiet before timing each net")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed runs before each repeat")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     args = ap.parse_args(argv)

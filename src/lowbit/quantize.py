@@ -95,6 +95,8 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
             "nothing to quantize: no layer of the model matches a rule with a spec "
             f"(quantizable layers found: {len(the_plan.layers)}, types {found}; "
             f"supported types: {LAYERS.names()})"
+            + "".join(f"; {n or '<model>'}: {why}" for n, why in
+                      list(the_plan.skipped.items())[:3])
         )
 
     functional = {layer.name for layer in the_plan.quantized

@@ -54,7 +54,14 @@ from digits_ptq import (  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit import LayerRule, QuantConfig, QuantSpec  # noqa: E402
-from lowbit.demo import Digits, DigitsCNN, export_float, load_digits, ort_logits  # noqa: E402
+from lowbit.demo import (  # noqa: E402
+    Digits,
+    DigitsCNN,
+    export_float,
+    load_digits,
+    ort_logits,
+    train_digits,
+)
 from lowbit.fuse import find_chains  # noqa: E402
 
 SEEDS = (0, 1, 2)
@@ -83,21 +90,8 @@ class MobileNetish(nn.Sequential):
 
 
 def train(factory: Callable[[], nn.Module], data: Digits, seed: int) -> nn.Module:
-    """Adam, batch 64, cosine schedule; as ``lowbit.demo.train_digits``."""
-    torch.manual_seed(seed)
-    model = factory()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, EPOCHS)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(EPOCHS):
-        model.train()
-        for idx in torch.randperm(len(data.x_train), generator=gen).split(64):
-            loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sched.step()
-    return model.eval()
+    """Adam, batch 64, cosine schedule: ``lowbit.demo.train_digits`` on ``factory``'s net."""
+    return train_digits(data, epochs=EPOCHS, seed=seed, model=factory)
 
 
 def config(bits: int, granularity: str, algorithm: str = "rtn") -> QuantConfig:

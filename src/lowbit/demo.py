@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
@@ -74,10 +75,12 @@ class DigitsCNN(nn.Sequential):
         )
 
 
-def train_digits(data: Digits, *, epochs: int = 20, seed: int = 0, lr: float = 3e-3) -> nn.Module:
-    """Train ``DigitsCNN`` with Adam (batch 64); deterministic for a given seed."""
+def train_digits(data: Digits, *, epochs: int = 20, seed: int = 0, lr: float = 3e-3,
+                 model: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """Train ``DigitsCNN`` (or the net ``model`` builds) with Adam (batch 64, cosine
+    schedule); deterministic for a given seed."""
     torch.manual_seed(seed)
-    model = DigitsCNN()
+    model = (model or DigitsCNN)()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     gen = torch.Generator().manual_seed(seed)

@@ -16,6 +16,7 @@ Conv1d/Conv2d and Linear, any weight granularity.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -143,27 +144,88 @@ def _threads_for(macs: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+TARGET_CACHE_BYTES = 256 << 20  # the float layer's outputs kept for every sample, below this
+
+
+@dataclass(frozen=True)
+class SoftWeight:
+    """``s·(clip(⌊W/s⌋ + h(V) + z, qmin, qmax) − z)`` as ``base + s·clip(h_raw(V), lo, hi)``:
+    the grid's clip folded into per-element bounds on ``h`` (whole numbers apart, so ``lo`` and
+    ``hi`` are 0 or 1 and ``base`` holds the whole steps past them). The same values and
+    gradients as the formula, in fewer passes over the weight per step."""
+
+    base: torch.Tensor
+    scale: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    @classmethod
+    def build(cls, floor: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+              qp: QParams) -> SoftWeight:
+        a = qp.grid.qmin - z - floor  # h may not go below a, nor above b
+        b = qp.grid.qmax - z - floor
+        base = s * (floor + (a - 1).clamp(min=0) + b.clamp(max=0))
+        return cls(base, s, a.clamp(0, 1), b.clamp(0, 1))
+
+    def h(self, v: torch.Tensor) -> torch.Tensor:
+        """``h(V)`` within the bounds (what the regulariser sees, too)."""
+        return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, self.lo, self.hi)
+
+    def weight(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.base, self.scale, h)
+
+
 def _optimize(v: nn.Parameter, opt: torch.optim.Optimizer, gen: torch.Generator,
               floor: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qp: QParams,
               inputs: torch.Tensor, op: Any, act: nn.Module, w: torch.Tensor,
               options: AdaRoundOptions) -> None:
+    """Adam on ``V`` (``SoftWeight``); the float layer's outputs are computed once for every
+    sample where they fit in ``TARGET_CACHE_BYTES``, else per step."""
     n = inputs.shape[0]
+    with torch.no_grad():
+        soft = SoftWeight.build(floor, s, z, qp)
+        targets = None
+        if n * _out_numel(op, inputs[:1], w) * 4 <= TARGET_CACHE_BYTES:
+            targets = torch.cat([act(op(inputs[i:i + 4096], w)) for i in range(0, n, 4096)])
     for step in range(options.iterations):
-        pick = torch.randint(n, (min(options.batch_size, n),), generator=gen)
-        x = inputs[pick.to(inputs.device)]
-        with torch.no_grad():
-            target = act(op(x, w))
-        codes = torch.clamp(floor + rectified_sigmoid(v) + z, qp.grid.qmin, qp.grid.qmax)
-        out = act(op(x, s * (codes - z)))
+        pick = torch.randint(n, (min(options.batch_size, n),), generator=gen).to(inputs.device)
+        x = inputs[pick]
+        if targets is not None:
+            target = targets[pick]
+        else:
+            with torch.no_grad():
+                target = act(op(x, w))
+        h = soft.h(v)
+        out = act(op(x, soft.weight(h)))
         diff = (out - target).pow(2)
         loss = diff.sum(dim=1).mean() if diff.dim() > 1 else diff.mean()
         beta = beta_at(step, options)
         if beta is not None and options.reg > 0:
-            h = rectified_sigmoid(v)
             loss = loss + options.reg * (1 - (2 * h - 1).abs().pow(beta)).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+def _out_numel(op: Any, x: torch.Tensor, w: torch.Tensor) -> int:
+    """Output elements per sample of ``op`` (run on one sample)."""
+    with torch.no_grad():
+        return int(op(x, w).numel())
+
+
+def recorded_inputs(layer: Any, inputs: list[torch.Tensor], name: str) -> torch.Tensor:
+    """The recorded inputs as one tensor of samples along dim 0: a Linear's rows (leading dims
+    flattened, so batches of different sequence lengths join), a conv's images (those of the
+    first batch's shape, with a warning naming the layer when others are left out)."""
+    if isinstance(layer, nn.Linear):
+        return torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs])
+    shape = inputs[0].shape[1:]
+    same = [x for x in inputs if x.shape[1:] == shape]
+    if len(same) < len(inputs):
+        warnings.warn(f"adaround: layer {name!r} read inputs of several shapes; it learns its "
+                      f"rounding on the {sum(len(x) for x in same)} of shape {tuple(shape)} "
+                      f"only", stacklevel=5)
+    return torch.cat(same)
 
 
 def layer_op(layer: Any) -> Any:
@@ -188,13 +250,11 @@ class AdaRound(WeightAlgorithm):
     options: ClassVar[AdaRoundOptions] = AdaRoundOptions()
 
     def apply(self, group: Group) -> None:
-        for layer, stats in zip(group.layers, group.stats):
+        for name, layer, stats in zip(group.names, group.layers, group.stats):
             if not stats.inputs:
                 continue
-            x = torch.cat(stats.inputs).to(layer.weight.device).float()
-            x = layer._smooth(x)  # a smoothed layer reads x / s and holds W·s
-            if isinstance(layer, nn.Linear):
-                x = x.reshape(-1, x.shape[-1])
+            x = recorded_inputs(layer, stats.inputs, name)
+            x = layer._smooth(x.to(layer.weight.device).float())  # reads x / s, holds W·s
             q = layer.weight_quant
             _, qp = q.quantize_weight(layer.weight)
             with torch.enable_grad():

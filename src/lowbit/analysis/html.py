@@ -41,13 +41,44 @@ def _finite(v: float | None) -> float:
     return float("nan") if v is None or not math.isfinite(v) else v
 
 
+LABEL_CHARS = 44  # longer layer names are shortened in the middle on the chart's axis
+OUTLIER_QUANTILE = 0.99  # channels wider than OUTLIER_SPREAD x this quantile of the channels'
+OUTLIER_SPREAD = 4.0  # widths are drawn cut off at the axis (their true range in the title)
+
+
+def chart_labels(names: list[str]) -> list[str]:
+    """Axis labels: the table's ``#``, then the name without the dotted prefix every name
+    shares (``model.``), middle-shortened past ``LABEL_CHARS``."""
+    prefix = ""
+    if len(names) > 1:
+        common = names[0].split(".")
+        for name in names[1:]:
+            parts = name.split(".")
+            k = 0
+            while k < min(len(common), len(parts) - 1) and common[k] == parts[k]:
+                k += 1
+            common = common[:k]
+        prefix = ".".join(common) + "." if common else ""
+    labels = []
+    for i, name in enumerate(names):
+        short = name[len(prefix):]
+        if len(short) > LABEL_CHARS:
+            half = (LABEL_CHARS - 1) // 2
+            short = short[:half] + "…" + short[-(LABEL_CHARS - 1 - half):]
+        labels.append(f"{i} {short}")
+    return labels
+
+
 def sqnr_chart(report: AnalysisReport) -> str:
-    """Per-layer SQNR (alone, cumulative, weight, input) in model order, as a PNG data URI."""
+    """Per-layer SQNR (alone, cumulative, weight, input) in model order, as a PNG data URI.
+    The figure grows with the labels' length, so the plot keeps its height under them."""
     from matplotlib.figure import Figure
 
     rows = report.layers
     n = len(rows)
-    fig = Figure(figsize=(max(8.0, 0.22 * n + 2.5), 4.6), layout="constrained")
+    labels = chart_labels([r.name for r in rows])
+    longest = max((len(label) for label in labels), default=0)
+    fig = Figure(figsize=(max(8.0, 0.22 * n + 2.5), 3.6 + 0.065 * longest), layout="constrained")
     ax = fig.add_subplot()
     x = list(range(n))
     series = [("sqnr_isolated", "output, this layer alone quantized", "o-", "C0"),
@@ -58,13 +89,52 @@ def sqnr_chart(report: AnalysisReport) -> str:
         ax.plot(x, [_finite(getattr(r, key)) for r in rows], style, label=label, color=color,
                 markersize=4, linewidth=1.2)
     ax.set_xticks(x)
-    ax.set_xticklabels([r.name for r in rows], rotation=90, fontsize=7)
+    ax.set_xticklabels(labels, rotation=90, fontsize=7)
+    ax.set_xlim(-0.6, n - 0.4)
     ax.set_ylabel("SQNR (dB, higher is better)")
     ax.set_title(f"Per-layer SQNR in model order (model output: "
                  f"{_finite(report.output_sqnr):.1f} dB)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    fig.legend(fontsize=8, loc="outside upper right", ncols=4)
     return _png(fig)
+
+
+def _weight_axes(ax: Any, row: LayerAnalysis) -> None:
+    """Each output channel's min..max (blue bars) over the grid's range (a light red band
+    behind them, so the bars stay visible on wide layers). Where a few channels are far wider
+    than the rest (an outlier channel after smoothing), the axis stops at the others' range,
+    so they do not flatten every other channel to a line; the title names the widest."""
+    from matplotlib.ticker import MaxNLocator
+
+    lo, hi = row.weight_channel_min or [], row.weight_channel_max or []
+    n = len(lo)
+    ch = list(range(n))
+    edges = [c - 0.5 for c in range(n + 1)]
+    if row.weight_clip_lo is not None and row.weight_clip_hi is not None:
+        ax.stairs(row.weight_clip_hi, edges, baseline=row.weight_clip_lo, fill=True, color="C3",
+                  alpha=0.25, linewidth=0, label="grid range", zorder=1)
+    ax.vlines(ch, lo, hi, color="C0", linewidth=min(6.0, max(0.8, 300 / max(n, 1))),
+              label="channel min..max", zorder=2)
+    note = ""
+    spans = sorted((max(abs(a), abs(b)), c) for c, (a, b) in enumerate(zip(lo, hi)))
+    if spans:
+        typical = spans[min(n - 1, int(OUTLIER_QUANTILE * n))][0]
+        beyond = [(v, c) for v, c in spans if v > OUTLIER_SPREAD * typical]
+        if beyond and typical > 0:
+            limit = 1.3 * max(v for v, _ in spans if v <= OUTLIER_SPREAD * typical)
+            ax.set_ylim(-limit, limit)
+            up = [c for c in ch if hi[c] > limit]
+            down = [c for c in ch if lo[c] < -limit]
+            ax.plot(up, [limit] * len(up), "k^", markersize=4, zorder=3,
+                    label="beyond the axis")
+            ax.plot(down, [-limit] * len(down), "kv", markersize=4, zorder=3)
+            widest, at = beyond[-1]
+            note = (f"; {len(beyond)} channel(s) cut off, widest #{at} ±{widest:.3g}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(-0.5, max(n, 1) - 0.5)
+    ax.set_title(f"weight per output channel ({row.weight}){note}", fontsize=9)
+    ax.set_xlabel("row" if row.type == "Embedding" else "output channel", fontsize=8)
+    ax.legend(fontsize=7, loc="upper right")
 
 
 def layer_figure(row: LayerAnalysis) -> str | None:
@@ -80,15 +150,7 @@ def layer_figure(row: LayerAnalysis) -> str | None:
     axes = fig.subplots(1, 2)
     ax = axes[0]
     if has_w:
-        lo, hi = row.weight_channel_min or [], row.weight_channel_max or []
-        ch = list(range(len(lo)))
-        ax.vlines(ch, lo, hi, color="C0", linewidth=0.8, label="channel min..max")
-        if row.weight_clip_lo is not None and row.weight_clip_hi is not None:
-            ax.plot(ch, row.weight_clip_hi, color="C3", linewidth=0.8, label="grid range")
-            ax.plot(ch, row.weight_clip_lo, color="C3", linewidth=0.8)
-        ax.set_title(f"weight per output channel ({row.weight})", fontsize=9)
-        ax.set_xlabel("output channel (embedding: row)", fontsize=8)
-        ax.legend(fontsize=7, loc="upper right")
+        _weight_axes(ax, row)
     else:
         ax.text(0.5, 0.5, "no weight", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
@@ -107,6 +169,7 @@ def layer_figure(row: LayerAnalysis) -> str | None:
         ax.set_title(f"input values ({row.input}); dashed: clip range; clipped {clipped}",
                      fontsize=9)
         ax.set_xlabel("value (sampled)", fontsize=8)
+        ax.set_ylabel("count", fontsize=8)
     else:
         ax.text(0.5, 0.5, "input not quantized", ha="center", va="center",
                 transform=ax.transAxes)
@@ -208,9 +271,11 @@ Click a header to sort.</p>
 {chr(10).join(body)}
 </tbody></table>
 <h2>Ranges and histograms</h2>
-<p>Left: each output channel's weight range (blue) against the grid's range (red); channels far
-wider than the rest are what cross-layer equalization evens out. Right: the layer's input values
-(a sample; log scale) with the input quantizer's clip range dashed.</p>
+<p>Left: each output channel's weight range (blue bars) inside the grid's range (red band);
+channels far wider than the rest are what cross-layer equalization evens out (channels more than
+{OUTLIER_SPREAD:.0f}x wider than the rest run off the axis, marked ▲/▼, the widest named above).
+Right: the layer's input values (a sample; log scale) with the input quantizer's clip range
+dashed.</p>
 {chr(10).join(figures)}
 </body></html>
 """

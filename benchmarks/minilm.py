@@ -41,7 +41,9 @@ Variants (``--variants`` takes the keys; ``anchors`` and ``lowbit`` name groups)
   quantize_dynamic`` on ``nn.Linear``, qint8, run in torch); ``ort-dynamic`` (ORT
   ``quantize_dynamic(per_channel=True)``); ``ort-static-qdq`` (ORT ``quantize_static``, QDQ,
   defaults otherwise); ``ort-static-matmul`` (``quantize_static`` on MatMul only, QUInt8
-  activations, QInt8 per-channel weights). ORT's quantizers get the FP32 file after
+  activations, QInt8 per-channel weights); ``ort-int4-g128`` (ORT ``MatMulNBitsQuantizer``,
+  4-bit asymmetric blocks of 128, round to nearest; embeddings stay FP32). ORT's quantizers get
+  the FP32 file after
   ``quant_pre_process(skip_symbolic_shape=True)`` (``--no-ort-preprocess`` skips it); its
   calibrators need one input shape, so its 200 calibration sentences are padded to the longest
   of them, in batches of 8;
@@ -52,6 +54,8 @@ Variants (``--variants`` takes the keys; ``anchors`` and ``lowbit`` name groups)
   ``export_onnx`` (same wrapper and dynamic axes, parity checked on two calibration batches).
   Presets: ``w8a8``, ``w8a8-transformer``, ``w8``, ``w4-g128``, ``w4-g128-gptq``,
   ``w4-g128-awq``; one this lowbit does not know is reported as "not available".
+  ``w4-g128-adaround``: ``w4-g128`` with ``algorithm="adaround"`` on the Linear weights
+  (AdaRound's defaults; ~5 min of calibration on 2 idle cores).
 
 Per variant: throughput (sentences/s over the evaluation set: the model call alone) and its
 ratio to ORT FP32, each the median over >= 5 interleaved repeats (repeat r runs every variant
@@ -66,7 +70,8 @@ quantizer incl. its calibration) and the ``lowbit.calibrate`` call alone.
 
 Targets (pass/miss columns): W8A8 static (``w8a8-transformer``) mean cosine >= 0.995, top-10
 >= 0.93, >= 2.0x ORT FP32; W8 dynamic (``w8``) mean cosine >= 0.997 at >= 1.8x; W4 weight-only
-(``w4-g128-gptq`` or ``-awq``) mean cosine >= 0.99 with a file <= 0.2x the FP32 file;
+(``w4-g128-gptq``, ``-awq`` or ``-adaround``) mean cosine >= 0.99 with a file <= 0.2x the
+FP32 file;
 ``lowbit.calibrate`` on the 200 calibration sentences < 30 s. ``--profile VARIANT`` runs that
 ORT variant once more with ONNX Runtime's profiler and prints its top ops (type, nodes, ms,
 share), so a missed speed target can be explained. Prints a markdown table and writes
@@ -464,6 +469,28 @@ def build_ort_static_matmul(ctx: Ctx) -> Built:
                        per_channel=True)
 
 
+def build_ort_int4(ctx: Ctx) -> Built:
+    """ORT's own 4-bit weight-only quantizer: ``MatMulNBitsQuantizer`` (round to nearest,
+    asymmetric blocks of 128 along the input, as ``w4-g128``) on the FP32 file's MatMuls; the
+    embedding tables stay FP32 (it quantizes MatMul/Gather only where told to)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    assert ctx.fp32_onnx is not None, "ORT FP32 must be built first"
+    path = ctx.work / "minilm_ort_int4_g128.onnx"
+    start = time.perf_counter()
+    config = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=False)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(ctx.fp32_onnx)), algo_config=config)
+    _, caught = captured(quantizer.process)
+    quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
+    return Built("ort", path=path, info={
+        "quantize_s": time.perf_counter() - start, "warnings": caught,
+        "recipe": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer("
+                  "DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=False)), RTN"})
+
+
 # ------------------------------------------------------------------------------------ lowbit
 
 # weight methods whose ranges come from the weights alone (calibration data changes nothing)
@@ -556,6 +583,20 @@ def lowbit_preset(preset: str) -> Callable[[Ctx], Built]:
     return lambda ctx: lowbit_flow(ctx, preset)
 
 
+def lowbit_w4_adaround(ctx: Ctx) -> Built:
+    """``w4-g128`` with AdaRound's learned rounding on every Linear (its defaults: 500 Adam
+    steps a layer on 256 input rows each; the rows of the 200 calibration sentences)."""
+    import dataclasses
+
+    cfg = QuantConfig.preset("w4-g128")
+    rules = [dataclasses.replace(r, weight=dataclasses.replace(r.weight, algorithm="adaround"))
+             if r.weight is not None and r.weight.granularity == "per_group" else r
+             for r in cfg.rules]
+    return lowbit_flow(ctx, "w4-g128-adaround", config=QuantConfig(rules=rules),
+                       info={"recipe": "preset w4-g128, Linear weights algorithm='adaround' "
+                                       "(AdaRoundOptions defaults)"})
+
+
 def lowbit_mixed(ctx: Ctx) -> Built:
     """``w8a8-transformer`` with the layers ``keep_sensitive_layers`` keeps in float: searched
     on the calibration sentences only (mean-pooled embedding cosine >= 0.9995, at most 6)."""
@@ -589,9 +630,11 @@ ANCHOR_VARIANTS: dict[str, tuple[str, str, Callable[[Ctx], Built]]] = {
     "ort-static-qdq": ("ORT quantize_static QDQ defaults", "anchor", build_ort_static_qdq),
     "ort-static-matmul": ("ORT quantize_static MatMul-only u8", "anchor",
                           build_ort_static_matmul),
+    "ort-int4-g128": ("ORT MatMulNBits int4 g128 (RTN)", "anchor", build_ort_int4),
 }
 LOWBIT_VARIANTS: dict[str, tuple[str, str, Callable[[Ctx], Built]]] = {
     name: (f"lowbit {name}", "lowbit", lowbit_preset(name)) for name in LOWBIT_PRESETS}
+LOWBIT_VARIANTS["w4-g128-adaround"] = ("lowbit w4-g128 + AdaRound", "lowbit", lowbit_w4_adaround)
 LOWBIT_VARIANTS["w8a8-transformer-mixed"] = ("lowbit w8a8-transformer + float layers found by "
                                              "keep_sensitive_layers", "lowbit", lowbit_mixed)
 VARIANTS = REFERENCE_VARIANTS | ANCHOR_VARIANTS | LOWBIT_VARIANTS
@@ -618,8 +661,9 @@ TARGETS = (
            min_speedup=2.0),
     Target("W8 dynamic: mean cos >= 0.997 at >= 1.8x ORT FP32", ("w8", "w8-transformer"),
            min_cos=0.997, min_speedup=1.8),
-    Target("W4 weight-only (GPTQ or AWQ): mean cos >= 0.99, file <= 0.2x FP32",
-           ("w4-g128-gptq", "w4-g128-awq", "w4-g64-gptq", "w4-g32-gptq"), min_cos=0.99,
+    Target("W4 weight-only (GPTQ, AWQ or AdaRound): mean cos >= 0.99, file <= 0.2x FP32",
+           ("w4-g128-gptq", "w4-g128-awq", "w4-g128-adaround", "w4-g64-gptq", "w4-g32-gptq"),
+           min_cos=0.99,
            max_size_ratio=0.2),
     Target("lowbit.calibrate on 200 calibration sentences < 30 s",
            tuple(LOWBIT_VARIANTS), max_calibrate_s=30.0),

@@ -29,7 +29,7 @@ def _group_qparams(w: torch.Tensor, group: int, bits: int = 4) -> QParams:
     rows = w.reshape(w.shape[0], -1, group)
     grid = IntRange(bits, signed=False)
     scale, zp = qparams_from_range(rows.amin(-1), rows.amax(-1), grid, symmetric=False)
-    return QParams(scale.reshape(w.shape[0], -1), zp.reshape(w.shape[0], -1), grid, axis=0,
+    return QParams(scale.reshape(w.shape[0], -1), zp.reshape(w.shape[0], -1), grid, axis=1,
                    group_size=group)
 
 
@@ -78,14 +78,14 @@ def test_per_group_codes_are_floor_or_ceiling_and_beat_nearest() -> None:
     qp = _group_qparams(layer.weight.detach(), 16)
     codes = adaround_codes(layer.weight, qp, calib, layer_op(layer),
                            AdaRoundOptions(iterations=300, batch_size=128))
-    s = broadcast_param(qp.scale, layer.weight, 0, 16)
-    z = broadcast_param(qp.zero_point.float(), layer.weight, 0, 16)
+    s = broadcast_param(qp.scale, layer.weight, 1, 16)
+    z = broadcast_param(qp.zero_point.float(), layer.weight, 1, 16)
     ratio = layer.weight.detach() / s + z
     assert bool(((codes == ratio.floor()) | (codes == ratio.ceil())).all())
-    nearest = quantize(layer.weight.detach(), qp.scale, qp.zero_point, qp.grid, 0, 16)
+    nearest = quantize(layer.weight.detach(), qp.scale, qp.zero_point, qp.grid, 1, 16)
 
     def error(c: torch.Tensor) -> float:
-        wq = dequantize(c, qp.scale, qp.zero_point, 0, 16)
+        wq = dequantize(c, qp.scale, qp.zero_point, 1, 16)
         with torch.no_grad():
             return float((layer(held_out) - nn.functional.linear(held_out, wq, layer.bias))
                          .pow(2).mean())

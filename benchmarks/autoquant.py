@@ -170,7 +170,8 @@ def run_minilm(n_eval: int, n_calib: int, html: Path | None,
                "calibrate_s": calib_s, "layers": len(report.layers),
                "output_sqnr_db": report.output_sqnr,
                "worst_alone": [(r.name, r.sqnr_isolated) for r in report.ranked()[:6]],
-               "most_clipped": [(r.name, r.clipped) for r in report.ranked("clipped")[::-1][:3]]}
+               "most_clipped": [(r.name, r.clipped) for r in report.ranked("clipped")
+                                if r.clipped is not None][::-1][:3]}
     with tempfile.TemporaryDirectory() as tmp:
         target = html or Path(tmp) / "minilm.html"
         t0 = time.perf_counter()

@@ -117,6 +117,24 @@ def reaches(graph: ModelGraph, node: Node, modules: dict[str, nn.Module], layers
     return False
 
 
+class OwnerTracer:
+    """Whether the module at a qualified name traces on its own with torch.fx (cached): the
+    condition for ``insert_functional`` to rewrite the calls in its forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.known: dict[str, bool] = {}
+
+    def __call__(self, owner: str) -> bool:
+        if owner not in self.known:
+            try:
+                LeafTracer(default_leaf).trace(self.model.get_submodule(owner))
+                self.known[owner] = True
+            except Exception:  # noqa: BLE001 - any tracing failure means "cannot rewrite"
+                self.known[owner] = False
+        return self.known[owner]
+
+
 def insert_functional(model: nn.Module, names: set[str]) -> None:
     """Make the listed functional calls (``layer1.op_add``, as ``lowbit.trace`` names them)
     ``Add``/``MatMul`` modules, in place.

@@ -216,3 +216,34 @@ def test_hugging_face_resnet_residual_adds_run_on_integer_kernels(tmp_path):
     ops = _optimized_ops(path, tmp_path)
     assert ops["QLinearAdd"] >= 2, ops
     assert ops["Conv"] + ops["FusedConv"] == 0, ops
+
+
+class Classifier(nn.Module):
+    """Blocks, then a global average pool and a Linear: the last add feeds the pool only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b1, self.b2 = ResBlock(8), ResBlock(8)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.b2(self.b1(self.stem(x)))), 1))
+
+
+def test_the_last_add_before_a_global_pool_quantizes_its_output_too(tmp_path):
+    torch.manual_seed(0)
+    model = Classifier().eval()
+    plan = lowbit.plan(model, QuantConfig.preset("w8a8"))
+    adds = _adds(plan)
+    assert adds["b1.op_add"].output is None, "between two blocks: inputs only"
+    assert adds["b2.op_add"].input is not None and adds["b2.op_add"].output is not None
+    qm = lowbit.quantize(model, QuantConfig.preset("w8a8"))
+    lowbit.calibrate(qm, [torch.randn(8, 3, 8, 8) for _ in range(3)], progress=False)
+    path = tmp_path / "c.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.export_onnx(lowbit.convert(qm), path, (torch.randn(2, 3, 8, 8),))
+    ops = _optimized_ops(path, tmp_path)
+    assert ops["QLinearAdd"] == 2 and ops["Add"] == 0, ops
+    assert ops["Conv"] + ops["FusedConv"] == 0, ops

@@ -67,6 +67,40 @@ def between_quantized(graph: ModelGraph, node: Node, modules: dict[str, nn.Modul
             and reaches(graph, node, modules, readers, through_adds=True))
 
 
+def before_global_pool(graph: ModelGraph, node: Node, modules: dict[str, nn.Module],
+                       producers: set[str], readers: set[str]) -> bool:
+    """Whether ``node`` takes an input from a layer in ``producers`` and its output reaches a
+    global average pool (``AdaptiveAvgPool*d`` to size 1) whose output a layer in ``readers``
+    reads, through pass-through ops: the last residual add before a classifier. ONNX Runtime
+    runs that add and the pool on integers (``QLinearAdd``, ``QLinearGlobalAveragePool``) when
+    the add's inputs *and output* are quantized."""
+    if not any(_from_layer(graph, v, modules, producers) for v in node.inputs):
+        return False
+    return any(reaches(graph, pool, modules, readers, through_adds=False)
+               for pool in _pools_after(graph, node, modules))
+
+
+def _pools_after(graph: ModelGraph, node: Node, modules: dict[str, nn.Module],
+                 depth: int = 0) -> list[Node]:
+    """Global average pools reading ``node``'s output through pass-through ops."""
+    if depth > 8:
+        return []
+    found = []
+    for user, _ in graph.users(node):
+        if user.kind == "module" and _is_global_pool(modules.get(user.target)):
+            found.append(user)
+        elif _passes(user, modules):
+            found += _pools_after(graph, user, modules, depth + 1)
+    return found
+
+
+def _is_global_pool(module: nn.Module | None) -> bool:
+    if not isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+        return False
+    size = module.output_size
+    return all(s == 1 for s in (size if isinstance(size, tuple) else (size,)))
+
+
 def _passes(node: Node, modules: dict[str, nn.Module]) -> bool:
     if node.kind == "module":
         return isinstance(modules.get(node.target), PASS_MODULES)

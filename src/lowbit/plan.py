@@ -29,6 +29,7 @@ from lowbit.float_modules import float_class, is_parametrization_list, weight_pa
 from lowbit.functional import (
     FUNCTIONAL_TYPES,
     OwnerTracer,
+    before_global_pool,
     between_quantized,
     find_functional,
     reaches_float_op,
@@ -321,6 +322,8 @@ def _place_functional(model: nn.Module, config: QuantConfig, graph: ModelGraph |
             continue
         between = between_quantized(graph, site, modules, producers, readers)
         positions = frozenset({"between"}) if between else frozenset()
+        if not between and before_global_pool(graph, site, modules, producers, readers):
+            positions, between = frozenset({"before_pool"}), True
         # The whole model need not trace: only the module whose forward makes the call is
         # rewritten (HF models rarely trace as a whole; their blocks mostly do).
         if graph.method == "fx" or (between and rewritable(site.name.rpartition(".")[0])):

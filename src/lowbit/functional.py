@@ -68,16 +68,15 @@ def between_quantized(graph: ModelGraph, node: Node, modules: dict[str, nn.Modul
 
 
 def before_global_pool(graph: ModelGraph, node: Node, modules: dict[str, nn.Module],
-                       producers: set[str], readers: set[str]) -> bool:
+                       producers: set[str]) -> bool:
     """Whether ``node`` takes an input from a layer in ``producers`` and its output reaches a
-    global average pool (``AdaptiveAvgPool*d`` to size 1) whose output a layer in ``readers``
-    reads, through pass-through ops: the last residual add before a classifier. ONNX Runtime
-    runs that add and the pool on integers (``QLinearAdd``, ``QLinearGlobalAveragePool``) when
-    the add's inputs *and output* are quantized."""
+    global average pool (``AdaptiveAvgPool*d`` to size 1) through pass-through ops: the last
+    residual add of a CNN, before its classifier or as its pooled features. ONNX Runtime runs
+    that add on integers (``QLinearAdd``) when its inputs *and output* are quantized, as in its
+    own ``quantize_static`` files."""
     if not any(_from_layer(graph, v, modules, producers) for v in node.inputs):
         return False
-    return any(reaches(graph, pool, modules, readers, through_adds=False)
-               for pool in _pools_after(graph, node, modules))
+    return bool(_pools_after(graph, node, modules))
 
 
 def _pools_after(graph: ModelGraph, node: Node, modules: dict[str, nn.Module],

@@ -322,7 +322,7 @@ def _place_functional(model: nn.Module, config: QuantConfig, graph: ModelGraph |
             continue
         between = between_quantized(graph, site, modules, producers, readers)
         positions = frozenset({"between"}) if between else frozenset()
-        if not between and before_global_pool(graph, site, modules, producers, readers):
+        if not between and before_global_pool(graph, site, modules, producers):
             positions, between = frozenset({"before_pool"}), True
         # The whole model need not trace: only the module whose forward makes the call is
         # rewritten (HF models rarely trace as a whole; their blocks mostly do).

@@ -19,6 +19,7 @@ markdown table and writes JSON (default ``benchmarks/results/zoo.json``).
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import logging
@@ -207,13 +208,33 @@ class FloatBaseline:
         self.error = "" if fp32_file else "not exported"
         self.dynamic = False
         self.cosine: float | None = None
+        self.rounding_floor: float | None = None
         if not fp32_file:  # no size or speed columns (the tests)
             return
+        self.rounding_floor = rounding_floor(self.model, self.evaluate, self.reference)
         try:
             self.dynamic = export_float(self.model, self.path, self.example, zm.dynamic_shapes())
             self.cosine = cosine(run_ort(self.path, self.evaluate, threads), self.reference)
         except Exception as err:  # noqa: BLE001 - the rows report it
             self.error = first_line(root_cause(err))
+
+
+def rounding_floor(model: nn.Module, inputs: tuple[torch.Tensor, ...], reference: np.ndarray,
+                   bits: int = 8, seed: int = 0) -> float:
+    """Cosine to the float output once every Conv / Linear weight carries uniform noise of
+    +-half a per-channel int``bits`` step: what round-to-nearest costs *any* 8-bit quantizer on
+    this model. Random-init nets can sit far below the cosine target here (MobileNets: ~0.9),
+    and a row then misses for the model's conditioning, not for lowbit."""
+    noisy = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in noisy.modules():
+            w = getattr(m, "weight", None)
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and w is not None and w.dim() > 1:
+                step = w.abs().flatten(1).amax(1).clamp_min(1e-12) / (2 ** (bits - 1) - 1)
+                noise = (torch.rand(w.shape, generator=g) - 0.5) * step.reshape(-1, *[1] * (w.dim() - 1))
+                w.add_(noise.to(w.dtype))
+        return cosine(noisy(*inputs).numpy(), reference)
 
 
 # ---------------------------------------------------------------------------------------- row
@@ -225,7 +246,8 @@ def run_row(zm: ZooModel, preset: str, base: FloatBaseline, folder: Path, *,
     row: dict[str, Any] = {"model": zm.name, "family": zm.family, "preset": preset,
                            "export": "", "stage": "", "error": "", "where": {},
                            "float_export": base.error or ("dynamic" if base.dynamic else "static"),
-                           "fp32_cosine": base.cosine, "float_output_std": base.output_std}
+                           "fp32_cosine": base.cosine, "float_output_std": base.output_std,
+                           "rounding_floor": base.rounding_floor}
     stage = "quantize"
     try:
         with warnings.catch_warnings(record=True) as caught:

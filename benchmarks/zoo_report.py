@@ -34,11 +34,20 @@ def format_row(r: dict[str, Any]) -> str:
         export += " (FP32 export fails too)"
     return (f"| {r['model']} | {r['family']} | {r['preset']} | {export} | {counts} | {silent} | "
             f"{_num(None if codes is None else 100 * codes, '.2f')}{'%' if codes is not None else ''}"
-            f" | {_num(r.get('cosine'), '.4f')} | {_num(r.get('size_ratio'), '.2f')}"
+            f" | {_num(r.get('cosine'), '.4f')}{_floor(r)} | {_num(r.get('size_ratio'), '.2f')}"
             f"{'x' if r.get('size_ratio') else ''} | "
             f"{'–' if not kernels else str(kernels['int']) + ' / ' + str(kernels['float'])} | "
             f"{_num(r.get('speed_b1'), '.2f')} | {_num(r.get('speed_b8'), '.2f')} | "
             f"{', '.join(fails) or 'pass'} |")
+
+
+def _floor(r: dict[str, Any]) -> str:
+    """The rounding-noise floor next to a cosine that misses the target (``zoo.rounding_floor``):
+    where the floor is lower still, no 8-bit rounding reaches the target on that model."""
+    floor, cos = r.get("rounding_floor"), r.get("cosine")
+    if floor is None or cos is None or r.get("targets", {}).get("cosine") is not False:
+        return ""
+    return f" (floor {floor:.2f})"
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -131,7 +131,8 @@ def test_without_the_add_rule_onnx_runtime_keeps_the_producing_convs_float(tmp_p
 
 
 class Untraceable(ResNet):
-    """The same net behind data-dependent control flow: torch.fx cannot trace it."""
+    """The same net behind data-dependent control flow: torch.fx cannot trace the whole model,
+    though each block traces on its own (as in Hugging Face models)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.abs().sum() < 0:
@@ -139,14 +140,113 @@ class Untraceable(ResNet):
         return super().forward(x)
 
 
-def test_models_that_fx_cannot_trace_get_module_level_placement():
-    model = Untraceable()
+class UntraceableBlock(ResBlock):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.abs().sum() < 0:
+            return x
+        return super().forward(x)
+
+
+class UntraceableBlocks(ResNet):
+    """Control flow inside the blocks that call the adds: no forward to rewrite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b1, self.b2 = UntraceableBlock(8), UntraceableBlock(8)
+
+
+def _plan_of(cls: type[nn.Module]):
+    model = cls()
     model.load_state_dict(_model().state_dict())
     model.eval()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         plan = lowbit.plan(model, QuantConfig.preset("w8a8"), (torch.randn(1, 3, 8, 8),))
+    return plan, [str(w.message) for w in caught]
+
+
+def test_adds_in_blocks_that_trace_are_placed_when_the_whole_model_does_not():
+    plan, _ = _plan_of(Untraceable)
+    reference = lowbit.plan(_model(), QuantConfig.preset("w8a8"))
+    assert set(_adds(plan)) == set(_adds(reference)) == {"b1.op_add", "b2.op_add"}
+    for name, layer in _adds(plan).items():
+        assert layer.input == _adds(reference)[name].input
+
+
+def test_adds_in_blocks_that_do_not_trace_get_module_level_placement():
+    plan, messages = _plan_of(UntraceableBlocks)
     placed = [layer.name for layer in plan.layers if layer.output is not None]
     assert placed == ["stem.0", "b1.conv2", "b2.conv2", "head"]
-    assert sum("module-level placement" in str(w.message) for w in caught) == 1
+    warned = [m for m in messages if "module-level placement" in m]
+    assert len(warned) == 1 and "'b1.op_add'" in warned[0] and "'b2.op_add'" in warned[0]
     assert not _adds(plan), "no module to insert: the adds are not plan entries"
+
+
+def test_hugging_face_resnet_residual_adds_run_on_integer_kernels(tmp_path):
+    """HF's ResNetModel does not trace with fx as a whole; its blocks' ``hidden += residual``
+    become quantized adds, and ONNX Runtime runs them and every conv on integers."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[2, 1],
+                                       layer_type="basic")
+    torch.manual_seed(0)
+    hf = transformers.ResNetModel(config).eval()
+
+    class Features(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hf = hf
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.hf(x).last_hidden_state
+
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = lowbit.quantize(Features().eval(), QuantConfig.preset("w8a8"), example_inputs=(x,))
+    adds = _adds(qm.lowbit_plan)
+    # The last one feeds HF's pooler (a global average pool): quantized before_pool.
+    assert set(adds) == {"hf.encoder.stages.0.layers.0.op_add",
+                         "hf.encoder.stages.0.layers.1.op_add",
+                         "hf.encoder.stages.1.layers.0.op_add"}
+    assert adds["hf.encoder.stages.1.layers.0.op_add"].output is not None
+    assert type(qm.get_submodule("hf.encoder.stages.0.layers.0.op_add")).__name__ == "QuantAdd"
+    assert type(qm.hf).__name__ == "ResNetModel", "the model keeps its class"
+    lowbit.calibrate(qm, [torch.randn(4, 3, 32, 32) for _ in range(3)], progress=False)
+    path = tmp_path / "hf.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.export_onnx(lowbit.convert(qm), path, (x,))
+    ops = _optimized_ops(path, tmp_path)
+    assert ops["QLinearAdd"] == 3 and ops["Add"] == 0, ops
+    assert ops["Conv"] + ops["FusedConv"] == 0, ops
+
+
+class Classifier(nn.Module):
+    """Blocks, then a global average pool and a Linear: the last add feeds the pool only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b1, self.b2 = ResBlock(8), ResBlock(8)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.b2(self.b1(self.stem(x)))), 1))
+
+
+def test_the_last_add_before_a_global_pool_quantizes_its_output_too(tmp_path):
+    torch.manual_seed(0)
+    model = Classifier().eval()
+    plan = lowbit.plan(model, QuantConfig.preset("w8a8"))
+    adds = _adds(plan)
+    assert adds["b1.op_add"].output is None, "between two blocks: inputs only"
+    assert adds["b2.op_add"].input is not None and adds["b2.op_add"].output is not None
+    qm = lowbit.quantize(model, QuantConfig.preset("w8a8"))
+    lowbit.calibrate(qm, [torch.randn(8, 3, 8, 8) for _ in range(3)], progress=False)
+    path = tmp_path / "c.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.export_onnx(lowbit.convert(qm), path, (torch.randn(2, 3, 8, 8),))
+    ops = _optimized_ops(path, tmp_path)
+    assert ops["QLinearAdd"] == 2 and ops["Add"] == 0, ops
+    assert ops["Conv"] + ops["FusedConv"] == 0, ops

@@ -5,7 +5,7 @@ The flow is five verbs: ``plan`` → ``quantize`` → ``calibrate`` → ``conver
 for quantization-aware training); everything in between is driven by one ``QuantConfig``.
 """
 
-from lowbit import algorithms, observers, quantizers, schedules  # noqa: F401  (fill the registries)
+from lowbit import algorithms, distributed, observers, quantizers, schedules  # noqa: F401
 from lowbit import nn as _nn  # noqa: F401  (registers the layer types)
 from lowbit.algorithms import equalize
 from lowbit.analysis import (
@@ -49,6 +49,7 @@ __all__ = [
     "autoquant",
     "calibrate",
     "convert",
+    "distributed",
     "equalize",
     "export_onnx",
     "keep_sensitive_layers",
@@ -61,7 +62,7 @@ __all__ = [
     "schedules",
     "set_calibrating",
 ]
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 register_quantizer = QUANTIZERS.register
 """Decorator: ``@lowbit.register_quantizer("name")`` on a ``lowbit.Quantizer`` subclass makes

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lowbit import distributed
 from lowbit.algorithms.bias_correction import check_mode as check_bias_correction
 from lowbit.algorithms.bias_correction import correct_biases
 from lowbit.guard import NonFiniteError, check_finite, check_not_meta, layer_errors
@@ -17,6 +18,7 @@ from lowbit.quantizers import Quantizer
 from lowbit.weight_calibration import calibrate_weights, layers_needing_data
 
 Forward = Callable[[nn.Module, Any], Any]
+_END = object()  # the end of the batches
 
 
 def activation_quantizers(model: nn.Module) -> list[Quantizer]:
@@ -102,6 +104,12 @@ def calibrate(
     the same batches first (``lowbit.weight_calibration``), so ``batches`` must then be
     re-iterable. Batches may differ in shape (e.g. tokenizer outputs padded per batch).
 
+    Under ``torch.distributed`` (more than one rank, see ``lowbit.distributed``) each rank
+    feeds its own shard of the batches, the same number on every rank, and all statistics are
+    reduced over the ranks: every rank ends with the same ranges, those one process would take
+    over all the shards' batches (exactly so for min-max and histogram observers, with the
+    shards interleaved: rank r holding batches r, r + W, ...).
+
     ``bias_correction`` (``"empirical"``: one more pass over the batches; ``"analytical"``:
     from the BatchNorm statistics ``lowbit.equalize`` kept; ``None``) removes the mean output
     shift that weight rounding causes, before ranges are taken
@@ -137,6 +145,14 @@ def calibrate(
         raise ValueError(f"`max_batches` must be a positive int or None, got {max_batches!r}")
     check_bias_correction(bias_correction)
 
+    group = distributed.active_group()
+    if group is not None:
+        if nonfinite == "skip":
+            raise ValueError(
+                "`nonfinite` must be 'raise' when calibrating across "
+                f"{distributed.world_size(group)} ranks, got 'skip': a rank that skips a batch "
+                "would leave the others waiting for its statistics; clean the data instead")
+        distributed.check_same_model(model, group)
     run_forward: Forward = forward
     seen_batches = [0]  # the batch being fed, for messages
 
@@ -148,7 +164,14 @@ def calibrate(
             total = max_batches if max_batches is not None else _len_or_none(batches)
             iterator = tqdm(batches, total=total, desc=desc, unit="batch", leave=False)
         count = seen = 0
-        for batch in iterator:
+        batch_iter = iter(iterator)
+        while True:
+            batch = next(batch_iter, _END)
+            if group is not None:  # every rank feeds a batch, or none does
+                if not distributed.agree_on_next(batch is not _END, group, seen + 1):
+                    break
+            elif batch is _END:
+                break
             seen += 1
             seen_batches[0] = seen
             try:

@@ -28,7 +28,7 @@ from lowbit.registry import LAYERS, OBSERVERS, QUANTIZERS, WEIGHT_ALGORITHMS
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 TARGETS = ("weight", "input", "output")
-POSITIONS = ("first", "last", "between", "feeds_float")
+POSITIONS = ("first", "last", "between", "before_pool", "feeds_float")
 # QuantSpec fields that only some algorithms read (each quantizer class lists its ``options``).
 METHOD_OPTIONS = ("alpha_init", "xnor")
 CONFIG_VERSION = 1
@@ -223,7 +223,9 @@ class LayerRule:
     ``"first"`` or ``"last"`` layer with a weight in model order (the usual place for a low-bit
     recipe to keep 8 bits), or, for a functional op (``add``), ``"between"`` quantized layers:
     an input made by a quantized layer and the output read by one (where quantizing the op lets
-    ONNX Runtime run its producer on an integer kernel), or, for a conv, ``"feeds_float"``: its
+    ONNX Runtime run its producer on an integer kernel), ``"before_pool"``: an add made by a
+    quantized layer whose output a global average pool reads (a CNN's last residual add),
+    or, for a conv, ``"feeds_float"``: its
     output goes to float ops only (quantizing that output lets ONNX Runtime fuse the conv).
     Name patterns are globs (``"features.*"``) or,
     with a ``"re:"`` prefix, regular expressions matched against the whole name. The last

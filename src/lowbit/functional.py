@@ -67,6 +67,39 @@ def between_quantized(graph: ModelGraph, node: Node, modules: dict[str, nn.Modul
             and reaches(graph, node, modules, readers, through_adds=True))
 
 
+def before_global_pool(graph: ModelGraph, node: Node, modules: dict[str, nn.Module],
+                       producers: set[str]) -> bool:
+    """Whether ``node`` takes an input from a layer in ``producers`` and its output reaches a
+    global average pool (``AdaptiveAvgPool*d`` to size 1) through pass-through ops: the last
+    residual add of a CNN, before its classifier or as its pooled features. ONNX Runtime runs
+    that add on integers (``QLinearAdd``) when its inputs *and output* are quantized, as in its
+    own ``quantize_static`` files."""
+    if not any(_from_layer(graph, v, modules, producers) for v in node.inputs):
+        return False
+    return bool(_pools_after(graph, node, modules))
+
+
+def _pools_after(graph: ModelGraph, node: Node, modules: dict[str, nn.Module],
+                 depth: int = 0) -> list[Node]:
+    """Global average pools reading ``node``'s output through pass-through ops."""
+    if depth > 8:
+        return []
+    found = []
+    for user, _ in graph.users(node):
+        if user.kind == "module" and _is_global_pool(modules.get(user.target)):
+            found.append(user)
+        elif _passes(user, modules):
+            found += _pools_after(graph, user, modules, depth + 1)
+    return found
+
+
+def _is_global_pool(module: nn.Module | None) -> bool:
+    if not isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+        return False
+    size = module.output_size
+    return all(s == 1 for s in (size if isinstance(size, tuple) else (size,)))
+
+
 def _passes(node: Node, modules: dict[str, nn.Module]) -> bool:
     if node.kind == "module":
         return isinstance(modules.get(node.target), PASS_MODULES)
@@ -115,6 +148,24 @@ def reaches(graph: ModelGraph, node: Node, modules: dict[str, nn.Module], layers
                                depth=depth + 1):
             return True
     return False
+
+
+class OwnerTracer:
+    """Whether the module at a qualified name traces on its own with torch.fx (cached): the
+    condition for ``insert_functional`` to rewrite the calls in its forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.known: dict[str, bool] = {}
+
+    def __call__(self, owner: str) -> bool:
+        if owner not in self.known:
+            try:
+                LeafTracer(default_leaf).trace(self.model.get_submodule(owner))
+                self.known[owner] = True
+            except Exception:  # noqa: BLE001 - any tracing failure means "cannot rewrite"
+                self.known[owner] = False
+        return self.known[owner]
 
 
 def insert_functional(model: nn.Module, names: set[str]) -> None:

@@ -205,7 +205,16 @@ class QuantLayer:
     def bn_frozen(self) -> bool:
         module: Any = self
         after = module.freeze_bn
-        return after is not None and int(module.bn_steps) >= after
+        return after is not None and self._bn_steps_seen() >= after
+
+    def _bn_steps_seen(self) -> int:
+        """``bn_steps`` as a Python int: read from the buffer once after construction or a
+        load, then counted on the host (no device sync per training step)."""
+        module: Any = self
+        steps = module.__dict__.get("_bn_steps_host")
+        if steps is None:
+            steps = module._bn_steps_host = int(module.bn_steps)
+        return steps
 
     def _forward_weighted(self, x: torch.Tensor, op: Any) -> torch.Tensor:
         """Input quantizer → ``op(x, weight, bias)`` (with BN folding) → activation → output."""
@@ -239,6 +248,7 @@ class QuantLayer:
             return bn(op(x, w, module.bias))
         batch_stats = self.bn_uses_batch_stats()
         if module.training and module.freeze_bn is not None:
+            module._bn_steps_host = self._bn_steps_seen() + 1
             module.bn_steps += 1
         k = self._bn_factor()
         shape = (-1,) + (1,) * (module.weight.dim() - 1)  # broadcast over (C_out, ...)
@@ -285,6 +295,7 @@ class QuantLayer:
 def _make_room_for_smoothing(module: Any, state_dict: dict[str, Any], prefix: str,
                              *args: Any) -> None:
     """A checkpoint of a smoothed layer loads into a freshly quantized one."""
+    module.__dict__["_bn_steps_host"] = None  # re-read the loaded step count
     saved = state_dict.get(prefix + "input_smoothing")
     if saved is not None and module.input_smoothing is None:
         module.input_smoothing = torch.empty_like(saved, device=module.weight.device)

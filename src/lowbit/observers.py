@@ -7,6 +7,12 @@ the data are resized on load.
 
 Observers: ``minmax`` and ``ema`` (moving average) track min/max; ``percentile``, ``kl`` and
 ``mse`` keep a histogram of ``|x|`` per row and clip it (docs/algorithms.md §7).
+
+Under ``torch.distributed`` (``lowbit.distributed``) each update reduces the batch statistics
+of every rank first, so all ranks hold the same range: min / max take the extremes of all ranks'
+batches, and histograms fold each rank's batch in rank order, exactly as one process reading
+those batches one after another would. Weight observers (``shared=False``) stay local: weights
+are the same on every rank.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit import distributed
 from lowbit.config import QuantSpec
 from lowbit.registry import OBSERVERS
 
@@ -28,7 +35,21 @@ class Observer(nn.Module):
     def __init__(self, spec: QuantSpec) -> None:
         super().__init__()
         self.spec = spec
+        # Reduce statistics over the ranks of a process group (activations: each rank sees
+        # other data); weight observers are built with shared=False (``build``).
+        self.shared = True
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+        self._has_data: bool | None = False  # `count > 0` on the host; None: read it
+
+    def group(self) -> Any:
+        """The process group this update reduces over, or None (one process, or local)."""
+        return distributed.active_group() if self.shared else None
+
+    def batch_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row min and max of this batch, over every rank's batch when reduced."""
+        lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+        group = self.group()
+        return (lo, hi) if group is None else distributed.reduce_range(lo, hi, group)
 
     def update(self, rows: torch.Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -38,17 +59,28 @@ class Observer(nn.Module):
 
     def reset(self) -> None:
         self.count.zero_()
+        self._has_data = False
 
     def has_data(self) -> bool:
-        return int(self.count) > 0
+        if self._has_data is None:  # after a load: one read, then no device sync per step
+            self._has_data = int(self.count) > 0
+        return self._has_data
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        self._has_data = None  # re-read the loaded count
         # Buffers sized by the data (per-channel ranges, histograms) take the saved shape.
         for name, buf in list(self._buffers.items()):
             key = prefix + name
             if buf is not None and key in state_dict and state_dict[key].shape != buf.shape:
                 self._buffers[name] = torch.empty_like(state_dict[key]).to(buf.device)
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def build(spec: QuantSpec, *, shared: bool) -> Observer:
+    """The spec's observer; ``shared=False`` for weights (never reduced across ranks)."""
+    observer = OBSERVERS.get(spec.observer, field="QuantSpec.observer")(spec)
+    observer.shared = shared
+    return observer
 
 
 @OBSERVERS.register("minmax")
@@ -64,11 +96,17 @@ class MinMaxObserver(Observer):
         self.register_buffer("hi", torch.zeros(0))
 
     def update(self, rows: torch.Tensor) -> None:
-        lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+        group = self.group()
+        self.fold_range(*self.batch_range(rows),
+                        batches=1 if group is None else distributed.world_size(group))
+
+    def fold_range(self, lo: torch.Tensor, hi: torch.Tensor, batches: int = 1) -> None:
+        """Fold in the range of ``batches`` batches (one per rank when reduced)."""
         if self.has_data():
             lo, hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
         self.lo, self.hi = lo, hi
-        self.count += 1
+        self.count += batches
+        self._has_data = True
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lo, self.hi
@@ -95,12 +133,13 @@ class EMAObserver(Observer):
         self.register_buffer("hi", torch.zeros(0))
 
     def update(self, rows: torch.Tensor) -> None:
-        lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+        lo, hi = self.batch_range(rows)
         if self.has_data():
             rate = self.spec.moving_rate
             lo, hi = rate * self.lo + (1 - rate) * lo, rate * self.hi + (1 - rate) * hi
         self.lo, self.hi = lo, hi
         self.count += 1
+        self._has_data = True
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lo, self.hi
@@ -122,9 +161,7 @@ def rebin(hist: torch.Tensor, old_max: torch.Tensor, new_max: torch.Tensor,
     (``old_max == 0``, every count in bin 0) take ``new_max`` as it is.
     """
     bins = hist.shape[1]
-    grow = (new_max > old_max) & (old_max > 0)
-    d = torch.where(grow, torch.ceil(new_max * upsample / old_max.clamp_min(1e-300)), upsample)
-    target = torch.where(grow, old_max * d / upsample, torch.maximum(old_max, new_max))
+    d, target = _rebin_steps(old_max, new_max, upsample)
     start = torch.arange(bins, dtype=torch.float64, device=hist.device) * upsample  # sub-bin units
     first = torch.floor(start / d[:, None]).clamp_(max=bins - 1)
     # Share of each old bin that falls before the next new-bin edge; the rest goes one bin up.
@@ -132,6 +169,14 @@ def rebin(hist: torch.Tensor, old_max: torch.Tensor, new_max: torch.Tensor,
     out = torch.zeros_like(hist).scatter_add_(1, first.long(), hist * share)
     second = (first + 1).clamp_(max=bins - 1).long()
     return out.scatter_add_(1, second, hist * (1 - share)), target
+
+
+def _rebin_steps(old_max: torch.Tensor, new_max: torch.Tensor,
+                 upsample: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rebin``'s sub-bins per new bin ``d`` and its new range, per row."""
+    grow = (new_max > old_max) & (old_max > 0)
+    d = torch.where(grow, torch.ceil(new_max * upsample / old_max.clamp_min(1e-300)), upsample)
+    return d, torch.where(grow, old_max * d / upsample, torch.maximum(old_max, new_max))
 
 
 def histogram(absx: torch.Tensor, hist_max: torch.Tensor, bins: int) -> torch.Tensor:
@@ -161,15 +206,33 @@ class HistogramObserver(MinMaxObserver):
 
     def update(self, rows: torch.Tensor) -> None:
         absx = rows.detach().abs().to(torch.float64)
-        new_max = absx.amax(dim=1)
-        if self.has_data():
-            self.hist, self.hist_max = rebin(self.hist, self.hist_max, new_max,
-                                             self.spec.upsample_bins)
-        else:
-            self.hist = absx.new_zeros(absx.shape[0], self.spec.bins)
-            self.hist_max = new_max
-        self.hist += histogram(absx, self.hist_max, self.spec.bins)
-        super().update(rows)
+        lo, hi, new_max = rows.amin(dim=1), rows.amax(dim=1), absx.amax(dim=1)
+        group, mine = self.group(), 0
+        maxima = [new_max]
+        if group is not None:  # every rank's batch, folded in rank order
+            rows_n = lo.numel()
+            stats = distributed.gather(torch.cat([lo.double(), hi.double(), new_max]), group)
+            lo = torch.stack([s[:rows_n] for s in stats]).amin(dim=0).to(lo.dtype)
+            hi = torch.stack([s[rows_n:2 * rows_n] for s in stats]).amax(dim=0).to(hi.dtype)
+            maxima = [s[2 * rows_n:] for s in stats]
+            mine = torch.distributed.get_rank(group)
+        # The range each batch is binned on, as the batches before it leave it.
+        upsample, has_data, hist_max, binned_on = self.spec.upsample_bins, self.has_data(), \
+            self.hist_max, []
+        for m in maxima:
+            hist_max = _rebin_steps(hist_max, m, upsample)[1] if has_data else m
+            has_data = True
+            binned_on.append(hist_max)
+        counts = histogram(absx, binned_on[mine], self.spec.bins)
+        every = [counts] if group is None else distributed.gather(counts, group)
+        fresh = not self.has_data()
+        for m, h in zip(maxima, every):
+            if fresh:
+                self.hist, self.hist_max, fresh = h.new_zeros(h.shape), m, False
+            else:
+                self.hist, self.hist_max = rebin(self.hist, self.hist_max, m, upsample)
+            self.hist += h
+        self.fold_range(lo, hi, batches=len(maxima))
 
     def reset(self) -> None:
         super().reset()

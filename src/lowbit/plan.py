@@ -28,6 +28,8 @@ from lowbit.config import (
 from lowbit.float_modules import float_class, is_parametrization_list, weight_parameters
 from lowbit.functional import (
     FUNCTIONAL_TYPES,
+    OwnerTracer,
+    before_global_pool,
     between_quantized,
     find_functional,
     reaches_float_op,
@@ -312,20 +314,31 @@ def _place_functional(model: nn.Module, config: QuantConfig, graph: ModelGraph |
     modules = _graph_modules(model, fusions)
     producers = {x.name for x in layers if not x.is_float and x.type not in FUNCTIONAL_TYPES}
     readers = {x.name for x in layers if x.input is not None and not x.input.dynamic}
-    kept_float = 0
+    kept_float: list[str] = []
+    placed: set[str] = set()
+    rewritable = OwnerTracer(model)
     for site in find_functional(graph, wanted):
+        if site.name in placed:  # a module called twice: its sites are planned once
+            continue
         between = between_quantized(graph, site, modules, producers, readers)
         positions = frozenset({"between"}) if between else frozenset()
-        if graph.method == "fx":
+        if not between and before_global_pool(graph, site, modules, producers):
+            positions, between = frozenset({"before_pool"}), True
+        # The whole model need not trace: only the module whose forward makes the call is
+        # rewritten (HF models rarely trace as a whole; their blocks mostly do).
+        if graph.method == "fx" or (between and rewritable(site.name.rpartition(".")[0])):
             layers.append(_resolve(config, site.name, site.target, positions))
+            placed.add(site.name)
         elif between:
             rule = config.resolve(site.name, site.target, positions)
-            kept_float += rule is not None and rule.input is not None
+            if rule is not None and rule.input is not None:
+                kept_float.append(site.name)
     if kept_float:
-        warnings.warn(f"the model does not trace with torch.fx, so its forward cannot be "
-                      f"rewritten: {kept_float} functional op(s) between quantized layers stay "
-                      "float, and the convs feeding them quantize their outputs instead "
-                      "(module-level placement)", stacklevel=3)
+        warnings.warn(f"{len(kept_float)} functional op(s) between quantized layers stay float, "
+                      f"because the modules that call them do not trace with torch.fx (so "
+                      f"their forward cannot be rewritten): {kept_float[:5]}; the convs "
+                      "feeding them quantize their outputs instead (module-level placement)",
+                      stacklevel=3)
     return layers
 
 

@@ -29,6 +29,9 @@ def for_integer_kernels(weight: QuantSpec, input: QuantSpec) -> list[LayerRule]:
     goes to float ops only (a mean, a LayerNorm, an add the model's code keeps float) quantizes
     that output too (ORT fuses ``DQ → Conv → Q``, not a conv with a float output)."""
     return [between_ops(input),
+            # The last residual add before a global average pool and a classifier: quantized
+            # inputs and output give ORT QLinearAdd → QLinearGlobalAveragePool, as its own file.
+            LayerRule(types=["add"], positions=["before_pool"], input=input, output=input),
             LayerRule(types=["Conv1d", "Conv2d"], positions=["feeds_float"], weight=weight,
                       input=input, output=input)]
 

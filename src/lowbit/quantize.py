@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit import distributed
 from lowbit.checkpoint import attach_metadata
 from lowbit.config import QuantConfig
 from lowbit.float_modules import deep_copyable, float_class, is_reparametrized
@@ -158,6 +159,7 @@ def _apply_plan(model: nn.Module, the_plan: Plan, functional: set[str],
         warnings.warn(f"lowbit left {len(floats)} layer(s) in float: {listed}", stacklevel=4)
     setattr(model, PLAN_ATTR, the_plan)
     attach_metadata(model)
+    distributed.install_check(model)  # ranks of a training job must hold the same model
     return model
 
 

@@ -278,6 +278,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Any], forward: Forward | 
             bn.momentum = momentum
         for m, steps in counters.items():
             m.bn_steps.copy_(steps)
+            m._bn_steps_host = None  # re-read on the next training step
         for m in folded:
             m._reestimating_bn = False
             w_q = m.weight_quant

@@ -271,7 +271,9 @@ class _Recorder(TorchFunctionMode):
         self.keep: list[torch.Tensor] = []  # keeps ids unique while tracing
         self.version: dict[int, int] = {}  # id(tensor) -> current value id
         self.leaf_depth = 0
-        self.counts: dict[str, int] = {}
+        # The modules whose forward runs now (the innermost owns a functional call), and the
+        # calls of each op counted per owner call, as an fx trace of that module counts them.
+        self.owners: list[tuple[str, dict[str, int]]] = [("", {})]
         self.next_id = 0
 
     def value(self, t: torch.Tensor) -> int:
@@ -299,11 +301,11 @@ class _Recorder(TorchFunctionMode):
         if not tensors:
             return out
         canonical = op_name(name)
-        k = self.counts.get(canonical, 0)
-        self.counts[canonical] = k + 1
+        owner, counts = self.owners[-1]
+        k = counts.get(canonical, 0)
+        counts[canonical] = k + 1
         outputs = [self.produce(t) for t in tensors]
-        self.graph.add("function", canonical, f"op_{canonical}" + (f"_{k}" if k else ""),
-                       inputs, outputs)
+        self.graph.add("function", canonical, site_name(owner, canonical, k), inputs, outputs)
         return out
 
 
@@ -327,10 +329,21 @@ def _dispatch_graph(model: nn.Module, example_inputs: Any,
                 graph.add("module", name, name, pending.pop(id(module)), outputs)
         return post_hook
 
+    def make_enter(name: str) -> Callable[..., None]:
+        def enter(module: nn.Module, args: Any) -> None:
+            recorder.owners.append((name, {}))
+        return enter
+
+    def leave(module: nn.Module, args: Any, out: Any) -> None:
+        recorder.owners.pop()
+
     for name, module in model.named_modules():
         if name and leaf(module):
             handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
             handles.append(module.register_forward_hook(make_post(name), with_kwargs=True))
+        elif name:  # a container: calls in its own forward are its sites
+            handles.append(module.register_forward_pre_hook(make_enter(name)))
+            handles.append(module.register_forward_hook(leave))
     flags = {m: m.training for m in model.modules()}
     try:
         model.eval()

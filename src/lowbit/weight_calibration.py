@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit import awq, gptq
+from lowbit import awq, distributed, gptq
 from lowbit.nn import QuantLayer, replace_weight
 from lowbit.numerics import dequantize, fake_quantize, qparams_from_range
 from lowbit.quantizers.uniform import to_rows
@@ -72,8 +72,49 @@ class InputStats:
             pick = torch.randperm(rows.shape[0], generator=generator)[:AWQ_ROWS_PER_BATCH]
             self.sample.append(rows[pick.to(rows.device)])
 
+    def reduce_over_ranks(self, group: Any) -> None:
+        """Fold every rank's statistics in, so all ranks apply the same algorithm to the same
+        numbers: maxima and row-weighted means are exact; AWQ's row sample and AdaRound's
+        inputs take an equal share from each rank, in rank order."""
+        ranks = distributed.world_size(group)
+        if self.absmax is not None:
+            self.absmax = distributed.reduce_max(self.absmax, group)
+        if self.mean_abs is not None:
+            self.mean_abs, self.rows_seen = _weighted_mean(self.mean_abs, self.rows_seen, group)
+        if self.hessian is not None:
+            self.hessian, self.hessian_rows = _weighted_mean(self.hessian, self.hessian_rows,
+                                                             group)
+        if self.sample:
+            share = -(-AWQ_ROWS // ranks)
+            parts = distributed.gather(torch.cat(self.sample)[:share], group)
+            self.sample = [torch.cat(parts)]
+        if self.inputs:
+            share = -(-INPUT_SAMPLES // ranks)
+            mine = _first_samples(self.inputs, share)
+            self.inputs = [t.to(self.inputs[0].device)
+                           for part in distributed.gather_objects([t.cpu() for t in mine], group)
+                           for t in part]
+
     def rows(self) -> torch.Tensor:
         return torch.cat(self.sample)[:AWQ_ROWS]
+
+
+def _weighted_mean(mean: torch.Tensor, count: int, group: Any) -> tuple[torch.Tensor, int]:
+    """The mean over every rank's rows, from each rank's mean of ``count`` rows."""
+    n = torch.full((), float(count), dtype=torch.float64, device=mean.device)
+    total, n = distributed.reduce_sum([mean.double() * count, n], group)
+    return (total / n).to(mean.dtype), int(n)
+
+
+def _first_samples(tensors: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """The first ``n`` entries along dim 0 of a list of batches."""
+    out, left = [], n
+    for t in tensors:
+        if left <= 0:
+            break
+        out.append(t[:left])
+        left -= t.shape[0]
+    return out
 
 
 @dataclass
@@ -269,6 +310,9 @@ def calibrate_weights(model: nn.Module, batches: Iterable[Any],
     finally:
         for h in hooks:
             h.remove()
+    group = distributed.active_group()
+    if group is not None:
+        _reduce_over_ranks(stats, first_input, group)
     groups = _groups(targets, stats, first_input)
     for group in groups:
         _smooth(group)
@@ -282,6 +326,24 @@ def calibrate_weights(model: nn.Module, batches: Iterable[Any],
         for algorithm, members in by_algorithm.items():
             WEIGHT_ALGORITHMS.get(algorithm)().apply(members)
     return list(targets)
+
+
+def _reduce_over_ranks(stats: dict[str, InputStats], reached: dict[str, torch.Tensor],
+                       group: Any) -> None:
+    """Every rank's statistics into every rank's (layers in the same order on every rank)."""
+    names = list(stats)
+    device = next(iter(reached.values())).device if reached else distributed.device_for(group)
+    here = torch.tensor([float(name in reached) for name in names], device=device)
+    (ranks_reaching,) = distributed.reduce_sum([here], group)
+    ranks = distributed.world_size(group)
+    partial = [n for n, c in zip(names, ranks_reaching.tolist()) if 0 < c < ranks]
+    if partial:
+        raise distributed.RankMismatchError(
+            f"the calibration batches reached layers {partial} on some ranks only, so the ranks "
+            "cannot agree on their weights; give every rank batches that run every layer")
+    for name in names:
+        if name in reached:
+            stats[name].reduce_over_ranks(group)
 
 
 def _groups(targets: dict[str, tuple[Any, set[str]]], stats: dict[str, InputStats],

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit import distributed
 from lowbit.algorithms.adaround import layer_op
 from lowbit.algorithms.equalize import INPUT_MEANS_ATTR, _is_depthwise
 from lowbit.nn import QuantLayer
@@ -91,6 +92,18 @@ def empirical(model: nn.Module, run: Callable[[], Any]) -> list[str]:
     finally:
         for h in hooks:
             h.remove()
+    group = distributed.active_group()
+    if group is not None:  # the mean over every rank's batches
+        for name, layer in targets.items():
+            mine = sums.get(name)
+            if mine is None:
+                mine = torch.zeros(layer.weight.shape[0], dtype=torch.float64,
+                                   device=layer.weight.device)
+            n = torch.full((), float(counts.get(name, 0)), dtype=torch.float64,
+                           device=mine.device)
+            total, n = distributed.reduce_sum([mine, n], group)
+            if int(n):
+                sums[name], counts[name] = total, int(n)
     for name, total in sums.items():
         _shift(targets[name], (total / counts[name]).float())
     return sorted(sums)

@@ -116,6 +116,7 @@ class Quantizer(nn.Module):
         self._seen_range: tuple[torch.Tensor, torch.Tensor] | None = None
         self._last_checked: str | None = None
         self._warned_constant = False
+        self._train_steps_host: int | None = None  # `train_steps` mirrored on the host
         if spec.quant_delay:
             # Training forwards seen (a buffer: a resumed run continues the count).
             self.register_buffer("train_steps", torch.zeros((), dtype=torch.int64))
@@ -132,7 +133,11 @@ class Quantizer(nn.Module):
         if self.training:
             if self.spec.quant_delay:
                 self.train_steps += 1
-                if int(self.train_steps) <= self.spec.quant_delay:
+                # Counted on the host too (read once after a load): no device sync per step.
+                seen = self._train_steps_host
+                seen = int(self.train_steps) if seen is None else seen + 1
+                self._train_steps_host = seen
+                if seen <= self.spec.quant_delay:
                     self.warm_up(x)
                     return x
             y = self.train_forward(x)
@@ -143,6 +148,10 @@ class Quantizer(nn.Module):
         if self._last_checked != "eval":  # the first batch after training or calibration
             self._check_constant(x, y, "eval")
         return y
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        self._train_steps_host = None  # re-read the loaded step count
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def train_forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """Fake-quantize with a gradient, updating ranges / learned state."""

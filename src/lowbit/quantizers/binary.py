@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit import distributed
 from lowbit.config import QuantSpec
 from lowbit.numerics import MIN_SCALE, IntRange, broadcast_param, fake_quantize
 from lowbit.quantizers.base import QParams, Quantizer, Role
@@ -89,7 +90,7 @@ class BinaryQuantizer(Quantizer):
         if self.unsigned:
             self.odd_grid = False
             self.grid = IntRange(1, signed=False)  # codes {0, 1}
-            self.scale = nn.Parameter(torch.ones(()))
+            self.scale = nn.Parameter(torch.ones(1))  # 1 element: FSDP2 shards no 0-dim
             self.register_buffer("initialized", torch.tensor(False))
             self._ready = False  # mirrors `initialized` once True: no device sync per forward
             self._stats: tuple[torch.Tensor, int] | None = None  # calibration: sum |x|, count
@@ -114,9 +115,12 @@ class BinaryQuantizer(Quantizer):
         if not self.unsigned:
             return self._value(x)
         if not self.is_ready():
-            self._set_scale(2 * x.detach().float().abs().mean())
+            group = distributed.active_group()  # every rank's batch under torch.distributed
+            mean_abs = x.detach().float().abs().mean() if group is None else \
+                distributed.global_mean(x.detach().float().abs().sum(), x.numel(), group)
+            self._set_scale(2 * mean_abs)
         per_sample = x.numel() // x.shape[0] if x.dim() > 1 else x.numel()
-        scale = grad_scale(self.scale.abs().clamp_min(MIN_SCALE), 1.0 / math.sqrt(per_sample))
+        scale = grad_scale(self.scale.reshape(()).abs().clamp_min(MIN_SCALE), 1.0 / math.sqrt(per_sample))
         return lsq_fake_quantize(x, scale, 0, 1)
 
     def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +137,7 @@ class BinaryQuantizer(Quantizer):
 
     @torch.no_grad()
     def _set_scale(self, scale: torch.Tensor) -> None:
-        self.scale.copy_(scale.clamp_min(MIN_SCALE).to(self.scale))
+        self.scale.copy_(scale.reshape(1).clamp_min(MIN_SCALE).to(self.scale))
         self.initialized.fill_(True)
         self._ready = True
 
@@ -150,7 +154,10 @@ class BinaryQuantizer(Quantizer):
     def freeze(self) -> None:
         if self.unsigned and self._stats is not None:
             total, count = self._stats
-            self._set_scale(2 * total / max(count, 1))
+            group = distributed.active_group()
+            mean_abs = total / max(count, 1) if group is None else \
+                distributed.global_mean(total, count, group)
+            self._set_scale(2 * mean_abs)
             self._stats = None
 
     def reset_statistics(self) -> None:
@@ -162,9 +169,12 @@ class BinaryQuantizer(Quantizer):
             self._ready = bool(self.initialized)
         return not self.unsigned or self._ready
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         self._ready = False  # re-read `initialized` after the load
-        super()._load_from_state_dict(*args, **kwargs)
+        key = prefix + "scale"
+        if self.unsigned and key in state_dict and state_dict[key].dim() == 0:  # lowbit < 0.4
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def constant_fix(self, lo: float, hi: float) -> str:
         if not self.unsigned and lo >= 0:
@@ -197,7 +207,7 @@ class BinaryQuantizer(Quantizer):
             raise ValueError(
                 f"the {self.role} quantizer of layer {self.layer_name!r} ({{0, 1}} codes) has no "
                 "threshold yet; run lowbit.calibrate(model, batches) (or train) before convert")
-        scale = self.scale.detach().abs().clamp_min(MIN_SCALE).clone()
+        scale = self.scale.detach().reshape(()).abs().clamp_min(MIN_SCALE).clone()
         return QParams(scale, torch.zeros((), dtype=torch.int32, device=scale.device), self.grid,
                        None)
 

@@ -37,11 +37,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lowbit import distributed, observers
 from lowbit.config import QuantSpec
 from lowbit.numerics import MIN_SCALE, broadcast_param, fake_quantize, qparams_from_range, round_ste
 from lowbit.quantizers.base import QParams, Quantizer, Role
 from lowbit.quantizers.uniform import to_rows
-from lowbit.registry import OBSERVERS, QUANTIZERS
+from lowbit.registry import QUANTIZERS
 
 if TYPE_CHECKING:
     from lowbit.observers import Observer
@@ -140,16 +141,17 @@ class LSQQuantizer(Quantizer):
         if spec.dynamic:
             raise ValueError("method 'lsq' learns its step, so QuantSpec.`dynamic` must be False, "
                              "got True; use method='ste' for dynamic quantization")
-        self.observer = OBSERVERS.get(spec.observer, field="QuantSpec.observer")(spec)
+        self.observer = observers.build(spec, shared=role != "weight")
         self.mid = 0 if self.grid.signed else 2 ** (spec.bits - 1)
         # Qp of the paper: positive levels of a symmetric grid, all levels of an affine one.
         self.levels = self.grid.qmax - (self.mid if spec.symmetric else self.grid.qmin)
-        # Shapes are set on the first initialization; see _load_from_state_dict.
-        self.scale = nn.Parameter(torch.ones(()))
+        # One element per tensor (FSDP2 shards no 0-dim parameters), one per channel once the
+        # channel count is known; see set_weight_shape and _load_from_state_dict.
+        self.scale = nn.Parameter(torch.ones(1))
         if spec.symmetric:
-            self.register_buffer("zero_point", torch.full((), float(self.mid)))
+            self.register_buffer("zero_point", torch.full((1,), float(self.mid)))
         else:
-            self.zero_point = nn.Parameter(torch.zeros(()))
+            self.zero_point = nn.Parameter(torch.zeros(1))
         self.register_buffer("initialized", torch.tensor(False))
         self._ready = False  # mirrors `initialized` once True: no device sync per forward
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -180,6 +182,15 @@ class LSQQuantizer(Quantizer):
         if self.role == "weight":
             self._reinit = True
 
+    @torch.no_grad()
+    def set_weight_shape(self, shape: torch.Size) -> None:
+        """Per-channel weights: one step per output channel from the start, so the parameters
+        keep their shape from ``quantize`` on (DDP and FSDP register them when wrapping)."""
+        if self.role == "weight" and self.axis is not None and self.scale.numel() == 1:
+            n = shape[self.axis]
+            self.scale.data = self.scale.new_ones(n)
+            self.zero_point.data = self.zero_point.new_full((n,), float(self.zero_point[0]))
+
     def _maybe_reinit(self, x: torch.Tensor) -> None:
         if self._reinit:
             self._set(*self.initial_qparams(x))
@@ -192,11 +203,11 @@ class LSQQuantizer(Quantizer):
             self._set(*self.initial_qparams(x))
         self._check_channels(x)
         g = self.grad_factor(x)
-        scale = grad_scale(self.scale.abs().clamp_min(MIN_SCALE), g)
+        scale = grad_scale(self._shaped(self.scale).abs().clamp_min(MIN_SCALE), g)
         if self.spec.symmetric:
             return lsq_fake_quantize(x, scale, self.grid.qmin - self.mid,
                                      self.grid.qmax - self.mid, self.axis)
-        z = round_ste(grad_scale(self.zero_point, g)).clamp(self.grid.qmin, self.grid.qmax)
+        z = round_ste(grad_scale(self._shaped(self.zero_point), g)).clamp(self.grid.qmin, self.grid.qmax)
         return lsq_fake_quantize(x, scale, self.grid.qmin - z, self.grid.qmax - z, self.axis)
 
     def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -220,10 +231,13 @@ class LSQQuantizer(Quantizer):
     def initial_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The paper's init ``s = 2·mean|x|/sqrt(Qp)`` per step (affine: from min / max)."""
         rows = to_rows(x.detach().float(), self.axis, None)
+        group = self.observer.group()  # activations under torch.distributed: every rank's batch
         if not self.spec.symmetric:
-            return qparams_from_range(rows.amin(dim=1), rows.amax(dim=1), self.grid,
+            return qparams_from_range(*self.observer.batch_range(rows), self.grid,
                                       symmetric=False)
-        scale = (2 * rows.abs().mean(dim=1) / math.sqrt(self.levels)).clamp_min(MIN_SCALE)
+        mean_abs = rows.abs().mean(dim=1) if group is None else \
+            distributed.global_mean(rows.abs().sum(dim=1), rows.shape[1], group)
+        scale = (2 * mean_abs / math.sqrt(self.levels)).clamp_min(MIN_SCALE)
         return scale, torch.full_like(scale, self.mid)
 
     @torch.no_grad()
@@ -265,16 +279,20 @@ class LSQQuantizer(Quantizer):
         scale, zero_point = self._frozen()
         return QParams(scale.clone(), zero_point.to(torch.int32), self.grid, self.axis)
 
+    def _shaped(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-tensor step / zero point as the 0-dim value the math and qparams use."""
+        return t.reshape(()) if self.axis is None else t
+
     def _frozen(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The scale and integer zero point (as float) that eval and deploy use."""
-        scale = self.scale.detach().abs().clamp_min(MIN_SCALE)
-        zero_point = torch.round(self.zero_point.detach()).clamp(self.grid.qmin, self.grid.qmax)
+        scale = self._shaped(self.scale.detach()).abs().clamp_min(MIN_SCALE)
+        zero_point = torch.round(self._shaped(self.zero_point.detach())).clamp(self.grid.qmin, self.grid.qmax)
         return scale, zero_point
 
     @torch.no_grad()
     def _set(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         """Write new values in place, resizing per-channel tensors (same Parameter objects)."""
-        shape = () if self.axis is None else (scale.numel(),)
+        shape = (1,) if self.axis is None else (scale.numel(),)
         for name, value in (("scale", scale), ("zero_point", zero_point.float())):
             current = getattr(self, name)
             value = value.reshape(shape).to(current.device, current.dtype)
@@ -286,7 +304,7 @@ class LSQQuantizer(Quantizer):
         self._ready = True
 
     def _check_channels(self, x: torch.Tensor) -> None:
-        if self.axis is not None and self.scale.dim() == 1 and \
+        if self.axis is not None and self.scale.numel() > 1 and \
                 self.scale.shape[0] != x.shape[self.axis]:
             raise ValueError(
                 f"the {self.role} quantizer of layer {self.layer_name!r} holds "
@@ -298,6 +316,8 @@ class LSQQuantizer(Quantizer):
         # scale / zero_point take their shape from the tensor they quantize; resize before load.
         for name in ("scale", "zero_point"):
             key, current = prefix + name, getattr(self, name)
+            if key in state_dict and state_dict[key].dim() == 0:  # lowbit < 0.4: 0-dim steps
+                state_dict[key] = state_dict[key].reshape(1)
             if key in state_dict and state_dict[key].shape != current.shape:
                 current.data = torch.empty_like(state_dict[key], dtype=current.dtype,
                                                 device=current.device)

@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lowbit import distributed, observers
 from lowbit.config import QuantSpec
 from lowbit.numerics import MIN_SCALE, fake_quantize, fused_fake_quantize
 from lowbit.quantizers.base import QParams, Quantizer, Role
-from lowbit.registry import OBSERVERS, QUANTIZERS
+from lowbit.registry import QUANTIZERS
 
 if TYPE_CHECKING:
     from lowbit.observers import Observer
@@ -61,9 +62,10 @@ class PACTQuantizer(Quantizer):
         if spec.dynamic:
             raise ValueError("method 'pact' learns its clip level, so QuantSpec.`dynamic` must "
                              "be False, got True; use method='ste' for dynamic quantization")
-        self.observer = OBSERVERS.get(spec.observer, field="QuantSpec.observer")(spec)
+        self.observer = observers.build(spec, shared=role != "weight")
         given = spec.alpha_init is not None
-        self.alpha = nn.Parameter(torch.tensor(float(spec.alpha_init or 1.0)))
+        # One element, not 0-dim: FSDP2 shards no 0-dim parameters.
+        self.alpha = nn.Parameter(torch.tensor([float(spec.alpha_init or 1.0)]))
         self.register_buffer("initialized", torch.tensor(given))
         self.register_buffer("zero", torch.zeros((), dtype=torch.int32), persistent=False)
         self._ready = given  # mirrors `initialized` once True: no device sync per forward
@@ -73,13 +75,16 @@ class PACTQuantizer(Quantizer):
     def scale(self) -> torch.Tensor:
         """The frozen step ``alpha / qmax`` (what ``qparams`` hands out and the layers'
         integer bias uses)."""
-        return self.alpha.detach().abs().clamp_min(self.min_alpha) / self.grid.qmax
+        return self.alpha.detach().reshape(()).abs().clamp_min(self.min_alpha) / self.grid.qmax
 
     def train_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Clip with the paper's gradients, then fake-quantize straight through."""
         if not self.is_ready():
-            self._set(self.initial_alpha(x))
-        alpha = self.alpha.abs().clamp_min(self.min_alpha)
+            alpha = self.initial_alpha(x)
+            group = self.observer.group()
+            # Under torch.distributed every rank starts from the mean of the ranks' choices.
+            self._set(alpha if group is None else distributed.reduce_mean(alpha, group))
+        alpha = self.alpha.reshape(()).abs().clamp_min(self.min_alpha)
         if self.grid.signed:
             lo = alpha * (self.grid.qmin / self.grid.qmax)
             y = torch.where(x >= alpha, alpha, torch.where(x <= lo, lo, x))
@@ -137,7 +142,7 @@ class PACTQuantizer(Quantizer):
 
     def loss(self) -> torch.Tensor:
         """PACT's L2 term ``alpha²`` (the user scales it by λ)."""
-        return self.alpha**2
+        return self.alpha.reshape(()) ** 2
 
     def is_ready(self) -> bool:
         if not self._ready:
@@ -155,10 +160,13 @@ class PACTQuantizer(Quantizer):
 
     @torch.no_grad()
     def _set(self, alpha: torch.Tensor) -> None:
-        self.alpha.copy_(alpha.reshape(()).clamp_min(self.min_alpha))
+        self.alpha.copy_(alpha.reshape(1).clamp_min(self.min_alpha))
         self.initialized.fill_(True)
         self._ready = True
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         self._ready = False  # re-read `initialized` after the load
+        key = prefix + "alpha"
+        if key in state_dict and state_dict[key].dim() == 0:  # lowbit < 0.4: a 0-dim alpha
+            state_dict[key] = state_dict[key].reshape(1)
         super()._load_from_state_dict(state_dict, prefix, *args)

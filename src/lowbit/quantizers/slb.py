@@ -62,6 +62,7 @@ class SLBQuantizer(Quantizer):
         self.register_buffer("value_scale", torch.tensor(1.0 / (self.n - 1)), persistent=False)
         self.register_buffer("temperature", torch.tensor(1.0))
         self.register_buffer("hard", torch.tensor(False))
+        self._hard: bool | None = False  # `hard` on the host; None: read it
         self.register_buffer("initialized", torch.tensor(False))
         self.register_parameter("logits", None)  # set_weight_shape: weight.shape + (n,)
         self._pending: torch.Tensor | None = None
@@ -88,6 +89,7 @@ class SLBQuantizer(Quantizer):
             raise TypeError(f"`hard` must be a bool, got {type(hard).__name__} {hard!r}")
         self.temperature.fill_(float(t))
         self.hard.fill_(hard)
+        self._hard = hard
 
     def _require_logits(self) -> nn.Parameter:
         if self.logits is None:
@@ -113,7 +115,9 @@ class SLBQuantizer(Quantizer):
         """Expectation over V of ``softmax(logits * t)`` (or ``v[argmax]`` once ``hard``);
         ``x`` (the latent weight) lends only its shape."""
         logits = self._check_shape(x)
-        if bool(self.hard):
+        if self._hard is None:  # after a load: one read, then no device sync per step
+            self._hard = bool(self.hard)
+        if self._hard:
             return self._argmax_weight(logits)
         probs = torch.softmax(logits * self.temperature, dim=-1)
         return torch.matmul(probs, self.values())
@@ -179,6 +183,7 @@ class SLBQuantizer(Quantizer):
         return self.codes[logits.detach().argmax(dim=-1)], qp
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        self._hard = None  # re-read the loaded `hard`
         key = prefix + "logits"
         if key in state_dict:
             got = tuple(state_dict[key].shape)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lowbit import observers
 from lowbit.config import QuantSpec
 from lowbit.numerics import (
     dynamic_qparams,
@@ -20,7 +21,7 @@ from lowbit.numerics import (
     qparams_from_range,
 )
 from lowbit.quantizers.base import QParams, Quantizer, Role
-from lowbit.registry import OBSERVERS, QUANTIZERS
+from lowbit.registry import QUANTIZERS
 
 if TYPE_CHECKING:
     from lowbit.observers import Observer
@@ -52,11 +53,12 @@ class UniformQuantizer(Quantizer):
 
     def __init__(self, spec: QuantSpec, *, role: Role, axis: int | None) -> None:
         super().__init__(spec, role=role, axis=axis)
-        self.observer = OBSERVERS.get(spec.observer, field="QuantSpec.observer")(spec)
+        self.observer = observers.build(spec, shared=role != "weight")
         # Shapes are set on the first freeze (they depend on the tensor); see _load_from_state_dict.
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
         self.register_buffer("initialized", torch.tensor(False))
+        self._ready: bool | None = False  # `initialized` on the host; None: read it
         # Weights whose qparams a post-training algorithm chose (GPTQ, AWQ clipping): their
         # range is never re-derived from the weight, not even after load_state_dict.
         self.register_buffer("pinned", torch.tensor(False))
@@ -84,7 +86,7 @@ class UniformQuantizer(Quantizer):
         if self._stale and self.role == "weight":
             self._track(x)  # a trained weight: its range follows its final value
             self._stale = False
-        if not bool(self.initialized):
+        if not self._initialized():
             return x
         return fake_quantize(x, self.scale, self.zero_point, self.grid, self.axis, self.group_size)
 
@@ -123,6 +125,7 @@ class UniformQuantizer(Quantizer):
         self.scale = scale.reshape(shape).to(self.scale.device)
         self.zero_point = zero_point.reshape(shape).to(self.scale.device)
         self.initialized.fill_(True)
+        self._ready = True
 
     def reset_statistics(self) -> None:
         self.observer.reset()
@@ -141,6 +144,7 @@ class UniformQuantizer(Quantizer):
         self.scale = scale.clone()
         self.zero_point = zero_point.to(torch.int32).clone()
         self.initialized.fill_(True)
+        self._ready = True
 
     def pin_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         """``set_qparams`` for good: the weight's codes were chosen for exactly these qparams
@@ -161,7 +165,12 @@ class UniformQuantizer(Quantizer):
         return (n,)
 
     def is_ready(self) -> bool:
-        return self.spec.dynamic or bool(self.initialized)
+        return self.spec.dynamic or self._initialized()
+
+    def _initialized(self) -> bool:
+        if self._ready is None:  # after a load: one read, then no device sync per step
+            self._ready = bool(self.initialized)
+        return self._ready
 
     def qparams(self) -> QParams:
         if not self.is_ready():
@@ -185,6 +194,7 @@ class UniformQuantizer(Quantizer):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # A saved weight range is one optimizer step behind the saved weight: re-derive it from
         # the loaded weight before eval / convert, as the trained model itself does.
+        self._ready = None  # re-read the loaded `initialized`
         pinned = state_dict.get(prefix + "pinned")
         if pinned is None:  # checkpoints of lowbit < 0.3 have no `pinned`
             state_dict[prefix + "pinned"] = torch.tensor(False)

@@ -60,3 +60,28 @@ def test_relu_moves_into_the_layer_so_its_output_quantizer_sees_post_relu_values
     assert isinstance(qm[0].activation, nn.ReLU) and isinstance(qm[2], nn.Identity)
     lowbit.calibrate(qm, [torch.randn(4, 3, 8, 8)], progress=False)
     assert int(qm[0].output_quant.zero_point) == 0  # range starts at 0: nothing below ReLU
+
+
+class DepthwiseConv(nn.Conv2d):
+    """A Conv2d subclass that only sets arguments (EfficientNet's depthwise conv): a layer."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, 3, padding=1, groups=channels)
+
+
+class DepthwiseBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm, self.act = DepthwiseConv(4), nn.BatchNorm2d(4), nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
+def test_a_conv_subclass_folds_its_batchnorm_like_a_conv():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), DepthwiseBlock()).eval()
+    for example in (None, (torch.randn(1, 3, 8, 8),)):  # fx, and the dispatch trace
+        plan = lowbit.plan(model, lowbit.QuantConfig.preset("w8a8"), example)
+        assert ("1.conv", "1.norm") in [tuple(chain[:2]) for chain in plan.fusions]
+        assert "1.norm" not in plan.float_layers

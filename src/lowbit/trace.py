@@ -111,12 +111,14 @@ class ModelGraph:
 
 
 def default_leaf(module: nn.Module) -> bool:
-    """Modules traced as one node: torch.nn's own layers (as torch.fx has it) and lowbit's
-    layers and quantizers. Containers and user modules are traced through."""
-    from lowbit.nn import Add, MatMul, QuantLayer
+    """Modules traced as one node: torch.nn's own layers (as torch.fx has it), modules lowbit
+    quantizes as one of its layer types (subclasses of them such as EfficientNet's depthwise
+    conv, transformers' ``Conv1D``), and lowbit's layers and quantizers. Containers and user
+    modules are traced through."""
+    from lowbit.nn import Add, MatMul, QuantLayer, quant_type_for
     from lowbit.quantizers import Quantizer
 
-    if isinstance(module, (QuantLayer, Quantizer, Add, MatMul)):
+    if isinstance(module, (QuantLayer, Quantizer, Add, MatMul)) or quant_type_for(module):
         return True
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
     return type(module).__module__.startswith("torch.nn") and not isinstance(module, containers)

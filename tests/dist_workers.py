@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from models import conv_net
 from torch import nn
 
 import lowbit
@@ -65,14 +66,6 @@ def run_alone(job: Any, *args: Any) -> Any:
 # ------------------------------------------------------------------------------- models, data
 
 
-def conv_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-
-
 def mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
@@ -91,6 +84,20 @@ def my_share(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return t[rank * per:(rank + 1) * per]
 
 
+def train(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, rank: int, world: int,
+          after_step: Any = None) -> None:
+    """SGD over the global batches ``x_all[step]``, this rank taking its share of each."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(STEPS):
+        x, y = my_share(x_all[step], rank, world), my_share(y_all[step], rank, world)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step(step)
+
+
 def tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()
             if isinstance(v, torch.Tensor)}
@@ -107,18 +114,13 @@ def train_qat(rank: int, world: int, preset: str, reduce: bool = True) -> dict[s
     model: nn.Module = qm
     if world > 1:  # SLB's latent float weights lend only their shape: no gradient
         model = nn.parallel.DistributedDataParallel(qm, find_unused_parameters="slb" in preset)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    x_all, y_all = images()
+    def schedule(step: int) -> None:
+        sched.step_batch()
+        if step == STEPS // 2 - 1:
+            sched.step_epoch()
+
     with lowbit.distributed.local() if not reduce else _nothing():
-        for step in range(STEPS):
-            x, y = my_share(x_all[step], rank, world), my_share(y_all[step], rank, world)
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step_batch()
-            if step == STEPS // 2 - 1:
-                sched.step_epoch()
+        train(model, *images(), rank, world, after_step=schedule)
     return {"state": tensors(qm), "temperature": sched.current_temperature(),
             "steps": sched.step}
 
@@ -227,16 +229,9 @@ def train_mlp(rank: int, world: int, preset: str, sharding: str,
         fully_shard(qm)
     elif world > 1:
         model = nn.parallel.DistributedDataParallel(qm)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(3)
-    x_all = torch.randn(STEPS, BATCH, 16, generator=g)
-    y_all = torch.randint(0, 10, (STEPS, BATCH), generator=g)
-    for step in range(STEPS):
-        x, y = my_share(x_all[step], rank, world), my_share(y_all[step], rank, world)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train(model, torch.randn(STEPS, BATCH, 16, generator=g),
+          torch.randint(0, 10, (STEPS, BATCH), generator=g), rank, world)
     if world > 1 and sharding == "fsdp":
         if dcp_dir is not None:
             import torch.distributed.checkpoint as dcp

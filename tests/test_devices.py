@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from models import conv_net
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -36,14 +37,6 @@ class HostSyncs(TorchDispatchMode):
             ours = [f for f in traceback.extract_stack() if "/lowbit/" in f.filename]
             self.where[f"{ours[-1].filename}:{ours[-1].lineno}" if ours else "torch"] += 1
         return func(*args, **(kwargs or {}))
-
-
-def conv_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
 
 
 def qat_steps(preset: str, device: str, freeze_bn: int | None = 2):

@@ -212,20 +212,27 @@ def torch_ao_w4a8_fakequant(model: nn.Module, data: Digits, ref: torch.Tensor) -
     off over the calibration batches, then the ranges are frozen and fake quant is switched on
     (eval mode throughout; BN is already folded).
     """
-    from torch.ao import quantization as tq
 
     m = ao_prepared_copy(model)
     m.qconfig = w4a8_qconfig()
+    ao_fake_quant_calibrate(m, calib_batches(data))
+    return score("torch.ao W4A8 (fake-quant)", m(data.x_test), data, ref)
+
+
+def ao_fake_quant_calibrate(m: nn.Module, batches: list[torch.Tensor]) -> None:
+    """torch.ao's QAT modules (``m.qconfig`` set) as post-training fake quant: observers run
+    with fake quant off over ``batches``, then ranges freeze and fake quant turns on (eval)."""
+    from torch.ao import quantization as tq
+
     with quiet():
         tq.prepare_qat(m.train(), inplace=True)
     m.eval()
     m.apply(tq.disable_fake_quant)
     m.apply(tq.enable_observer)
-    for x in calib_batches(data):
+    for x in batches:
         m(x)
     m.apply(tq.disable_observer)
     m.apply(tq.enable_fake_quant)
-    return score("torch.ao W4A8 (fake-quant)", m(data.x_test), data, ref)
 
 
 # --------------------------------------------------------------------------------------------

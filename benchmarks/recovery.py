@@ -43,6 +43,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits_ptq import (  # noqa: E402
+    ao_fake_quant_calibrate,
     calib_batches,
     format_table,
     machine,
@@ -136,15 +137,7 @@ def torch_ao_per_tensor_w8a8(model: nn.Module, data: Digits, ref: torch.Tensor) 
         weight=tq.FakeQuantize.with_args(observer=tq.MinMaxObserver, quant_min=-128,
                                          quant_max=127, dtype=torch.qint8,
                                          qscheme=torch.per_tensor_symmetric))
-    with quiet():
-        tq.prepare_qat(m.train(), inplace=True)
-    m.eval()
-    m.apply(tq.disable_fake_quant)
-    m.apply(tq.enable_observer)
-    for x in calib_batches(data):
-        m(x)
-    m.apply(tq.disable_observer)
-    m.apply(tq.enable_fake_quant)
+    ao_fake_quant_calibrate(m, calib_batches(data))
     return score("torch.ao W8A8 per-tensor (fake-quant)", m(data.x_test), data, ref)
 
 

@@ -7,6 +7,9 @@ run through random data in train mode (so BN folding is not a no-op):
 - ``mobilenetv2``: a MobileNetV2-style net for 3x32x32: depthwise-separable inverted residual
   blocks (1x1 expand-BN-ReLU6, 3x3 depthwise-BN-ReLU6, 1x1 project-BN, identity residual where
   the shape allows), widths 16-24-32-64, 1x1 conv 256, GAP, Linear(256, 10);
+- ``inception``: an Inception-style net for 3x32x32: stem conv3x3-BN-ReLU 32, then Inception
+  blocks (branches 1x1; 1x1→3x3; 1x1→3x3→3x3; maxpool3x3→1x1, each conv-BN-ReLU, joined with
+  ``torch.cat`` along channels) at 64, 128/s2 and 128 channels, GAP, Linear(128, 10);
 - ``hf-resnet``: ``transformers.ResNetModel`` from a small config (basic layers, hidden sizes
   32-64-128, 3x64x64), returning its pooled output — the model code Hugging Face users run,
   which torch.fx cannot trace.
@@ -100,6 +103,40 @@ class MobileNetV2ish(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
+def _conv_bn_relu(cin: int, cout: int, k: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class InceptionBlock(nn.Module):
+    """Four branches of ``cout // 4`` channels each, concatenated along channels."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        c = cout // 4
+        self.b1 = _conv_bn_relu(cin, c, 1, stride)
+        self.b3 = nn.Sequential(_conv_bn_relu(cin, c, 1), _conv_bn_relu(c, c, 3, stride))
+        self.b5 = nn.Sequential(_conv_bn_relu(cin, c, 1), _conv_bn_relu(c, c, 3),
+                                _conv_bn_relu(c, c, 3, stride))
+        self.pool = nn.Sequential(nn.MaxPool2d(3, stride, 1), _conv_bn_relu(cin, c, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.b1(x), self.b3(x), self.b5(x), self.pool(x)], dim=1)
+
+
+class Inceptionish(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn_relu(3, 32, 3)
+        self.blocks = nn.Sequential(InceptionBlock(32, 64), InceptionBlock(64, 128, 2),
+                                    InceptionBlock(128, 128))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
+
+
 class HFResNet(nn.Module):
     """``transformers.ResNetModel`` returning its pooled features as one tensor."""
 
@@ -118,6 +155,7 @@ class HFResNet(nn.Module):
 NETS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "resnet8": (ResNet8, (3, 32, 32)),
     "mobilenetv2": (MobileNetV2ish, (3, 32, 32)),
+    "inception": (Inceptionish, (3, 32, 32)),
     "hf-resnet": (HFResNet, (3, 64, 64)),
 }
 

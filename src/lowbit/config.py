@@ -221,10 +221,10 @@ class LayerRule:
     A layer matches when its type is in ``types`` (empty: any type), its qualified name
     matches one of ``names`` (empty: any name) and, if ``positions`` is given, it is the
     ``"first"`` or ``"last"`` layer with a weight in model order (the usual place for a low-bit
-    recipe to keep 8 bits), or, for a functional op (``add``), ``"between"`` quantized layers:
-    an input made by a quantized layer and the output read by one (where quantizing the op lets
-    ONNX Runtime run its producer on an integer kernel), ``"before_pool"``: an add made by a
-    quantized layer whose output a global average pool reads (a CNN's last residual add),
+    recipe to keep 8 bits), or, for a functional op (``add``, ``cat``), ``"between"`` quantized
+    layers: an input made by a quantized layer and the output read by one (where quantizing the
+    op lets ONNX Runtime run its producer on an integer kernel), ``"before_pool"``: an add or cat
+    made by a quantized layer whose output a global average pool reads (a CNN's last residual add),
     or, for a conv, ``"feeds_float"``: its
     output goes to float ops only (quantizing that output lets ONNX Runtime fuse the conv).
     Name patterns are globs (``"features.*"``) or,

@@ -11,6 +11,7 @@ from torch import nn
 from lowbit.deploy import (
     DeployActivation,
     DeployBinary,
+    DeployCat,
     DeployConv,
     DeployEmbedding,
     DeployLinear,
@@ -19,6 +20,7 @@ from lowbit.deploy import (
 from lowbit.fuse import set_module
 from lowbit.nn import (
     QuantActivation,
+    QuantCat,
     QuantConv1d,
     QuantConv2d,
     QuantEmbedding,
@@ -47,6 +49,8 @@ def to_deploy(wrapper: QuantLayer) -> nn.Module:
         return DeployConv(wrapper)
     if isinstance(wrapper, _QuantBinary):
         return DeployBinary(wrapper)
+    if isinstance(wrapper, QuantCat):
+        return DeployCat(wrapper)
     if isinstance(wrapper, QuantActivation):
         return DeployActivation(wrapper)
     raise NotImplementedError(f"no deploy form for {type(wrapper).__name__}")  # pragma: no cover

@@ -455,6 +455,30 @@ class DeployBinary(nn.Module):
         return f"op={self.op}"
 
 
+class DeployCat(nn.Module):
+    """Deploy form of ``QuantCat``: QDQ on each input, ``torch.cat``, QDQ on the output."""
+
+    def __init__(self, wrapper: Any) -> None:
+        super().__init__()
+        self.layer_name = wrapper.layer_name
+        self.layer_type = wrapper.op_name
+        keep_float_attributes(self, wrapper)  # dim, inputs
+        self.dim = int(wrapper.dim)
+        self.input_qdqs = nn.ModuleList(
+            [_qdq(getattr(wrapper, slot)) or nn.Identity() for slot in wrapper.input_slots()])
+        self.output_qdq = _qdq(wrapper.output_quant)
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        if len(tensors) != len(self.input_qdqs):
+            raise ValueError(f"{self.layer_name!r} concatenates {len(self.input_qdqs)} "
+                             f"tensors, got {len(tensors)}")
+        parts = [qdq(x) for qdq, x in zip(self.input_qdqs, tensors)]
+        return _run(self.output_qdq, torch.cat(parts, dim=self.dim))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
 class DeployActivation(nn.Module):
     """Deploy form of a quantized activation module (``QuantReLU``, ``QuantHardtanh``...)."""
 

@@ -1,10 +1,12 @@
-"""Functional ``a + b`` / ``torch.matmul(a, b)`` calls: find them, and turn them into modules.
+"""Functional ``a + b`` / ``torch.matmul(a, b)`` / ``torch.cat`` calls: find them, and turn
+them into modules.
 
 Module swapping cannot see functional ops, so the plan finds their call sites in the model's
 traced dataflow (``lowbit.trace``) and, where a rule gives them quantizers, ``quantize`` rewrites
-the model with ``torch.fx`` so that each call becomes an ``Add`` / ``MatMul`` module named after
-its site (``op_add``, ``op_add_1``...) that the normal swap then quantizes. Models that do not
-trace with fx can use ``lowbit.nn.Add`` / ``lowbit.nn.MatMul`` directly instead.
+the model with ``torch.fx`` so that each call becomes an ``Add`` / ``MatMul`` / ``Cat`` module
+named after its site (``op_add``, ``op_add_1``, ``op_cat``...) that the normal swap then
+quantizes. Models that do not trace with fx can use ``lowbit.nn.Add`` / ``MatMul`` / ``Cat``
+directly instead.
 
 ``between_quantized`` tells which sites sit between quantized layers — an input produced by a
 quantized layer, the output read by one, with only ops ONNX Runtime runs on integers or folds
@@ -19,10 +21,10 @@ from collections.abc import Iterable
 
 from torch import fx, nn
 
-from lowbit.nn import Add, MatMul
+from lowbit.nn import Add, Cat, MatMul
 from lowbit.trace import LeafTracer, ModelGraph, Node, default_leaf, op_name, owner_of, site_name
 
-MODULES: dict[str, type[nn.Module]] = {"add": Add, "matmul": MatMul}
+MODULES: dict[str, type[nn.Module]] = {"add": Add, "matmul": MatMul, "cat": Cat}
 FUNCTIONAL_TYPES = set(MODULES)
 
 # Calls that read metadata: their results (and arithmetic on them) are not activations.
@@ -52,11 +54,13 @@ def activation_values(graph: ModelGraph) -> set[int]:
 
 
 def find_functional(graph: ModelGraph, types: Iterable[str]) -> list[Node]:
-    """The call sites of the wanted kinds whose two inputs are both activations."""
+    """The call sites of the wanted kinds whose inputs are all activations: two for
+    add/matmul, two or more for cat."""
     wanted = set(types) & FUNCTIONAL_TYPES
     tensors = activation_values(graph)
     return [node for node in graph.functions(*wanted)
-            if len(node.inputs) == 2 and all(v in tensors for v in node.inputs)]
+            if (len(node.inputs) >= 2 if node.target == "cat" else len(node.inputs) == 2)
+            and all(v in tensors for v in node.inputs)]
 
 
 def between_quantized(graph: ModelGraph, node: Node, modules: dict[str, nn.Module],
@@ -207,18 +211,18 @@ def _rewrite(module: nn.Module, owner: str, names: set[str]) -> None:
         k = counts.get(op, 0)
         counts[op] = k + 1
         name = site_name("", op, k)
-        if (name in names and op in MODULES and not node.kwargs and len(node.args) == 2
-                and all(isinstance(a, fx.Node) for a in node.args)):
-            picked.append((name, op, node))
-    missing = names - {name for name, _, _ in picked}
+        call = _as_module_call(op, node) if name in names else None
+        if call is not None:
+            picked.append((name, node, *call))
+    missing = names - {name for name, *_ in picked}
     if missing:
         where = f" in {owner!r}" if owner else ""
         raise ValueError(f"the plan names functional op(s) {sorted(missing)}{where}, which the "
-                         "model does not call as a two-tensor add/matmul")
-    for name, op, node in picked:
-        module.add_module(name, MODULES[op]().train(module.training))
+                         "model does not call as a two-tensor add/matmul or a cat of tensors")
+    for name, node, new_module, args in picked:
+        module.add_module(name, new_module.train(module.training))
         with graph.inserting_after(node):
-            new = graph.call_module(name, args=node.args)
+            new = graph.call_module(name, args=args)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
     rewritten = fx.GraphModule(module, graph)
@@ -226,6 +230,25 @@ def _rewrite(module: nn.Module, owner: str, names: set[str]) -> None:
         if node.op == "get_attr" and not _resolves(module, str(node.target)):
             setattr(module, str(node.target), _resolve_attr(rewritten, str(node.target)))
     module.forward = types.MethodType(type(rewritten).forward, module)  # type: ignore[method-assign]
+
+
+def _as_module_call(op: str, node: fx.Node) -> tuple[nn.Module, tuple[fx.Node, ...]] | None:
+    """The module that replaces a functional call and the arguments it takes, or None when the
+    call has another form (a constant operand, extra keyword arguments)."""
+    if op in ("add", "matmul"):
+        if (not node.kwargs and len(node.args) == 2
+                and all(isinstance(a, fx.Node) for a in node.args)):
+            return MODULES[op](), tuple(node.args)  # type: ignore[arg-type]
+        return None
+    if op != "cat" or not node.args:
+        return None
+    tensors, rest = node.args[0], node.args[1:]
+    dim = rest[0] if rest else node.kwargs.get("dim", 0)
+    if (not isinstance(tensors, (list, tuple)) or len(tensors) < 2 or len(rest) > 1
+            or set(node.kwargs) - {"dim"} or isinstance(dim, bool) or not isinstance(dim, int)
+            or not all(isinstance(t, fx.Node) for t in tensors)):
+        return None
+    return Cat(dim, len(tensors)), tuple(tensors)  # type: ignore[arg-type]
 
 
 def _resolve_attr(obj: object, path: str) -> object:

@@ -1,9 +1,9 @@
 """Quant wrappers: drop-in layers that carry a weight quantizer and input/output quantizers.
 
 ``QuantLinear``, ``QuantConv1d`` and ``QuantConv2d`` subclass their torch layers, so parameter
-names (``weight``, ``bias``), ``isinstance`` checks and optimizers keep working. ``Add`` and
-``MatMul`` are float modules for functional ops; ``QuantAdd``/``QuantMatMul`` quantize their
-two inputs. Each wrapper is registered under the name rules use (``"Conv2d"``, ``"add"``...).
+names (``weight``, ``bias``), ``isinstance`` checks and optimizers keep working. ``Add``,
+``MatMul`` and ``Cat`` are float modules for functional ops; ``QuantAdd``/``QuantMatMul``/
+``QuantCat`` quantize each of their inputs. Each wrapper is registered under the name rules use (``"Conv2d"``, ``"add"``...).
 """
 
 from __future__ import annotations
@@ -123,8 +123,13 @@ class QuantLayer:
 
     def quantizers(self) -> list[Quantizer]:
         module: Any = self
-        return [q for q in (module.weight_quant, module.input_quant, module.output_quant)
+        extra = [getattr(module, slot) for slot in self.input_slots()[1:]]
+        return [q for q in (module.weight_quant, module.input_quant, *extra, module.output_quant)
                 if q is not None]
+
+    def input_slots(self) -> tuple[str, ...]:
+        """The attribute holding the quantizer of each tensor input, by position."""
+        return ("input_quant",)
 
     def effective_bias(self, bias: torch.Tensor | None = None,
                        weight_scale: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -435,6 +440,35 @@ class MatMul(nn.Module):
         return torch.matmul(a, b)
 
 
+class Cat(nn.Module):
+    """``torch.cat(tensors, dim)`` as a module of ``inputs`` tensors, so that a rule can give
+    each of them a quantizer (ONNX Runtime then runs the concatenation as ``QLinearConcat``
+    and the layers that make its inputs on integer kernels)."""
+
+    def __init__(self, dim: int = 0, inputs: int = 2) -> None:
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"`dim` must be an int, got {dim!r}")
+        if isinstance(inputs, bool) or not isinstance(inputs, int) or inputs < 1:
+            raise ValueError(f"`inputs` must be a positive int (how many tensors are "
+                             f"concatenated), got {inputs!r}")
+        self.dim = dim
+        self.inputs = inputs
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return torch.cat(_check_count(self, tensors), dim=self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, inputs={self.inputs}"
+
+
+def _check_count(module: Any, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    if len(tensors) != module.inputs:
+        raise ValueError(f"{type(module).__name__} was built for {module.inputs} inputs and "
+                         f"got {len(tensors)}; build it with inputs={len(tensors)}")
+    return tensors
+
+
 class _QuantBinary(nn.Module, QuantLayer):
     """Two-input op: ``input`` spec for each input (one quantizer each), optional output."""
 
@@ -457,8 +491,8 @@ class _QuantBinary(nn.Module, QuantLayer):
                                          layer_name=name)
         return new
 
-    def quantizers(self) -> list[Quantizer]:
-        return [*super().quantizers(), *([self.other_quant] if self.other_quant else [])]
+    def input_slots(self) -> tuple[str, ...]:
+        return ("input_quant", "other_quant")
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         y = self.op(_apply(self.input_quant, a), _apply(self.other_quant, b))
@@ -485,6 +519,43 @@ class QuantMatMul(_QuantBinary):
 
     def op(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.matmul(a, b)
+
+
+@LAYERS.register("cat")
+class QuantCat(nn.Module, QuantLayer):
+    """``Cat`` with one quantizer per input (``input_quant``, ``other_quant``, then
+    ``input_quant_2``...) and an optional output quantizer."""
+
+    float_type = Cat
+    op_name = "cat"
+    input_axis = 1
+
+    def __init__(self, dim: int = 0, inputs: int = 2) -> None:
+        super().__init__()
+        self.dim = dim
+        self.inputs = inputs
+
+    @classmethod
+    def from_float(cls, module: nn.Module, specs: LayerSpecs, name: str = "") -> Any:
+        if specs.weight is not None:
+            raise ValueError(f"layer {name!r} (Cat) has no weight; its rule's `weight` spec "
+                             "cannot apply")
+        new = cls(int(getattr(module, "dim", 0)), int(getattr(module, "inputs", 2)))
+        new._keep_float_attributes(module)
+        new._init_quant(specs, name)
+        for slot in new.input_slots()[1:]:
+            setattr(new, slot, make_quantizer(specs.input, role="input",
+                                              channel_axis=cls.input_axis, layer_name=name))
+        return new
+
+    def input_slots(self) -> tuple[str, ...]:
+        return ("input_quant", "other_quant",
+                *(f"input_quant_{i}" for i in range(2, self.inputs)))[:self.inputs]
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        parts = [_apply(getattr(self, slot), x)
+                 for slot, x in zip(self.input_slots(), _check_count(self, tensors))]
+        return _apply(self.output_quant, torch.cat(parts, dim=self.dim))
 
 
 class QuantActivation(nn.Module, QuantLayer):

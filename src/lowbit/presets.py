@@ -25,24 +25,26 @@ def _activations(observer: str = "mse") -> QuantSpec:
 
 def for_integer_kernels(weight: QuantSpec, input: QuantSpec) -> list[LayerRule]:
     """Where ONNX Runtime needs quantizers to run the quantized layers on integer kernels:
-    residual adds between quantized layers get the layers' input spec, and a conv whose output
-    goes to float ops only (a mean, a LayerNorm, an add the model's code keeps float) quantizes
-    that output too (ORT fuses ``DQ → Conv → Q``, not a conv with a float output)."""
+    residual adds and concatenations between quantized layers get the layers' input spec, and a
+    conv whose output goes to float ops only (a mean, a LayerNorm, an add the model's code keeps
+    float) quantizes that output too (ORT fuses ``DQ → Conv → Q``, not a conv with a float output)."""
     return [between_ops(input),
-            # The last residual add before a global average pool and a classifier: quantized
-            # inputs and output give ORT QLinearAdd → QLinearGlobalAveragePool, as its own file.
-            LayerRule(types=["add"], positions=["before_pool"], input=input, output=input),
+            # The last residual add (or concat) before a global average pool and a classifier:
+            # quantized inputs and output give ORT QLinearAdd → QLinearGlobalAveragePool, as its
+            # own file.
+            LayerRule(types=["add", "cat"], positions=["before_pool"], input=input, output=input),
             LayerRule(types=["Conv1d", "Conv2d"], positions=["feeds_float"], weight=weight,
                       input=input, output=input)]
 
 
 def between_ops(input: QuantSpec) -> LayerRule:
-    """Functional adds between quantized layers (residual connections) get the layers' own
-    input spec: ONNX Runtime then sees a quantized output after the producing conv and runs it
-    on an integer kernel (with the add left float, it keeps the conv in float: int8 files ran
-    slower than FP32 on residual nets). The same spec keeps one quantizer per tensor where a
-    tensor feeds both a layer and an add."""
-    return LayerRule(types=["add"], positions=["between"], input=input)
+    """Functional adds and concatenations between quantized layers (residual connections,
+    Inception/DenseNet/U-Net branches) get the layers' own input spec: ONNX Runtime then sees a
+    quantized output after the producing conv and runs it on an integer kernel (with the add
+    left float, it keeps the conv in float: int8 files ran slower than FP32 on residual nets),
+    and runs the concatenation as ``QLinearConcat``. The same spec keeps one quantizer per
+    tensor where a tensor feeds both a layer and an add or cat."""
+    return LayerRule(types=["add", "cat"], positions=["between"], input=input)
 
 
 def w8a8() -> QuantConfig:

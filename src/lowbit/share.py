@@ -19,8 +19,6 @@ from lowbit.nn import QuantLayer
 from lowbit.quantizers import Quantizer
 from lowbit.trace import ModelGraph
 
-INPUT_SLOTS = ("input_quant", "other_quant")  # tensor argument i → attribute
-
 
 def _grid_key(q: Quantizer) -> tuple[object, ...]:
     s = q.spec
@@ -54,9 +52,10 @@ def share_input_quantizers(model: nn.Module, graph: ModelGraph | None) -> list[t
     for value in values:
         by_grid: dict[tuple[object, ...], list[tuple[str, QuantLayer, str]]] = {}
         for name, layer, pos in _readers(graph, value, modules):
-            if pos >= len(INPUT_SLOTS):
+            slots = layer.input_slots()  # tensor argument i → attribute
+            if pos >= len(slots):
                 continue
-            slot = INPUT_SLOTS[pos]
+            slot = slots[pos]
             quantizer = getattr(layer, slot, None)
             if quantizer is not None:
                 by_grid.setdefault(_grid_key(quantizer), []).append((name, layer, slot))

@@ -115,10 +115,10 @@ def default_leaf(module: nn.Module) -> bool:
     quantizes as one of its layer types (subclasses of them such as EfficientNet's depthwise
     conv, transformers' ``Conv1D``), and lowbit's layers and quantizers. Containers and user
     modules are traced through."""
-    from lowbit.nn import Add, MatMul, QuantLayer, quant_type_for
+    from lowbit.nn import Add, Cat, MatMul, QuantLayer, quant_type_for
     from lowbit.quantizers import Quantizer
 
-    if isinstance(module, (QuantLayer, Quantizer, Add, MatMul)) or quant_type_for(module):
+    if isinstance(module, (QuantLayer, Quantizer, Add, MatMul, Cat)) or quant_type_for(module):
         return True
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
     return type(module).__module__.startswith("torch.nn") and not isinstance(module, containers)

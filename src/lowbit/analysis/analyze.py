@@ -96,12 +96,10 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
 def _input_pairs(layer: Any, args: tuple[Any, ...]) -> list[tuple[Quantizer, torch.Tensor]]:
     """(quantizer, the tensor it quantizes) for each quantized input of ``layer``."""
     pairs: list[tuple[Quantizer, torch.Tensor]] = []
-    q = layer.input_quant
-    if q is not None and args and isinstance(args[0], torch.Tensor):
-        pairs.append((q, layer._smooth(args[0])))
-    other = getattr(layer, "other_quant", None)
-    if other is not None and len(args) > 1 and isinstance(args[1], torch.Tensor):
-        pairs.append((other, args[1]))
+    for pos, (slot, x) in enumerate(zip(layer.input_slots(), args)):
+        q = getattr(layer, slot)
+        if q is not None and isinstance(x, torch.Tensor):
+            pairs.append((q, layer._smooth(x) if pos == 0 else x))
     return pairs
 
 

@@ -23,7 +23,7 @@ from lowbit.config import LayerRule, QuantConfig
 from lowbit.nn import QuantLayer
 
 Output = Callable[[nn.Module, Any], torch.Tensor]
-SLOTS = ("weight_quant", "input_quant", "output_quant", "other_quant")
+SLOTS = ("weight_quant", "output_quant")  # and each input's (``QuantLayer.input_slots``)
 
 
 @dataclass
@@ -65,7 +65,7 @@ def _score(model: nn.Module, batches: Sequence[Any], refs: list[torch.Tensor],
 
 
 def _bypassed(layer: Any) -> dict[str, Any]:
-    saved = {slot: getattr(layer, slot, None) for slot in SLOTS}
+    saved = {slot: getattr(layer, slot, None) for slot in (*SLOTS, *layer.input_slots())}
     for slot, q in saved.items():
         if q is not None:
             setattr(layer, slot, None)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from lowbit.deploy import DeployBinary, DeployLayer, DynamicLinear
+from lowbit.deploy import DeployBinary, DeployCat, DeployLayer, DynamicLinear
 from lowbit.export.float_layers import graph_float_layers, module_float_layers
 from lowbit.export.ort_graph import (
     FLOAT_COMPUTE,
@@ -43,6 +43,7 @@ from lowbit.export.ort_graph import (
 
 FUNCTIONAL_OPS = {  # lowbit functional op → the ORT nodes that may run it
     "add": frozenset({"Add", "Sum", "QLinearAdd"}),
+    "cat": frozenset({"Concat", "QLinearConcat"}),
     "matmul": frozenset({"MatMul", "FusedMatMul", "Gemm", "FusedGemm", "QLinearMatMul",
                          "MatMulInteger", "MatMulIntegerToFloat", "QGemm"}),
 }
@@ -52,6 +53,8 @@ FUNCTIONAL_OPS = {  # lowbit functional op → the ORT nodes that may run it
 WEIGHT_KEYS = ("weight.codes", "weight_t", "float_weight", "weight.scale", "weight_scale",
                "int_bias.codes", "float_bias", "bias", "int_bias.scale")
 ADD_FIX = 'add LayerRule(types=["add"], input=QuantSpec(bits=8, symmetric=False))'
+CAT_FIX = 'add LayerRule(types=["cat"], input=QuantSpec(bits=8, symmetric=False))'
+ELEMENTWISE = ("add", "cat")  # functional layers whose float form is cheap
 INPUT_FIX = "quantize its input (input=QuantSpec(bits=8, symmetric=False) in its rule)"
 
 
@@ -68,9 +71,9 @@ class LayerKernel:
 
     @property
     def compute(self) -> bool:
-        """A Conv/MatMul/Gemm-like layer (an ``add`` is element-wise: its float form is cheap
-        and expected when only its inputs are quantized)."""
-        return self.type != "add"
+        """A Conv/MatMul/Gemm-like layer (an ``add`` or ``cat`` is element-wise: its float
+        form is cheap and expected when only its inputs are quantized)."""
+        return self.type not in ELEMENTWISE
 
 
 @dataclass(frozen=True)
@@ -164,9 +167,10 @@ def layers_of_model(model: nn.Module) -> list[_Layer]:
     aliases = _module_aliases(model)
     out = []
     for path, m in model.named_modules():
-        if isinstance(m, (DeployLayer, DynamicLinear, DeployBinary)):
-            names = frozenset(f"{a}.scale" for q in (getattr(m, "input_qdq", None),
-                                                     getattr(m, "other_qdq", None))
+        if isinstance(m, (DeployLayer, DynamicLinear, DeployBinary, DeployCat)):
+            qdqs = (list(m.input_qdqs) if isinstance(m, DeployCat) else
+                    [getattr(m, "input_qdq", None), getattr(m, "other_qdq", None)])
+            names = frozenset(f"{a}.scale" for q in qdqs
                               if q is not None for a in aliases.get(id(q), []))
             out.append(_Layer(getattr(m, "layer_name", path) or path, path, m.layer_type, names))
     return out
@@ -181,8 +185,10 @@ def layers_of_params(params: Mapping[str, Any]) -> list[_Layer]:
         kind = entry.get("type", "")
         if kind in skip:
             continue
-        out.append(_Layer(name, name, kind, frozenset({f"{name}.input_qdq.scale",
-                                                       f"{name}.other_qdq.scale"})))
+        inputs = [k for k in entry if k in ("input", "other") or k.startswith("input_")]
+        scales = ({f"{name}.input_qdqs.{i}.scale" for i in range(len(inputs))}
+                  if kind == "cat" else {f"{name}.input_qdq.scale", f"{name}.other_qdq.scale"})
+        out.append(_Layer(name, name, kind, frozenset(scales)))
     return out
 
 
@@ -348,6 +354,7 @@ def _check_output(graph: OnnxGraph, node: Any, layer: _Layer) -> tuple[str, str]
         first = floats[0]
         also = " also" if len(floats) < len(users) else ""
         fix = (ADD_FIX if first.op_type in ("Add", "Sum") else
+               CAT_FIX if first.op_type == "Concat" else
                f"quantize that {first.op_type}'s input, or give {layer.name} an output spec "
                "(output=QuantSpec(bits=8, symmetric=False))")
         return (f"its output{after}{also} feeds a float {first.op_type} ({first.name!r}) with "
@@ -426,9 +433,10 @@ def deploy_graph(path: str | os.PathLike, *, model: nn.Module | None = None,
             kernels.append(LayerKernel(layer.name, layer.type, op, True))
             continue
         node = (before.get(layer.name) or [None])[0]
-        if layer.type == "add" and node is not None and not any(
+        if layer.type in ELEMENTWISE and node is not None and not any(
                 u.op_type == "QuantizeLinear" for u in exported.consumers.get(node.output[0], [])):
-            reason, fix = "its output is not quantized (QLinearAdd needs an output spec)", ""
+            kernel = {"add": "QLinearAdd", "cat": "QLinearConcat"}[layer.type]
+            reason, fix = f"its output is not quantized ({kernel} needs an output spec)", ""
         else:
             reason, fix = _reason(exported, node, layer, op)
         kernels.append(LayerKernel(layer.name, layer.type, op, False, reason, fix))

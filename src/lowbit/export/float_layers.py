@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from lowbit.deploy import DeployBinary, DeployEmbedding, DeployLayer, DynamicLinear
+from lowbit.deploy import DeployBinary, DeployCat, DeployEmbedding, DeployLayer, DynamicLinear
 from lowbit.export.ort_graph import FLOAT_COMPUTE, LAYOUT, OnnxGraph
 
 
@@ -29,7 +29,7 @@ def module_float_layers(model: nn.Module, reasons: Mapping[str, str] | None = No
     prefix = _name_prefix(model)
     planned = {prefix + n: why for n, why in reasons.items()}
     out: dict[str, str] = {}
-    lowbit_types = (DeployLayer, DynamicLinear, DeployBinary, DeployEmbedding)
+    lowbit_types = (DeployLayer, DynamicLinear, DeployBinary, DeployCat, DeployEmbedding)
     inside: list[str] = []
     for name, m in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):

@@ -20,6 +20,7 @@ from lowbit.deploy import (
     BinarizeDequantize,
     DeployActivation,
     DeployBinary,
+    DeployCat,
     DeployLayer,
     DynamicLinear,
     IntWeight,
@@ -32,22 +33,30 @@ PARAMS_FORMAT = "lowbit.quant_params"
 
 
 def deploy_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    kinds = (DeployLayer, DynamicLinear, DeployBinary, DeployActivation)
+    kinds = (DeployLayer, DynamicLinear, DeployBinary, DeployCat, DeployActivation)
     return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
 
 
 def layer_qparams(module: nn.Module) -> dict[str, QParams]:
-    """``{"weight"|"input"|"other"|"output": QParams}`` of one deploy layer."""
+    """``{"weight"|"input"|"other"|"output": QParams}`` of one deploy layer (a concatenation's
+    third and later inputs: ``"input_2"``...)."""
     out: dict[str, QParams] = {}
     if isinstance(module, DynamicLinear):
         out["weight"] = module.weight_qparams()
     elif isinstance(getattr(module, "weight", None), IntWeight):
         out["weight"] = cast(IntWeight, module.weight).qparams()
-    for key in ("input", "other", "output"):
-        qdq = getattr(module, f"{key}_qdq", None)
+    qdqs = {key: getattr(module, f"{key}_qdq", None) for key in ("input", "other", "output")}
+    if isinstance(module, DeployCat):
+        qdqs.update({cat_input_key(i): qdq for i, qdq in enumerate(module.input_qdqs)})
+    for key, qdq in qdqs.items():
         if isinstance(qdq, (QuantizeDequantize, BinarizeDequantize)):
             out[key] = qdq.qparams()
     return out
+
+
+def cat_input_key(i: int) -> str:
+    """The quant-params key of a concatenation's ``i``-th input (as its quantizer's slot)."""
+    return ("input", "other")[i] if i < 2 else f"input_{i}"
 
 
 def quant_params(model: nn.Module, float_layers: dict[str, str], onnx_name: str,

@@ -1,0 +1,172 @@
+"""Concatenations between quantized layers (Inception branches, DenseNet blocks, U-Net skips)
+are quantized by the presets like residual adds: each input gets the layers' input spec, so
+ONNX Runtime runs the concatenation as ``QLinearConcat`` and the convs feeding it on integer
+kernels."""
+
+from __future__ import annotations
+
+import collections
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit import LayerRule, QuantConfig, QuantSpec
+from lowbit.export.deploy import CAT_FIX, deploy_graph
+from lowbit.export.ort_graph import optimized_model
+from lowbit.nn import Cat, QuantCat
+
+
+class Branches(nn.Module):
+    """An Inception-style block: two branches concatenated along channels, then a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a, self.b = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1)
+        return self.c(y).mean((2, 3))
+
+
+class Dense(nn.Module):
+    """DenseNet-style: each layer reads the concatenation of everything before it, so the
+    block's input is read by a conv *and* a cat; a three-way cat with ``dim`` by position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.l1, self.l2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+        self.head = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        y1 = torch.relu(self.l1(x))
+        y2 = torch.relu(self.l2(torch.cat((x, y1), 1)))
+        return self.head(torch.cat((x, y1, y2), dim=1))
+
+
+def _batches(n: int = 3) -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    return [torch.randn(4, 3, 8, 8) for _ in range(n)]
+
+
+def _quantized(model: nn.Module, config: QuantConfig) -> nn.Module:
+    qm = lowbit.quantize(model, config)
+    lowbit.calibrate(qm, _batches(), progress=False)
+    return qm
+
+
+def _export(qm: nn.Module, path) -> lowbit.ExportReport:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lowbit.export_onnx(lowbit.convert(qm), path, (torch.randn(2, 3, 8, 8),))
+
+
+def _cats(plan):
+    return {layer.name: layer for layer in plan.layers if layer.type == "cat"}
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8", "w8a8-qat", "w4a8-lsq"])
+def test_presets_quantize_each_input_of_a_cat_between_quantized_layers(preset):
+    torch.manual_seed(0)
+    cats = _cats(lowbit.plan(Branches().eval(), QuantConfig.preset(preset)))
+    assert list(cats) == ["op_cat"] and cats["op_cat"].input is not None
+
+
+def test_a_cat_between_quantized_convs_runs_as_qlinearconcat(tmp_path):
+    torch.manual_seed(0)
+    model = Branches().eval()
+    qm = _quantized(model, QuantConfig.preset("w8a8"))
+    assert isinstance(qm.op_cat, QuantCat)
+    assert qm.op_cat.input_quant is not None and qm.op_cat.other_quant is not None
+    x = torch.randn(2, 3, 8, 8)
+    cos = nn.functional.cosine_similarity(model(x).flatten(), qm(x).flatten(), dim=0)
+    assert cos > 0.99
+    path = tmp_path / "branches.onnx"
+    report = _export(qm, path)
+    ops = collections.Counter(n.op_type for n in optimized_model(path).graph.node)
+    assert ops["QLinearConcat"] == 1 and ops["Concat"] == 0, ops
+    assert ops["Conv"] + ops["FusedConv"] == 0 and ops["QLinearConv"] == 4, ops
+    kernels = {k.name: k for k in report.deploy.layers}
+    assert kernels["op_cat"].op == "QLinearConcat" and kernels["op_cat"].integer
+    assert not any("Concat" in op for op in report.deploy.float_ops_between)
+
+
+def test_a_float_cat_is_reported_with_its_fix(tmp_path):
+    """Without the presets' placement rules the branch convs feed a float Concat: the report
+    says so for each, with the rule that fixes it."""
+    torch.manual_seed(0)
+    spec = QuantSpec(bits=8, symmetric=False)
+    plain = QuantConfig(rules=[LayerRule(types=["Conv2d"], weight=QuantSpec(bits=8), input=spec)])
+    report = _export(_quantized(Branches().eval(), plain), tmp_path / "plain.onnx")
+    kernels = {k.name: k for k in report.deploy.layers}
+    for name in ("a", "b"):
+        assert kernels[name].integer is False
+        assert "Concat" in kernels[name].reason and kernels[name].fix == CAT_FIX
+    assert any(op.startswith("Concat") for op in report.deploy.float_ops_between)
+
+
+def test_dense_blocks_share_one_quantizer_per_tensor_and_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = Dense().eval()
+    config = QuantConfig.preset("w8a8")
+    qm = _quantized(model, config)
+    first, second = qm.op_cat, qm.op_cat_1
+    assert isinstance(second, QuantCat) and second.input_slots() == (
+        "input_quant", "other_quant", "input_quant_2")
+    # x is read by l1 and by both cats; y1 by l2's cat and the head's cat: one quantizer each.
+    assert first.input_quant is qm.l1.input_quant is second.input_quant
+    assert first.other_quant is second.other_quant
+
+    fresh = lowbit.quantize(model, config)
+    fresh.load_state_dict(qm.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(fresh.eval()(x), qm.eval()(x))
+
+    path = tmp_path / "dense.onnx"
+    report = _export(qm, path)
+    assert report.parity.codes_identical == 1.0
+    ops = collections.Counter(n.op_type for n in optimized_model(path).graph.node)
+    assert ops["QLinearConcat"] == 2 and ops["Concat"] == 0, ops
+    params = json.loads(path.with_suffix(".quant_params.json").read_text())
+    assert {"input", "other", "input_2"} <= set(params["layers"]["op_cat_1"])
+    from_params = deploy_graph(path, params=params)
+    assert {k.name: k.op for k in from_params.layers}["op_cat_1"] == "QLinearConcat"
+
+
+class Gated(nn.Module):
+    """Does not trace with fx as a whole (data-dependent branch); its block does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Branches()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 1e9:  # noqa: PLR2004 - control flow fx cannot trace
+            x = x * 0
+        return self.block(x)
+
+
+def test_cats_in_blocks_that_trace_are_placed_when_the_whole_model_does_not():
+    torch.manual_seed(0)
+    qm = lowbit.quantize(Gated().eval(), QuantConfig.preset("w8a8"),
+                         example_inputs=(torch.randn(1, 3, 8, 8),))
+    assert isinstance(qm.block.op_cat, QuantCat)
+    assert type(qm).__name__ == "Gated", "the model keeps its class"
+
+
+def test_cat_module_checks_its_arguments():
+    with pytest.raises(TypeError, match="`dim` must be an int"):
+        Cat(dim="1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`inputs` must be a positive int"):
+        Cat(dim=1, inputs=0)
+    with pytest.raises(ValueError, match="built for 3 inputs and got 2"):
+        Cat(dim=1, inputs=3)(torch.ones(1, 2), torch.ones(1, 2))
+    assert Cat(dim=1)(torch.ones(1, 2), torch.ones(1, 3)).shape == (1, 5)

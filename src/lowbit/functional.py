@@ -199,7 +199,7 @@ def _rewrite(module: nn.Module, owner: str, names: set[str]) -> None:
         graph = LeafTracer(default_leaf).trace(module)
     except Exception as err:  # noqa: BLE001 - report any tracing failure the same way
         raise NotImplementedError(
-            f"rules for 'add'/'matmul' need a model that torch.fx can trace, and "
+            f"rules for 'add'/'matmul'/'cat' need a model that torch.fx can trace, and "
             f"{owner or 'the model'!r} does not ({type(err).__name__}: {err}); use "
             "lowbit.nn.Add / lowbit.nn.MatMul modules in the model instead") from None
     counts: dict[str, int] = {}
@@ -211,15 +211,16 @@ def _rewrite(module: nn.Module, owner: str, names: set[str]) -> None:
         k = counts.get(op, 0)
         counts[op] = k + 1
         name = site_name("", op, k)
-        call = _as_module_call(op, node) if name in names else None
-        if call is not None:
-            picked.append((name, node, *call))
-    missing = names - {name for name, *_ in picked}
+        if name in names and _as_module_call(op, node) is not None:
+            picked.append((name, op, node))
+    missing = names - {name for name, _, _ in picked}
     if missing:
         where = f" in {owner!r}" if owner else ""
         raise ValueError(f"the plan names functional op(s) {sorted(missing)}{where}, which the "
                          "model does not call as a two-tensor add/matmul or a cat of tensors")
-    for name, node, new_module, args in picked:
+    for name, op, node in picked:
+        # Read the arguments now: an earlier replacement may have rewired them.
+        new_module, args = _as_module_call(op, node)  # type: ignore[misc]
         module.add_module(name, new_module.train(module.training))
         with graph.inserting_after(node):
             new = graph.call_module(name, args=args)

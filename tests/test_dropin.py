@@ -18,7 +18,7 @@ import lowbit
 from lowbit import LayerRule, Plan, QuantConfig, QuantSpec
 from lowbit.deploy import DynamicLinear, IntWeight
 from lowbit.float_modules import public_attributes
-from lowbit.nn import Add, MatMul, QuantConv1d, QuantLayer, QuantLinear
+from lowbit.nn import Add, Cat, MatMul, QuantConv1d, QuantLayer, QuantLinear
 from lowbit.registry import LAYERS
 
 W8 = QuantSpec(bits=8, granularity="per_channel")
@@ -33,8 +33,11 @@ class Holder(nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        return self.layer(a) if b is None else self.layer(a, b)
+    def forward(self, a: torch.Tensor, b: torch.Tensor | None = None,
+                c: torch.Tensor | None = None) -> torch.Tensor:
+        if b is None:
+            return self.layer(a)
+        return self.layer(a, b) if c is None else self.layer(a, b, c)
 
 
 def _randn(*shape: int) -> Callable[[], tuple[torch.Tensor, ...]]:
@@ -65,6 +68,9 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[torch.Tensor,
             LayerRule(types=["add"], input=A8)),
     "matmul": (MatMul, lambda: (torch.randn(2, 3, 4), torch.randn(2, 4, 5)),
                LayerRule(types=["matmul"], input=A8)),
+    "cat": (lambda: Cat(dim=1, inputs=3),
+            lambda: (torch.randn(2, 3), torch.randn(2, 4), torch.randn(2, 2)),
+            LayerRule(types=["cat"], input=A8)),
 }
 
 

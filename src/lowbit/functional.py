@@ -201,7 +201,7 @@ def _rewrite(module: nn.Module, owner: str, names: set[str]) -> None:
         raise NotImplementedError(
             f"rules for 'add'/'matmul'/'cat' need a model that torch.fx can trace, and "
             f"{owner or 'the model'!r} does not ({type(err).__name__}: {err}); use "
-            "lowbit.nn.Add / lowbit.nn.MatMul modules in the model instead") from None
+            "lowbit.nn.Add / MatMul / Cat modules in the model instead") from None
     counts: dict[str, int] = {}
     picked = []
     for node in graph.nodes:

@@ -307,7 +307,7 @@ def _place_functional(model: nn.Module, config: QuantConfig, graph: ModelGraph |
                 "it traces neither with torch.fx nor on example inputs"
             raise NotImplementedError(
                 f"rules for {explicit} need a model that torch.fx can trace, and {how}; use "
-                "lowbit.nn.Add / lowbit.nn.MatMul modules in the model, or limit the rule to "
+                "lowbit.nn.Add / MatMul / Cat modules in the model, or limit the rule to "
                 "positions=['between']")
         if graph is None:
             return layers

@@ -170,3 +170,87 @@ def test_cat_module_checks_its_arguments():
     with pytest.raises(ValueError, match="built for 3 inputs and got 2"):
         Cat(dim=1, inputs=3)(torch.ones(1, 2), torch.ones(1, 2))
     assert Cat(dim=1)(torch.ones(1, 2), torch.ones(1, 3)).shape == (1, 5)
+
+
+class PoolBranch(nn.Module):
+    """A max-pool branch beside conv branches (Inception's pool projection), a max pool in a
+    float region (before any quantized layer reads it) and one that returns indices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.MaxPool2d(2, return_indices=True)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 1)
+        self.pool, self.proj = nn.MaxPool2d(3, 1, 1), nn.Conv2d(8, 8, 1)
+        self.c = nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.pre(x)
+        x = torch.relu(self.stem(x))
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.proj(self.pool(x)))], dim=1)
+        return self.c(y).mean((2, 3))
+
+
+def test_a_max_pool_between_quantized_layers_shares_its_inputs_quantizer(tmp_path):
+    """The pool reads the tensor through the quantizer its sibling conv reads it with, and the
+    conv after the pool shares it too (max pooling keeps values on the grid): ONNX Runtime
+    drops the DQ/Q pair and pools uint8, and the stem conv runs on an integer kernel."""
+    torch.manual_seed(0)
+    model = PoolBranch().eval()
+    plan = lowbit.plan(model, QuantConfig.preset("w8a8"))
+    pools = {x.name: x for x in plan.layers if x.type.startswith("MaxPool")}
+    assert list(pools) == ["pool"] and pools["pool"].input is not None  # not `pre`
+    qm = _quantized(model, QuantConfig.preset("w8a8"))
+    assert qm.pool.input_quant is qm.a.input_quant is qm.proj.input_quant
+    assert isinstance(qm.pre, nn.MaxPool2d)
+    x = torch.randn(2, 3, 8, 8)
+    assert nn.functional.cosine_similarity(model(x).flatten(), qm(x).flatten(), dim=0) > 0.99
+    path = tmp_path / "pool.onnx"
+    report = _export(qm, path)
+    ops = collections.Counter(n.op_type for n in optimized_model(path).graph.node)
+    assert ops["MaxPool"] == 1, ops  # `pre`, on the float input
+    assert ops["NhwcMaxPool"] == 1 and ops["QLinearConcat"] == 1, ops
+    assert report.deploy.float_kernels == 0 and not report.deploy.float_quantized
+    assert report.parity.codes_identical == 1.0
+
+
+class UNet(nn.Module):
+    """Encoder, max-pool down, nearest upsample, skip concatenation, decoder; a bilinear
+    upsample on the side (interpolation leaves the grid: never wrapped)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.down = nn.MaxPool2d(2)
+        self.enc2 = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.smooth = nn.Upsample(scale_factor=1, mode="bilinear")
+        self.dec = nn.Sequential(nn.Conv2d(24, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(self.down(e1))
+        y = self.dec(torch.cat([self.up(e2), self.smooth(e1)], 1))
+        return self.head(y).mean((2, 3))
+
+
+def test_a_unet_runs_every_conv_pool_upsample_and_concat_on_integers(tmp_path):
+    torch.manual_seed(0)
+    model = UNet().eval()
+    qm = _quantized(model, QuantConfig.preset("w8a8"))
+    assert type(qm.up).__name__ == "QuantUpsample" and isinstance(qm.smooth, nn.Upsample)
+    assert qm.up.input_quant is qm.op_cat.input_quant, "nearest upsampling keeps the grid"
+    assert qm.down.input_quant is qm.enc2[0].input_quant
+    path = tmp_path / "unet.onnx"
+    report = _export(qm, path)
+    kernels = {k.name: k for k in report.deploy.layers}
+    assert kernels["op_cat"].op == "QLinearConcat"
+    assert all(k.integer for k in kernels.values()), kernels
+    ops = collections.Counter(n.op_type for n in optimized_model(path).graph.node)
+    assert ops["NhwcMaxPool"] == 1 and ops["Resize"] == 2, ops
+    # Only the bilinear branch runs in float (its input's ReLU and the interpolation).
+    floats = report.deploy.float_ops_between
+    assert sorted(op.split()[0] for op in floats) == ["Relu", "Resize"], floats
+    assert any("bilinear" in op for op in floats), floats
+    assert report.parity.codes_identical == 1.0

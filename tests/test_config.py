@@ -185,7 +185,7 @@ def test_layer_rule_type_errors(kwargs: dict, match: str) -> None:
     ("kwargs", "match"),
     [
         ({"types": ["Conv3d"]},
-         r"`LayerRule.types` must be one of \['Conv1d', 'Conv2d', 'Embedding', 'Hardtanh', 'Linear', 'ReLU', 'ReLU6', 'add', 'cat', 'matmul'\], "
+         r"`LayerRule.types` must be one of \['Conv1d', 'Conv2d', 'Embedding', 'Hardtanh', 'Linear', 'MaxPool1d', 'MaxPool2d', 'ReLU', 'ReLU6', 'Upsample', 'add', 'cat', 'matmul'\], "
          r"got 'Conv3d'"),
         ({"types": ["linear"]}, r"`LayerRule.types` must be one of .*got 'linear'"),
         ({"names": ["re:features.(\\d+"]},

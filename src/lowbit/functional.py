@@ -106,7 +106,9 @@ def _is_global_pool(module: nn.Module | None) -> bool:
 
 def _passes(node: Node, modules: dict[str, nn.Module]) -> bool:
     if node.kind == "module":
-        return isinstance(modules.get(node.target), PASS_MODULES)
+        module = modules.get(node.target)
+        return isinstance(module, PASS_MODULES) or (  # nearest upsampling repeats values
+            isinstance(module, nn.Upsample) and module.mode == "nearest")
     return node.target in PASS_FUNCTIONS
 
 
@@ -116,7 +118,7 @@ def _from_layer(graph: ModelGraph, value: int, modules: dict[str, nn.Module],
     node = graph.producer(value)
     if node is None or depth > 8:
         return False
-    if node.kind == "module" and node.target in layers:
+    if node.name in layers:  # a module, or a functional site named as its module
         return True
     return bool(_passes(node, modules) and node.inputs
                 and _from_layer(graph, node.inputs[0], modules, layers, depth + 1))

@@ -587,8 +587,12 @@ class QuantActivation(nn.Module, QuantLayer):
 
 # Quantizable only where a rule names the type (they would crowd every plan otherwise).
 ACTIVATION_TYPES = {"ReLU", "ReLU6", "Hardtanh"}
-OPT_IN_TYPES = ACTIVATION_TYPES | {"Embedding"}
-for _float in (nn.ReLU, nn.ReLU6, nn.Hardtanh):
+# Max pooling and nearest upsampling keep values on their grid (they only pick among them): with
+# the input quantized by the same quantizer as the readers', ONNX Runtime drops the DQ/Q pair
+# around them and runs them on uint8. (Upsample only in "nearest" mode: ``plan`` checks.)
+GRID_KEEPING_TYPES = {"MaxPool1d", "MaxPool2d", "Upsample"}
+OPT_IN_TYPES = ACTIVATION_TYPES | GRID_KEEPING_TYPES | {"Embedding"}
+for _float in (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.Upsample):
     LAYERS.register(_float.__name__)(
         type(f"Quant{_float.__name__}", (QuantActivation,), {"float_type": _float}))
 

@@ -35,7 +35,7 @@ from lowbit.functional import (
     reaches_float_op,
 )
 from lowbit.fuse import NORMS, find_chains
-from lowbit.nn import ACTIVATION_TYPES, OPT_IN_TYPES, LayerSpecs, quant_type_for
+from lowbit.nn import ACTIVATION_TYPES, OPT_IN_TYPES, GRID_KEEPING_TYPES, LayerSpecs, quant_type_for
 from lowbit.registry import LAYERS
 from lowbit.trace import ModelGraph, trace
 
@@ -221,6 +221,7 @@ def plan(
     wanted = {t for rule in config.rules for t in rule.types} & FUNCTIONAL_TYPES
     if wanted:
         layers = _place_functional(model, config, graph, layers, fusions, wanted)
+    layers = _place_grid_keeping(model, config, graph, layers, fusions)
     if graph is not None and any("feeds_float" in rule.positions for rule in config.rules):
         layers = _place_outputs(model, config, graph, layers, fusions)
     elif graph is None:
@@ -342,6 +343,41 @@ def _place_functional(model: nn.Module, config: QuantConfig, graph: ModelGraph |
     return layers
 
 
+def _place_grid_keeping(model: nn.Module, config: QuantConfig, graph: ModelGraph | None,
+                 layers: list[LayerPlan], fusions: Sequence[Sequence[str]]) -> list[LayerPlan]:
+    """Max pools and nearest upsamplings that a rule names: those a rule quantizes as they are
+    keep their entry; the others are re-resolved with position ``"between"`` where they read a
+    quantized layer (or op) and quantized layers read them, and otherwise dropped from the plan
+    (a pool in a float region is not a float *layer*). A pool returning indices, or an upsampling
+    that interpolates (its values leave the grid), is never wrapped."""
+    pools = [x for x in layers if x.type in GRID_KEEPING_TYPES]
+    if not pools:
+        return layers
+    modules = _graph_modules(model, fusions)
+    calls = graph.module_calls() if graph is not None else {}
+    quantized = {x.name for x in layers if not x.is_float and x.type not in GRID_KEEPING_TYPES}
+    readers = {x.name for x in layers if x.input is not None and not x.input.dynamic}
+    out = []
+    for layer in layers:
+        if layer.type not in GRID_KEEPING_TYPES:
+            out.append(layer)
+            continue
+        module = model.get_submodule(layer.name)
+        if getattr(module, "return_indices", False) or getattr(module, "mode",
+                                                               "nearest") != "nearest":
+            continue
+        if not layer.is_float:
+            out.append(layer)
+            continue
+        nodes = calls.get(layer.name, [])
+        if len(nodes) == 1 and between_quantized(graph, nodes[0], modules,  # type: ignore[arg-type]
+                                                 quantized, readers):
+            entry = _resolve(config, layer.name, layer.type, frozenset({"between"}))
+            if not entry.is_float:
+                out.append(entry)
+    return out
+
+
 def _graph_modules(model: nn.Module, fusions: Sequence[Sequence[str]]) -> dict[str, nn.Module]:
     modules = dict(model.named_modules())
     for chain in fusions:  # a folded BatchNorm passes values through
@@ -380,6 +416,6 @@ def _resolve(config: QuantConfig, name: str, type_name: str,
     if rule is None:
         return LayerPlan(name=name, type=type_name)
     # add/matmul and activations hold no weight
-    weight = None if type_name in FUNCTIONAL_TYPES | ACTIVATION_TYPES else rule.weight
+    weight = None if type_name in FUNCTIONAL_TYPES | ACTIVATION_TYPES | GRID_KEEPING_TYPES else rule.weight
     return LayerPlan(name=name, type=type_name, weight=weight, input=rule.input,
                      output=rule.output)

@@ -25,14 +25,20 @@ def _activations(observer: str = "mse") -> QuantSpec:
 
 def for_integer_kernels(weight: QuantSpec, input: QuantSpec) -> list[LayerRule]:
     """Where ONNX Runtime needs quantizers to run the quantized layers on integer kernels:
-    residual adds and concatenations between quantized layers get the layers' input spec, and a
-    conv whose output goes to float ops only (a mean, a LayerNorm, an add the model's code keeps
-    float) quantizes that output too (ORT fuses ``DQ → Conv → Q``, not a conv with a float output)."""
+    residual adds, concatenations, max pools and nearest upsamplings between quantized layers
+    get the layers' input spec, and a conv whose output goes to float ops only (a mean, a LayerNorm, an add the
+    model's code keeps float) quantizes that output too (ORT fuses ``DQ → Conv → Q``, not a
+    conv with a float output)."""
     return [between_ops(input),
             # The last residual add (or concat) before a global average pool and a classifier:
             # quantized inputs and output give ORT QLinearAdd → QLinearGlobalAveragePool, as its
             # own file.
             LayerRule(types=["add", "cat"], positions=["before_pool"], input=input, output=input),
+            # Max pools and nearest upsamplings between quantized layers: their input shares the
+            # tensor's quantizer and their readers share it too (both keep values on the grid),
+            # so ORT runs them on uint8.
+            LayerRule(types=["MaxPool1d", "MaxPool2d", "Upsample"], positions=["between"],
+                      input=input),
             LayerRule(types=["Conv1d", "Conv2d"], positions=["feeds_float"], weight=weight,
                       input=input, output=input)]
 

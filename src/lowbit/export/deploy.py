@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from lowbit.deploy import DeployBinary, DeployCat, DeployLayer, DynamicLinear
+from lowbit.deploy import (
+    DeployBinary,
+    DeployCat,
+    DeployLayer,
+    DynamicLinear,
+    QuantizeDequantize,
+)
 from lowbit.export.float_layers import graph_float_layers, module_float_layers
 from lowbit.export.ort_graph import (
     FLOAT_COMPUTE,
@@ -154,17 +160,25 @@ class _Layer:
         return self.type in FUNCTIONAL_OPS
 
 
-def _module_aliases(model: nn.Module) -> dict[int, list[str]]:
-    names: dict[int, list[str]] = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(m), []).append(name)
-    return names
+def _equal_qdq_aliases(model: nn.Module) -> dict[int, list[str]]:
+    """For each activation QDQ module, the paths of every QDQ module with the same parameters:
+    a shared quantizer becomes one QDQ module per reader, and the exporter keeps one of their
+    equal scale initializers under one of those names."""
+    by_value: dict[tuple[bytes, bytes], list[str]] = {}
+    keys: dict[int, tuple[bytes, bytes]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, QuantizeDequantize):
+            key = (m.scale.detach().cpu().numpy().tobytes(),
+                   m.zero_point.detach().cpu().numpy().tobytes())
+            by_value.setdefault(key, []).append(path)
+            keys[id(m)] = key
+    return {i: by_value[key] for i, key in keys.items()}
 
 
 def layers_of_model(model: nn.Module) -> list[_Layer]:
     """The quantized Conv/Linear/functional layers of a deploy model (embedding gathers and
     activation quantizers run no Conv/MatMul kernel and are not listed)."""
-    aliases = _module_aliases(model)
+    aliases = _equal_qdq_aliases(model)
     out = []
     for path, m in model.named_modules():
         if isinstance(m, (DeployLayer, DynamicLinear, DeployBinary, DeployCat)):

@@ -35,7 +35,7 @@ from lowbit.functional import (
     reaches_float_op,
 )
 from lowbit.fuse import NORMS, find_chains
-from lowbit.nn import ACTIVATION_TYPES, OPT_IN_TYPES, GRID_KEEPING_TYPES, LayerSpecs, quant_type_for
+from lowbit.nn import ACTIVATION_TYPES, GRID_KEEPING_TYPES, OPT_IN_TYPES, LayerSpecs, quant_type_for
 from lowbit.registry import LAYERS
 from lowbit.trace import ModelGraph, trace
 

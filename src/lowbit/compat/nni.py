@@ -43,6 +43,7 @@ import lowbit
 from lowbit.config import LayerRule, QuantConfig, QuantSpec, atomic_write_text
 from lowbit.export.onnx import DEFAULT_OPSET
 from lowbit.export.params import quant_params
+from lowbit.nn import GRID_KEEPING_TYPES
 from lowbit.quantizers import make_quantizer
 from lowbit.quantizers.base import Role
 from lowbit.registry import LAYERS
@@ -61,8 +62,10 @@ EMA_DECAY = 0.99  # NNI's QAT_Quantizer ``ema_decay``
 
 
 def module_types() -> list[str]:
-    """Torch module types lowbit quantizes (registered layers named after their torch class)."""
-    return [n for n in LAYERS if LAYERS.get(n).float_type.__name__ == n]
+    """Torch module types NNI configs may name: lowbit's registered layers named after their
+    torch class, less the pools and upsamplings lowbit quantizes only as part of placement."""
+    return [n for n in LAYERS if LAYERS.get(n).float_type.__name__ == n
+            and n not in GRID_KEEPING_TYPES]
 
 
 class Quantizer:

@@ -335,3 +335,23 @@ def test_a_layer_whose_width_does_not_fit_the_group_size_stays_float_and_is_told
     the_plan = lowbit.plan(model, QuantConfig.preset("w4-g128"))
     assert [layer.name for layer in the_plan.quantized] == ["0"]
     assert "group_size 128 does not divide its 64 input channels" in the_plan.float_layers["2"]
+
+
+def test_a_float_add_is_no_float_layer():
+    """The presets leave a residual add into a LayerNorm float (no quantized layer reads it):
+    it stays in the plan, to edit, but quantize warns of no float layer and the report lists
+    none."""
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.ln = nn.Linear(8, 8), nn.Linear(8, 8), nn.LayerNorm(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.ln(self.fc2(torch.relu(self.fc1(x))) + x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qm = lowbit.quantize(Residual().eval(), QuantConfig.preset("w8a8"))
+    assert qm.lowbit_plan["op_add"].is_float
+    assert qm.lowbit_plan.float_layers == {}

@@ -40,6 +40,7 @@ from lowbit.registry import LAYERS
 from lowbit.trace import ModelGraph, trace
 
 CONV_TYPES = {"Conv1d", "Conv2d"}
+WEIGHTLESS_TYPES = FUNCTIONAL_TYPES | ACTIVATION_TYPES | GRID_KEEPING_TYPES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,9 +113,11 @@ class Plan:
 
     @property
     def float_layers(self) -> dict[str, str]:
-        """Every layer that stays float, with the reason."""
+        """Every layer holding a weight that stays float, with the reason. Weightless entries
+        (an add the presets leave float because no quantized layer reads it, a ReLU or pool
+        a rule names) stay in the plan, to edit, but are not float *layers*."""
         out = {layer.name: "kept in float by the config" for layer in self.layers
-               if layer.is_float}
+               if layer.is_float and layer.type not in WEIGHTLESS_TYPES}
         out.update(self.skipped)
         return out
 
@@ -416,6 +419,6 @@ def _resolve(config: QuantConfig, name: str, type_name: str,
     if rule is None:
         return LayerPlan(name=name, type=type_name)
     # add/matmul and activations hold no weight
-    weight = None if type_name in FUNCTIONAL_TYPES | ACTIVATION_TYPES | GRID_KEEPING_TYPES else rule.weight
+    weight = None if type_name in WEIGHTLESS_TYPES else rule.weight
     return LayerPlan(name=name, type=type_name, weight=weight, input=rule.input,
                      output=rule.output)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -87,3 +89,51 @@ def test_hugging_face_cnn_folds_every_batchnorm():
     plan = lowbit.plan(model, QuantConfig.preset("w8a8"))  # inputs made from the config
     assert sorted(chain[1] for chain in plan.fusions) == sorted(norms)
     assert not [n for n in plan.skipped if n in norms]
+
+
+class CachingBlock(nn.Module):
+    """Caches a value derived from a parameter in ``forward`` (as LeViT's attention caches its
+    biases per device in eval mode): a trace must not leave its proxy in the cache."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bias = nn.Parameter(torch.randn(4))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.bias * 2
+        return self.fc(x) + self.cache["bias"] + x
+
+
+def test_tracing_leaves_values_a_forward_caches_alone():
+    model = CachingBlock().eval()
+    assert trace(model).method == "fx"
+    assert model.cache == {}, "the tracer's proxy stayed in the model"
+    x = torch.randn(2, 4)
+    qm = lowbit.quantize(model, QuantConfig.preset("w8a8"))
+    assert model.cache == {}
+    lowbit.calibrate(qm, [x], progress=False)
+    assert torch.allclose(qm(x), model(x), atol=0.1)
+
+
+def test_levit_quantizes_and_runs_after_its_residual_blocks_are_rewritten():
+    """LeViT's residual blocks trace with fx (so their adds are rewritten) and its attention
+    caches biases in forward; the rewritten forward ran a stale proxy before."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LevitConfig(image_size=64, hidden_sizes=[32, 64],
+                                      num_attention_heads=[2, 2], depths=[1, 1], key_dim=[8, 8],
+                                      mlp_ratio=[2, 2], attention_ratio=[2, 2],
+                                      down_ops=[["Subsample", 8, 2, 4, 2, 2]], num_labels=4)
+    torch.manual_seed(0)
+    model = transformers.LevitModel(config).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = lowbit.quantize(model, QuantConfig.preset("w8a8"), example_inputs=(x,))
+    assert any(layer.type == "add" for layer in qm.lowbit_plan.quantized)
+    lowbit.calibrate(qm, [x], progress=False)
+    got = qm(pixel_values=x).last_hidden_state
+    want = model(pixel_values=x).last_hidden_state
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.9

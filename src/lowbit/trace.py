@@ -179,12 +179,40 @@ def guess_example_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
 
 
 class LeafTracer(fx.Tracer):
+    """torch.fx's tracer with lowbit's leaves, leaving the traced model as it found it."""
+
     def __init__(self, leaf: Callable[[nn.Module], bool]) -> None:
         super().__init__()
         self._leaf = leaf
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return self._leaf(m) or super().is_leaf_module(m, qualname)
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        """Trace ``root`` and restore its modules' plain attributes afterwards: model code
+        that caches values in ``forward`` (LeViT's attention-bias cache) would otherwise keep
+        the tracer's proxies, which break the model and every later trace of it."""
+        saved = _plain_state(root) if isinstance(root, nn.Module) else []
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            for module, state in saved:
+                for key in set(module.__dict__) - set(state) - _MODULE_INTERNALS:
+                    del module.__dict__[key]
+                module.__dict__.update(state)
+
+
+_MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def _plain_state(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
+    """Each module's attributes other than parameters, buffers and children, with containers
+    copied (a trace may fill a dict in place)."""
+    def copied(value: Any) -> Any:
+        return type(value)(value) if type(value) in (dict, list, set) else value
+
+    return [(m, {k: copied(v) for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS})
+            for m in model.modules()]
 
 
 def _fx_graph(model: nn.Module, leaf: Callable[[nn.Module], bool]) -> ModelGraph | None:

@@ -29,6 +29,8 @@ class ExportReport:
     int4_storage: str = ""
     deploy: DeployGraph | None = None  # what ORT runs after its graph optimizations
     exporter: str = "dynamo"  # the torch exporter that wrote the file (and why, after a fallback)
+    # Quantizers applied to a constant whose subgraph was evaluated at export (export.fold).
+    folded: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # The float layers are what the module tree and the graph hold (with the plan's
@@ -44,7 +46,8 @@ class ExportReport:
     def build(cls, model: nn.Module, path: Path, params: Path, weights: Path, opset: int,
               parity: Parity, float_layers: dict[str, str], weight_storage: str,
               int4_weights: list[str] | None = None, int4_storage: str = "",
-              deploy: DeployGraph | None = None, exporter: str = "dynamo") -> ExportReport:
+              deploy: DeployGraph | None = None, exporter: str = "dynamo",
+              folded: list[str] | None = None) -> ExportReport:
         import onnx
 
         size = written_bytes(path)
@@ -52,7 +55,7 @@ class ExportReport:
         float_size = size + float32_delta(proto, model)
         return cls(path, params, weights, opset, size, float_size, parity,
                    dict(float_layers), weight_storage, sorted(int4_weights or ()), int4_storage,
-                   deploy, exporter)
+                   deploy, exporter, list(folded or ()))
 
     def __str__(self) -> str:
         p = self.parity
@@ -81,6 +84,9 @@ class ExportReport:
             lines.append(f"               codes differing most: {worst}")
         if p.unmatched:
             lines.append(f"               not compared: {', '.join(p.unmatched)}")
+        if self.folded:
+            lines.append(f"folded         {len(self.folded)} quantizer(s) on constants, computed "
+                         "once at export: " + ", ".join(self.folded))
         if self.deploy is not None:
             first, *rest = self.deploy.lines()
             lines.append(f"deploy graph   {first}")

@@ -102,6 +102,9 @@ def test_swinv2_position_bias_mlp_is_computed_at_export(swinv2_export):
                 if n.op_type == "QuantizeLinear" and n.input[0] in constants]
     assert not any("continuous_position_bias_mlp" in i.name and i.name.endswith(".codes")
                    for i in proto.graph.initializer)
+    in_report = [k for k in report.deploy.layers if "continuous_position_bias_mlp" in k.name]
+    assert len(in_report) == 4
+    assert all(k.integer is None and "report.folded" in k.reason for k in in_report)
 
 
 def test_swinv2_runs_no_int8_activation_fallback_in_ort(swinv2_export):

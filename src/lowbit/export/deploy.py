@@ -438,7 +438,13 @@ def deploy_graph(path: str | os.PathLike, *, model: nn.Module | None = None,
         ops = sorted({n.op_type for n in nodes})
         op = "/".join(ops)
         if not nodes:
+            prefixes = tuple(f"{p}." for p in (layer.path, *layer.aliases))
+            gone = not before.get(layer.name) and not any(
+                name.startswith(prefixes) for name in exported.inits)
             kernels.append(LayerKernel(layer.name, layer.type, "", None,
+                                       "no initializer of the file bears its name (a layer "
+                                       "that runs on a constant is computed once at export: "
+                                       "see report.folded)" if gone else
                                        "not located in ONNX Runtime's optimized graph (its "
                                        "initializers were renamed or folded)"))
             continue

@@ -197,6 +197,57 @@ class IntWeight(WeightInfo, nn.Module):
         return f"{kind}{self.grid.bits}, shape={tuple(self.codes.shape)}"
 
 
+class PackedIntWeight(IntWeight):
+    """4-bit codes of a ``[rows, cols]`` table stored two a byte along each row: ``packed`` is
+    uint8 ``[rows, cols / 2]``, code ``2j`` in the low nibble of byte ``j``, as ``codes - qmin``
+    (0..15). ``codes`` unpacks the whole table; ``rows(ids)`` only the gathered rows, with
+    float ops ONNX Runtime runs on any type (a uint8 ``>>`` exports as a signed shift).
+
+    Example: codes ``[3, 12]`` of an unsigned grid are the byte ``3 + 16·12 = 195``."""
+
+    packed: torch.Tensor
+
+    def __init__(self, codes: torch.Tensor, qparams: QParams) -> None:
+        nn.Module.__init__(self)
+        self.grid = qparams.grid
+        self.axis = 0 if qparams.axis is None else qparams.axis
+        self.block_size = qparams.group_size or 0
+        self.shape_ = tuple(codes.shape)
+        unsigned = (codes.to(torch.int64) - self.grid.qmin).reshape(codes.shape[0], -1, 2)
+        self.register_buffer("packed", (unsigned[..., 0] + 16 * unsigned[..., 1]).to(torch.uint8))
+        self.register_buffer("scale", qparams.scale.float())
+        self.register_buffer("zero_point", qparams.zero_point.to(self.grid.storage_dtype))
+
+    @staticmethod
+    def packs(codes: torch.Tensor, qparams: QParams) -> bool:
+        """Whether these codes fit: a 2-D table of even width on a grid of at most 16 levels."""
+        grid = qparams.grid
+        return (codes.dim() == 2 and codes.shape[1] % 2 == 0 and grid.qmax - grid.qmin <= 15
+                and not grid.odd)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The codes of rows ``ids`` as float, shape ``(*ids.shape, cols)``."""
+        byte = self.packed[ids].float()
+        high = torch.floor(byte / 16)
+        codes = torch.stack([byte - 16 * high, high], dim=-1).reshape(*ids.shape, -1)
+        return codes + self.grid.qmin if self.grid.qmin else codes
+
+    @property
+    def _codes(self) -> torch.Tensor:
+        # what WeightInfo reads shape, size and device off: a zero-stride view, not the table
+        return torch.empty((), dtype=self.grid.storage_dtype,
+                           device=self.packed.device).expand(self.shape_)
+
+    @property
+    def codes(self) -> torch.Tensor:  # type: ignore[override]
+        ids = torch.arange(self.packed.shape[0], device=self.packed.device)
+        return self.rows(ids).to(self.grid.storage_dtype)
+
+    def extra_repr(self) -> str:
+        kind = "int" if self.grid.signed else "uint"
+        return f"{kind}{self.grid.bits} packed two a byte, shape={self.shape_}"
+
+
 class IntBias(nn.Module):
     """A bias on the int32 grid of ``s_x·s_w``: int32 codes + ``DequantizeLinear``.
 
@@ -343,14 +394,23 @@ class DeployEmbedding(nn.Module):
         keep_float_attributes(self, wrapper)  # num_embeddings, embedding_dim, padding_idx...
         with torch.no_grad():
             codes, qparams = wrapper.weight_quant.quantize_weight(wrapper.weight.detach())
-        self.weight = IntWeight(codes, qparams)
+        # 4-bit rows go two codes a byte: the table is most of a small encoder's file
+        packed = PackedIntWeight.packs(codes, qparams)
+        self.weight = (PackedIntWeight if packed else IntWeight)(codes, qparams)
         self.output_qdq = _qdq(wrapper.output_quant)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        rows = w.codes[ids].float()
+        if isinstance(w, PackedIntWeight):
+            rows = w.rows(ids)
+        else:
+            rows = w.codes[ids].float()
         if w.scale.dim() == 0:
             y = (rows - w.zero_point.float()) * w.scale
+        elif w.block_size:  # groups of block_size along each row: (*ids, groups, block_size)
+            rows = rows.reshape(*ids.shape, -1, w.block_size)
+            zero_point = w.zero_point[ids].float().unsqueeze(-1)
+            y = ((rows - zero_point) * w.scale[ids].unsqueeze(-1)).flatten(-2)
         else:
             zero_point = w.zero_point[ids].float().unsqueeze(-1)
             y = (rows - zero_point) * w.scale[ids].unsqueeze(-1)

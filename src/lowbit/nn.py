@@ -374,11 +374,10 @@ class QuantEmbedding(nn.Embedding, QuantLayer):
             raise ValueError(f"layer {name!r} (Embedding) reads integer indices: its rule cannot "
                              "have an `input` spec; quantize its `weight` (and `output`)")
         weight = specs.weight
-        if weight is not None and (weight.granularity == "per_group" or (
-                weight.granularity == "per_channel" and weight.axis not in (None, 0))):
-            raise ValueError(f"layer {name!r} (Embedding): the weight must be per_tensor or "
-                             f"per_channel along rows (axis 0), got {weight.granularity} "
-                             f"axis={weight.axis}")
+        if weight is not None and weight.axis not in (None, 0):
+            raise ValueError(f"layer {name!r} (Embedding): the weight must be per_tensor, "
+                             f"per_channel along rows (axis 0) or per_group along each row, "
+                             f"got {weight.granularity} axis={weight.axis}")
         table = weight_of(module, name)
         new = cls(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,
                   max_norm=module.max_norm, norm_type=module.norm_type,

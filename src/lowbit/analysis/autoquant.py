@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lowbit.analysis.search import Evaluate, EvaluateError, Forward, Recipe, Search, Trial
+from lowbit.analysis.size import float_bytes
 from lowbit.analysis.steps import AUTOQUANT_STEPS, DEFAULT_STEPS
 from lowbit.config import QuantConfig
 from lowbit.nn import QuantLayer
@@ -48,6 +49,13 @@ class AutoQuantResult:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     speed_vs_first: float | None = None
+    max_bytes: float | None = None
+    float_bytes: float = math.nan
+
+    @property
+    def weight_bytes(self) -> float:
+        """The chosen recipe's estimated weight bytes as exported (``analysis/size.py``)."""
+        return next((t.weight_bytes for t in self.trials if t.recipe == self.recipe), math.nan)
 
     @property
     def target(self) -> float:
@@ -59,14 +67,19 @@ class AutoQuantResult:
 
     def summary(self) -> str:
         verdict = "met" if self.met else "NOT met (best score returned)"
+        cap = ("" if self.max_bytes is None else
+               f", weights <= {self.max_bytes / self.float_bytes:.3f}x float32")
         lines = [f"float {self.float_score:.4f}, target >= {self.target:.4f} "
-                 f"(max drop {self.max_drop:g}): {verdict}; score {self.score:.4f} with "
+                 f"(max drop {self.max_drop:g}{cap}): {verdict}; score {self.score:.4f} with "
                  f"{self.recipe.describe()} in {self.seconds:.1f} s"]
-        lines.append(f"  {'step':<16} {'score':>8} {'drop':>8} {'s':>7}  what")
+        lines.append(f"  {'step':<16} {'score':>8} {'drop':>8} {'size':>6} {'s':>7}  what")
         for t in self.trials:
             mark = "*" if t.met else " "
-            lines.append(f"{mark} {t.step:<16} {t.score:>8.4f} {t.drop:>8.4f} "
-                         f"{t.seconds:>7.1f}  {t.label}")
+            size = f"{t.weight_bytes / self.float_bytes:>6.3f}" + (" " if t.fits else "!")
+            lines.append(f"{mark} {t.step:<16} {t.score:>8.4f} {t.drop:>8.4f} {size:<7}"
+                         f"{t.seconds:>6.1f}  {t.label}")
+        lines.append("  size: estimated weight bytes as exported / float32 weight bytes"
+                     + ("; ! over the cap" if self.max_bytes is not None else ""))
         if self.speed_vs_first is not None:
             lines.append(f"  ONNX Runtime speed of the result vs the first trial: "
                          f"{self.speed_vs_first:.2f}x")
@@ -78,6 +91,8 @@ class AutoQuantResult:
                 "max_drop": self.max_drop, "target": self.target, "kept": list(self.kept),
                 "recipe": self.recipe.describe(), "config": self.config.to_dict(),
                 "seconds": self.seconds, "speed_vs_first": self.speed_vs_first,
+                "max_bytes": self.max_bytes, "float_bytes": self.float_bytes,
+                "weight_bytes": self.weight_bytes,
                 "trials": [t.to_dict() for t in self.trials], "notes": list(self.notes)}
 
 
@@ -101,6 +116,7 @@ def autoquant(
     steps: Sequence[str] = DEFAULT_STEPS,
     forward: Forward | None = None,
     max_kept: int | None = None,
+    max_size: float | None = None,
     example_inputs: Sequence[torch.Tensor] | None = None,
 ) -> AutoQuantResult:
     """Search, cheapest first, for a recipe whose ``evaluate`` score is at most ``max_drop``
@@ -113,8 +129,12 @@ def autoquant(
     ``forward(model, batch)`` (see ``lowbit.calibrate``). ``budget``: seconds after which no
     new trial starts. ``steps``: the registered steps to try, in order
     (``AUTOQUANT_STEPS.names()``; default ``DEFAULT_STEPS``). ``max_kept``: most layers the
-    keep steps may keep at higher precision. ``example_inputs``: tensors to export the first
-    and the chosen model with and time them in ONNX Runtime (``speed_vs_first``).
+    keep steps may keep at higher precision. ``max_size``: a cap on the weights' size as
+    exported, estimated from the config (``analysis/size.py``): a fraction of the float32
+    weight bytes if at most 1 (``0.2``), else bytes. Only a trial within it meets the target,
+    and the keep steps pass over layers whose kept weight would break it. ``example_inputs``:
+    tensors to export the first and the chosen model with and time them in ONNX Runtime
+    (``speed_vs_first``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -150,6 +170,8 @@ def autoquant(
     if max_kept is not None and (isinstance(max_kept, bool) or not isinstance(max_kept, int)
                                  or max_kept < 1):
         raise ValueError(f"`max_kept` must be a positive int or None, got {max_kept!r}")
+    if max_size is not None:
+        max_size = _number(max_size, "max_size", strict=True)
     if example_inputs is not None and (
             not isinstance(example_inputs, (tuple, list)) or not example_inputs
             or not all(isinstance(x, torch.Tensor) for x in example_inputs)):
@@ -162,13 +184,20 @@ def autoquant(
     batches = calib_batches if isinstance(calib_batches, Sequence) else list(calib_batches)
     if not batches:
         raise ValueError("`calib_batches` is empty: calibration needs at least one batch")
+    full = float_bytes(model)
+    cap = None if max_size is None else max_size * full if max_size <= 1 else max_size
     search = Search(model=model, calib_batches=batches, evaluate=evaluate, forward=forward,
-                    max_drop=max_drop, deadline=deadline, max_kept=max_kept)
+                    max_drop=max_drop, deadline=deadline, max_kept=max_kept, max_bytes=cap,
+                    float_bytes=full)
     reference = copy.deepcopy(model).eval()
     search.float_score = search.score(reference, "float", "")
     del reference
 
-    search.attempt("as-given", "the config as given", Recipe(config=config), force=True)
+    given = search.attempt("as-given", "the config as given", Recipe(config=config), force=True)
+    if given is not None and not given.fits:
+        search.notes.append(f"as-given: its weights take {given.weight_bytes / full:.3f}x "
+                            f"float32, over the cap of {(cap or 0) / full:.3f}x: no step here "
+                            "makes them smaller; pass a config with fewer bits")
     for name in steps[1:]:
         if search.met() or not search.time_left():
             break
@@ -183,7 +212,8 @@ def autoquant(
     assert best is not None and qm is not None  # the config as given is always scored
     result = AutoQuantResult(config=best.recipe.config, recipe=best.recipe, model=qm,
                              met=best.met, score=best.score, float_score=search.float_score,
-                             max_drop=max_drop, trials=search.trials, notes=search.notes)
+                             max_drop=max_drop, trials=search.trials, notes=search.notes,
+                             max_bytes=cap, float_bytes=full)
     if example_inputs is not None:
         from lowbit.analysis.speed import relative_speed
 

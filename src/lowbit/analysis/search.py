@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.analysis.size import quantized_bytes
 from lowbit.config import QuantConfig
 
 Evaluate = Callable[[nn.Module], Any]
@@ -57,7 +58,8 @@ class Recipe:
 @dataclass
 class Trial:
     """One scored recipe: which step tried it, its score and drop from float, the seconds it
-    took to build (quantize + calibrate) and score."""
+    took to build (quantize + calibrate) and score, its weights' estimated bytes as exported
+    (``analysis/size.py``) and whether they fit the size cap (True without one)."""
 
     step: str
     label: str
@@ -66,10 +68,13 @@ class Trial:
     seconds: float
     recipe: Recipe
     met: bool
+    weight_bytes: float = math.nan
+    fits: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "label": self.label, "score": self.score, "drop": self.drop,
-                "seconds": self.seconds, "met": self.met, "recipe": self.recipe.describe(),
+                "seconds": self.seconds, "met": self.met, "weight_bytes": self.weight_bytes,
+                "fits": self.fits, "recipe": self.recipe.describe(),
                 "kept": list(self.recipe.kept), "config": self.recipe.config.to_dict()}
 
 
@@ -84,6 +89,8 @@ class Search:
     max_drop: float
     deadline: float | None = None
     max_kept: int | None = None
+    max_bytes: float | None = None  # the size cap on the weights (analysis/size.py), or None
+    float_bytes: float = math.nan  # the float model's parameters in float32
     float_score: float = math.nan
     trials: list[Trial] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -100,12 +107,16 @@ class Search:
 
     def best_without_kept(self) -> Recipe:
         """The recipe of the best trial that keeps no layer at higher precision."""
+        return self.best_trial_without_kept().recipe
+
+    def best_trial_without_kept(self) -> Trial:
+        """The best trial that keeps no layer at higher precision."""
         best: Trial | None = None
         for trial in self.trials:
             if not trial.recipe.kept and (best is None or _better(trial, best)):
                 best = trial
         assert best is not None  # the config as given is scored first
-        return best.recipe
+        return best
 
     def time_left(self) -> bool:
         if self.deadline is not None and time.perf_counter() >= self.deadline:
@@ -163,9 +174,11 @@ class Search:
         qm = self.build(recipe)
         score = self.score(qm, step, label)
         drop = self.float_score - score
+        size = quantized_bytes(qm)
+        fits = self.max_bytes is None or size <= self.max_bytes
         trial = Trial(step=step, label=label, score=score, drop=drop,
                       seconds=time.perf_counter() - start, recipe=recipe,
-                      met=drop <= self.max_drop)
+                      met=drop <= self.max_drop and fits, weight_bytes=size, fits=fits)
         self.trials.append(trial)
         if self.best is None or _better(trial, self.best):
             self.best, self.best_model = trial, qm
@@ -174,9 +187,12 @@ class Search:
 
 def _better(new: Trial, old: Trial) -> bool:
     """A trial that meets the target beats one that does not; among those that meet, fewer
-    kept layers win (then the score); otherwise the score decides."""
+    kept layers win (then the score); otherwise one within the size cap beats one over it,
+    then the score decides."""
     if new.met != old.met:
         return new.met
+    if new.fits != old.fits:
+        return new.fits
     if new.met and len(new.recipe.kept) != len(old.recipe.kept):
         return len(new.recipe.kept) < len(old.recipe.kept)
     return new.score > old.score

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+import torch
+
 from lowbit.analysis.search import Recipe, Search, calibrate_takes
 from lowbit.config import LayerRule, QuantConfig, QuantSpec
 from lowbit.registry import OBSERVERS, WEIGHT_ALGORITHMS, Registry
@@ -163,17 +165,53 @@ class KeepSensitive(Step):
     layer quantized) at ``level``, the fewest that meet the target: 1, 2, 4, ... layers until
     one count meets it, then a binary search below it. Each count is a real config, built and
     scored. It starts from the best recipe that keeps no layer yet, so the two keep steps do
-    not pile up."""
+    not pile up. Under a size cap (``autoquant(max_size=...)``) a layer whose kept weight would
+    take the estimate past the cap is passed over, with a note, and the next one tried."""
 
     level: ClassVar[str] = "float"
     all_allowed: ClassVar[bool] = False  # may every candidate be kept (float: that is no model)
 
     def prepare(self, search: Search, base: Recipe) -> None:
-        """Look-ups the step needs once per run."""
+        """Look-ups the step needs once per run: the base config's plan."""
+        import lowbit
+
+        self.plan = {p.name: p for p in lowbit.plan(search.model, base.config).layers}
 
     def changes(self, name: str) -> bool:
         """Whether keeping ``name`` at this level changes the layer."""
         return True
+
+    def kept_weight(self, name: str) -> QuantSpec | None:
+        """The weight spec of ``name`` kept at this level (None: float)."""
+        return None
+
+    def fitting(self, search: Search, candidates: list[str]) -> list[str]:
+        """``candidates`` in order, leaving out each one whose kept weight would take the
+        estimated weight bytes past ``search.max_bytes`` (with what the earlier ones add)."""
+        if search.max_bytes is None:
+            return candidates
+        from lowbit.analysis.size import weight_bytes
+
+        modules = dict(search.model.named_modules())
+        total = search.best_trial_without_kept().weight_bytes
+        fit, over = [], []
+        for name in candidates:
+            entry, weight = self.plan.get(name), getattr(modules.get(name), "weight", None)
+            if entry is None or not isinstance(weight, torch.Tensor):
+                continue
+            shape = tuple(weight.shape)
+            grow = (weight_bytes(entry.type, shape, self.kept_weight(name))
+                    - weight_bytes(entry.type, shape, entry.weight))
+            if total + grow <= search.max_bytes:
+                fit.append(name)
+                total += grow
+            else:
+                over.append(name)
+        if over:
+            search.notes.append(f"{self.name}: {len(over)} layer(s) left out, at {self.level} "
+                                f"they would pass the size cap: " + ", ".join(over[:8])
+                                + (" ..." if len(over) > 8 else ""))
+        return fit
 
     def kept_rules(self, names: list[str]) -> list[LayerRule]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -195,7 +233,8 @@ class KeepSensitive(Step):
     def run(self, search: Search) -> None:
         base = search.best_without_kept()
         self.prepare(search, base)
-        candidates = [n for n in self.ranking(search, base) if self.changes(n)]
+        candidates = self.fitting(search, [n for n in self.ranking(search, base)
+                                           if self.changes(n)])
         limit = len(candidates) if self.all_allowed else len(candidates) - 1
         if search.max_kept is not None:
             limit = min(limit, search.max_kept)
@@ -241,15 +280,13 @@ class Keep8Bit(KeepSensitive):
     level = "8 bit"
     all_allowed = True
 
-    def prepare(self, search: Search, base: Recipe) -> None:
-        import lowbit
-
-        self.plan = {p.name: p for p in lowbit.plan(search.model, base.config).layers}
-
     def changes(self, name: str) -> bool:
         entry = self.plan.get(name)
         return entry is not None and any(
             s is not None and s.bits < 8 for s in (entry.weight, entry.input))
+
+    def kept_weight(self, name: str) -> QuantSpec | None:
+        return _at_8(self.plan[name].weight, weight=True)
 
     def kept_rules(self, names: list[str]) -> list[LayerRule]:
         return [LayerRule(names=[n], weight=_at_8(self.plan[n].weight, weight=True),

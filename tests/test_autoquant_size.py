@@ -136,3 +136,16 @@ def test_a_trial_over_the_cap_does_not_meet_the_target():
 def test_max_size_is_validated(value, error, match):
     with pytest.raises(error, match=match):
         lowbit.autoquant(MODEL, CONFIG, CALIB, neg_mse, max_size=value)
+
+
+def test_keep_steps_rank_gptq_layers_on_round_to_nearest_weights():
+    gptq = QuantConfig(rules=[LayerRule(types=["Linear"], weight=w4_g32(algorithm="gptq"))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = lowbit.autoquant(MODEL, gptq, CALIB, neg_mse, 0.0, steps=["as-given", "keep-8bit"])
+    assert any(n.startswith("keep-8bit: ranked on round-to-nearest weights") for n in r.notes)
+    ranked = next(n for n in r.notes if n.startswith("keep-8bit: layers by SQNR alone"))
+    assert "inf dB" not in ranked and all(f"{name} " in ranked for name in ("0", "2", "4"))
+    # the kept trials still use GPTQ
+    assert all(rule.weight.algorithm == "gptq" for t in r.trials for rule in t.recipe.config.rules
+               if rule.weight is not None and rule.weight.bits == 4)

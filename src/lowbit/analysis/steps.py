@@ -219,6 +219,15 @@ class KeepSensitive(Step):
     def ranking(self, search: Search, base: Recipe) -> list[str]:
         from lowbit.analysis.analyze import analyze
 
+        # GPTQ, AWQ and AdaRound replace a layer's weight by its rounded value, so the analysis'
+        # float pass would run the rounded weights too and see no weight error (SQNR inf):
+        # rank on the same grids with round-to-nearest weights instead.
+        rtn = _map_specs(base.config, ("weight",), _round_to_nearest)
+        if rtn != base.config:
+            search.notes.append(f"{self.name}: ranked on round-to-nearest weights (the weight "
+                                "algorithms replace the float weights the analysis compares "
+                                "against)")
+            base = base.but(config=rtn)
         best = search.best
         model = search.best_model if best is not None and best.recipe == base else None
         if model is None:
@@ -292,6 +301,12 @@ class Keep8Bit(KeepSensitive):
         return [LayerRule(names=[n], weight=_at_8(self.plan[n].weight, weight=True),
                           input=_at_8(self.plan[n].input, weight=False),
                           output=self.plan[n].output) for n in names]
+
+
+def _round_to_nearest(spec: QuantSpec) -> QuantSpec:
+    if spec.algorithm == "rtn":
+        return spec
+    return dataclasses.replace(spec, algorithm="rtn")
 
 
 def _at_8(spec: QuantSpec | None, *, weight: bool) -> QuantSpec | None:

@@ -82,3 +82,15 @@ def test_an_embedding_weight_across_rows_is_refused():
     with pytest.raises(ValueError, match=r"'table' \(Embedding\): the weight must be per_tensor, "
                                          r"per_channel along rows \(axis 0\) or per_group"):
         lowbit.quantize(Bag(), QuantConfig(rules=[LayerRule(types=["Embedding"], weight=spec)]))
+
+
+def test_the_export_report_counts_a_packed_table_as_float32_for_its_size_ratio(tmp_path):
+    reports = {}
+    for name, spec in (("int4", SPECS["uint4-rows"]),
+                       ("int8", QuantSpec(bits=8, symmetric=True, granularity="per_channel"))):
+        _, dm = deployed(spec)
+        reports[name] = lowbit.export_onnx(dm, tmp_path / f"{name}.onnx",
+                                           (torch.tensor([[1, 2, 3]]),))
+    # the same float32 table behind both (the unpacking nodes add ~500 bytes of graph); left
+    # out, the packed one would lack its 50 x 32 x 4 = 6400 bytes
+    assert abs(reports["int4"].float_bytes - reports["int8"].float_bytes) < 1000

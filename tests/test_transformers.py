@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 import transformers
+from models import LastHidden
 from torch import nn
 
 import lowbit
@@ -40,17 +41,6 @@ def batch(n: int, length: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 RAGGED = [batch(4, length, seed) for seed, length in enumerate((5, 11, 17, 8))]
-
-
-class LastHidden(nn.Module):
-    """Tensor in, tensor out: what the exporter and ONNX Runtime see."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 def quantized(preset: str, model: nn.Module | None = None) -> nn.Module:

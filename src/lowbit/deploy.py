@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.nn import fold_scale
+from lowbit.nn import check_input_count, fold_scale
 from lowbit.numerics import broadcast_param, quantize
 from lowbit.ops import binarize, dequantize_linear, dynamic_linear, quantize_linear
 from lowbit.quantizers import QParams, Quantizer
@@ -529,10 +529,7 @@ class DeployCat(nn.Module):
         self.output_qdq = _qdq(wrapper.output_quant)
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        if len(tensors) != len(self.input_qdqs):
-            raise ValueError(f"{self.layer_name!r} concatenates {len(self.input_qdqs)} "
-                             f"tensors, got {len(tensors)}")
-        parts = [qdq(x) for qdq, x in zip(self.input_qdqs, tensors)]
+        parts = [qdq(x) for qdq, x in zip(self.input_qdqs, check_input_count(self, tensors))]
         return _run(self.output_qdq, torch.cat(parts, dim=self.dim))
 
     def extra_repr(self) -> str:

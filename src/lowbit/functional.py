@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 from torch import fx, nn
 
-from lowbit.nn import Add, Cat, MatMul
+from lowbit.nn import Add, Cat, MatMul, keeps_grid
 from lowbit.trace import LeafTracer, ModelGraph, Node, default_leaf, op_name, owner_of, site_name
 
 MODULES: dict[str, type[nn.Module]] = {"add": Add, "matmul": MatMul, "cat": Cat}
@@ -107,8 +107,7 @@ def _is_global_pool(module: nn.Module | None) -> bool:
 def _passes(node: Node, modules: dict[str, nn.Module]) -> bool:
     if node.kind == "module":
         module = modules.get(node.target)
-        return isinstance(module, PASS_MODULES) or (  # nearest upsampling repeats values
-            isinstance(module, nn.Upsample) and module.mode == "nearest")
+        return isinstance(module, PASS_MODULES) or keeps_grid(module)
     return node.target in PASS_FUNCTIONS
 
 

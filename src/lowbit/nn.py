@@ -3,7 +3,8 @@
 ``QuantLinear``, ``QuantConv1d`` and ``QuantConv2d`` subclass their torch layers, so parameter
 names (``weight``, ``bias``), ``isinstance`` checks and optimizers keep working. ``Add``,
 ``MatMul`` and ``Cat`` are float modules for functional ops; ``QuantAdd``/``QuantMatMul``/
-``QuantCat`` quantize each of their inputs. Each wrapper is registered under the name rules use (``"Conv2d"``, ``"add"``...).
+``QuantCat`` quantize each of their inputs. Each wrapper is registered under the name rules
+use (``"Conv2d"``, ``"add"``...).
 """
 
 from __future__ import annotations
@@ -83,6 +84,20 @@ class QuantLayer:
         module.register_load_state_dict_pre_hook(_make_room_for_smoothing)
         if module.weight_quant is not None and weight is not None:
             init_weight_quantizer(module.weight_quant, weight)
+
+    def _init_weightless(self, module: nn.Module, specs: LayerSpecs, name: str) -> Any:
+        """Set up an op that holds no weight (add, matmul, cat, an activation or pool): refuse a
+        weight spec, carry the float module's attributes, and give every tensor input its
+        quantizer (``input_slots``). Returns ``self``."""
+        if specs.weight is not None:
+            raise ValueError(f"layer {name!r} ({type(self).float_type.__name__}) has no weight; "
+                             "its rule's `weight` spec cannot apply")
+        self._keep_float_attributes(module)
+        self._init_quant(specs, name)
+        for slot in self.input_slots()[1:]:
+            setattr(self, slot, make_quantizer(specs.input, role="input",
+                                               channel_axis=self.input_axis, layer_name=name))
+        return self
 
     def _keep_float_attributes(self, module: nn.Module) -> None:
         """Carry the float module's public attributes (``kernel_size``, ``padding_idx``,
@@ -455,13 +470,15 @@ class Cat(nn.Module):
         self.inputs = inputs
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return torch.cat(_check_count(self, tensors), dim=self.dim)
+        return torch.cat(check_input_count(self, tensors), dim=self.dim)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, inputs={self.inputs}"
 
 
-def _check_count(module: Any, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+def check_input_count(module: Any, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """``tensors``, after checking that ``module`` (a ``Cat`` or one of its forms, with
+    ``inputs``) was built for that many."""
     if len(tensors) != module.inputs:
         raise ValueError(f"{type(module).__name__} was built for {module.inputs} inputs and "
                          f"got {len(tensors)}; build it with inputs={len(tensors)}")
@@ -480,15 +497,7 @@ class _QuantBinary(nn.Module, QuantLayer):
 
     @classmethod
     def from_float(cls, module: nn.Module, specs: LayerSpecs, name: str = "") -> Any:
-        if specs.weight is not None:
-            raise ValueError(f"layer {name!r} ({cls.float_type.__name__}) has no weight; "
-                             "its rule's `weight` spec cannot apply")
-        new = cls()
-        new._keep_float_attributes(module)
-        new._init_quant(specs, name)
-        new.other_quant = make_quantizer(specs.input, role="input", channel_axis=cls.input_axis,
-                                         layer_name=name)
-        return new
+        return cls()._init_weightless(module, specs, name)
 
     def input_slots(self) -> tuple[str, ...]:
         return ("input_quant", "other_quant")
@@ -536,16 +545,7 @@ class QuantCat(nn.Module, QuantLayer):
 
     @classmethod
     def from_float(cls, module: nn.Module, specs: LayerSpecs, name: str = "") -> Any:
-        if specs.weight is not None:
-            raise ValueError(f"layer {name!r} (Cat) has no weight; its rule's `weight` spec "
-                             "cannot apply")
-        new = cls(int(getattr(module, "dim", 0)), int(getattr(module, "inputs", 2)))
-        new._keep_float_attributes(module)
-        new._init_quant(specs, name)
-        for slot in new.input_slots()[1:]:
-            setattr(new, slot, make_quantizer(specs.input, role="input",
-                                              channel_axis=cls.input_axis, layer_name=name))
-        return new
+        return cls()._init_weightless(module, specs, name)  # dim, inputs: float attributes
 
     def input_slots(self) -> tuple[str, ...]:
         return ("input_quant", "other_quant",
@@ -553,7 +553,7 @@ class QuantCat(nn.Module, QuantLayer):
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         parts = [_apply(getattr(self, slot), x)
-                 for slot, x in zip(self.input_slots(), _check_count(self, tensors))]
+                 for slot, x in zip(self.input_slots(), check_input_count(self, tensors))]
         return _apply(self.output_quant, torch.cat(parts, dim=self.dim))
 
 
@@ -572,13 +572,7 @@ class QuantActivation(nn.Module, QuantLayer):
 
     @classmethod
     def from_float(cls, module: nn.Module, specs: LayerSpecs, name: str = "") -> Any:
-        if specs.weight is not None:
-            raise ValueError(f"layer {name!r} ({cls.float_type.__name__}) has no weight; "
-                             "its rule's `weight` spec cannot apply")
-        new = cls(module)
-        new._keep_float_attributes(module)
-        new._init_quant(specs, name)
-        return new
+        return cls(module)._init_weightless(module, specs, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _apply(self.output_quant, self.module(_apply(self.input_quant, x)))
@@ -588,8 +582,18 @@ class QuantActivation(nn.Module, QuantLayer):
 ACTIVATION_TYPES = {"ReLU", "ReLU6", "Hardtanh"}
 # Max pooling and nearest upsampling keep values on their grid (they only pick among them): with
 # the input quantized by the same quantizer as the readers', ONNX Runtime drops the DQ/Q pair
-# around them and runs them on uint8. (Upsample only in "nearest" mode: ``plan`` checks.)
+# around them and runs them on uint8 (``keeps_grid`` says which instances do).
 GRID_KEEPING_TYPES = {"MaxPool1d", "MaxPool2d", "Upsample"}
+
+
+def keeps_grid(module: nn.Module | None) -> bool:
+    """Whether a float module only picks among its input's values (a max pool that returns no
+    indices, a nearest upsampling), so its output stays on its input's quantization grid."""
+    if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)):
+        return not module.return_indices
+    return isinstance(module, nn.Upsample) and module.mode == "nearest"
+
+
 OPT_IN_TYPES = ACTIVATION_TYPES | GRID_KEEPING_TYPES | {"Embedding"}
 for _float in (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.Upsample):
     LAYERS.register(_float.__name__)(

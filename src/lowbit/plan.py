@@ -35,7 +35,14 @@ from lowbit.functional import (
     reaches_float_op,
 )
 from lowbit.fuse import NORMS, find_chains
-from lowbit.nn import ACTIVATION_TYPES, GRID_KEEPING_TYPES, OPT_IN_TYPES, LayerSpecs, quant_type_for
+from lowbit.nn import (
+    ACTIVATION_TYPES,
+    GRID_KEEPING_TYPES,
+    OPT_IN_TYPES,
+    LayerSpecs,
+    keeps_grid,
+    quant_type_for,
+)
 from lowbit.registry import LAYERS
 from lowbit.trace import ModelGraph, trace
 
@@ -347,7 +354,8 @@ def _place_functional(model: nn.Module, config: QuantConfig, graph: ModelGraph |
 
 
 def _place_grid_keeping(model: nn.Module, config: QuantConfig, graph: ModelGraph | None,
-                 layers: list[LayerPlan], fusions: Sequence[Sequence[str]]) -> list[LayerPlan]:
+                        layers: list[LayerPlan], fusions: Sequence[Sequence[str]]
+                        ) -> list[LayerPlan]:
     """Max pools and nearest upsamplings that a rule names: those a rule quantizes as they are
     keep their entry; the others are re-resolved with position ``"between"`` where they read a
     quantized layer (or op) and quantized layers read them, and otherwise dropped from the plan
@@ -365,9 +373,7 @@ def _place_grid_keeping(model: nn.Module, config: QuantConfig, graph: ModelGraph
         if layer.type not in GRID_KEEPING_TYPES:
             out.append(layer)
             continue
-        module = model.get_submodule(layer.name)
-        if getattr(module, "return_indices", False) or getattr(module, "mode",
-                                                               "nearest") != "nearest":
+        if not keeps_grid(model.get_submodule(layer.name)):
             continue
         if not layer.is_float:
             out.append(layer)

@@ -26,9 +26,9 @@ def _activations(observer: str = "mse") -> QuantSpec:
 def for_integer_kernels(weight: QuantSpec, input: QuantSpec) -> list[LayerRule]:
     """Where ONNX Runtime needs quantizers to run the quantized layers on integer kernels:
     residual adds, concatenations, max pools and nearest upsamplings between quantized layers
-    get the layers' input spec, and a conv whose output goes to float ops only (a mean, a LayerNorm, an add the
-    model's code keeps float) quantizes that output too (ORT fuses ``DQ → Conv → Q``, not a
-    conv with a float output)."""
+    get the layers' input spec, and a conv whose output goes to float ops only (a mean, a
+    LayerNorm, an add the model's code keeps float) quantizes that output too (ORT fuses
+    ``DQ → Conv → Q``, not a conv with a float output)."""
     return [between_ops(input),
             # The last residual add (or concat) before a global average pool and a classifier:
             # quantized inputs and output give ORT QLinearAdd → QLinearGlobalAveragePool, as its

@@ -1,12 +1,13 @@
 """One quantizer per tensor: consumers of the same tensor share their input quantizer.
 
 When one tensor feeds two quantized layers (a ReLU output feeding a conv and a residual add;
-the hidden state read by q, k and v; a tensor and the max pool or nearest upsampling of it), each layer would otherwise quantize it with its own scale,
-the export would hold two different QuantizeLinear nodes on that tensor, and ONNX Runtime could
-not fuse the producer into an integer kernel. Who reads what comes from the float model's traced
-dataflow (``lowbit.trace``; module names survive the swap, and functional sites are named as the
-modules ``quantize`` inserts for them); consumers whose input specs describe a different grid
-keep their own quantizer. Without a graph, every consumer keeps its own.
+the hidden state read by q, k and v; a tensor and the max pool or nearest upsampling of it),
+each layer would otherwise quantize it with its own scale, the export would hold two different
+QuantizeLinear nodes on that tensor, and ONNX Runtime could not fuse the producer into an
+integer kernel. Who reads what comes from the float model's traced dataflow (``lowbit.trace``;
+module names survive the swap, and functional sites are named as the modules ``quantize``
+inserts for them); consumers whose input specs describe a different grid keep their own
+quantizer. Without a graph, every consumer keeps its own.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from lowbit.nn import GRID_KEEPING_TYPES, QuantLayer
+from lowbit.nn import QuantActivation, QuantLayer, keeps_grid
 from lowbit.quantizers import Quantizer
 from lowbit.trace import ModelGraph
 
@@ -46,9 +47,8 @@ def _keeps_grid(module: QuantLayer) -> bool:
     """A quantized max pool or nearest upsampling with no output quantizer: it only picks among
     values on its input quantizer's grid, so its readers share that quantizer (and ONNX Runtime
     runs it on uint8)."""
-    float_type = getattr(type(module), "float_type", None)
-    return (getattr(float_type, "__name__", "") in GRID_KEEPING_TYPES
-            and getattr(module, "output_quant", None) is None)
+    return (isinstance(module, QuantActivation) and keeps_grid(module.module)
+            and module.output_quant is None)
 
 
 def share_input_quantizers(model: nn.Module, graph: ModelGraph | None) -> list[tuple[str, ...]]:

@@ -58,9 +58,16 @@ FUNCTIONAL_OPS = {  # lowbit functional op → the ORT nodes that may run it
 # one layer's name.
 WEIGHT_KEYS = ("weight.codes", "weight_t", "float_weight", "weight.scale", "weight_scale",
                "int_bias.codes", "float_bias", "bias", "int_bias.scale")
-ADD_FIX = 'add LayerRule(types=["add"], input=QuantSpec(bits=8, symmetric=False))'
-CAT_FIX = 'add LayerRule(types=["cat"], input=QuantSpec(bits=8, symmetric=False))'
-ELEMENTWISE = ("add", "cat")  # functional layers whose float form is cheap
+# Functional layers whose float form is cheap, with the kernel ORT runs them on in integers.
+ELEMENTWISE = {"add": "QLinearAdd", "cat": "QLinearConcat"}
+
+
+def _quantize_op_fix(op: str) -> str:
+    return f'add LayerRule(types=["{op}"], input=QuantSpec(bits=8, symmetric=False))'
+
+
+ADD_FIX, CAT_FIX = _quantize_op_fix("add"), _quantize_op_fix("cat")
+FIXES = {"Add": ADD_FIX, "Sum": ADD_FIX, "Concat": CAT_FIX}  # a float ONNX op → its rule
 INPUT_FIX = "quantize its input (input=QuantSpec(bits=8, symmetric=False) in its rule)"
 
 
@@ -367,10 +374,9 @@ def _check_output(graph: OnnxGraph, node: Any, layer: _Layer) -> tuple[str, str]
     if floats:
         first = floats[0]
         also = " also" if len(floats) < len(users) else ""
-        fix = (ADD_FIX if first.op_type in ("Add", "Sum") else
-               CAT_FIX if first.op_type == "Concat" else
-               f"quantize that {first.op_type}'s input, or give {layer.name} an output spec "
-               "(output=QuantSpec(bits=8, symmetric=False))")
+        fix = FIXES.get(first.op_type) or (
+            f"quantize that {first.op_type}'s input, or give {layer.name} an output spec "
+            "(output=QuantSpec(bits=8, symmetric=False))")
         return (f"its output{after}{also} feeds a float {first.op_type} ({first.name!r}) with "
                 "no QuantizeLinear after it", fix)
     scales = {tuple(np.asarray(graph.array(q.input[1])).reshape(-1).tolist()) for q in users}
@@ -455,8 +461,8 @@ def deploy_graph(path: str | os.PathLike, *, model: nn.Module | None = None,
         node = (before.get(layer.name) or [None])[0]
         if layer.type in ELEMENTWISE and node is not None and not any(
                 u.op_type == "QuantizeLinear" for u in exported.consumers.get(node.output[0], [])):
-            kernel = {"add": "QLinearAdd", "cat": "QLinearConcat"}[layer.type]
-            reason, fix = f"its output is not quantized ({kernel} needs an output spec)", ""
+            reason = f"its output is not quantized ({ELEMENTWISE[layer.type]} needs an output spec)"
+            fix = ""
         else:
             reason, fix = _reason(exported, node, layer, op)
         kernels.append(LayerKernel(layer.name, layer.type, op, False, reason, fix))

@@ -45,10 +45,11 @@ def quantized_constants(proto: Any) -> tuple[dict[str, Any], list[str]]:
     wanted = [i for n in readers for i in n.input if i in tainted]
     wanted += [o.name for o in graph.output if o.name in tainted]
     frontier: list[str] = []
+    producer = _producers(graph)
     for name in dict.fromkeys(wanted):
         if len(tainted[name].output) != 1:
             continue  # a multi-output node feeding the rest of the graph: left as it is
-        upstream = _ancestors(graph, {name})
+        upstream = _ancestors(graph, {name}, producer)
         if any(tainted[t].op_type in COMPUTE for t in upstream if t in tainted):
             frontier.append(name)
     return tainted, frontier
@@ -57,7 +58,6 @@ def quantized_constants(proto: Any) -> tuple[dict[str, Any], list[str]]:
 def fold_quantized_constants(proto: Any) -> list[str]:
     """Replace each quantized constant subgraph of ``proto`` (in place) by its values; the
     names of the quantizers folded (their scale initializers), in graph order."""
-    import onnx
     from onnx import numpy_helper
 
     tainted, frontier = quantized_constants(proto)
@@ -69,14 +69,11 @@ def fold_quantized_constants(proto: Any) -> list[str]:
     del graph.node[:]
     graph.node.extend(keep)
     graph.initializer.extend(numpy_helper.from_array(values[name], name) for name in frontier)
-    _drop_dead_nodes(graph)
-    _drop_unused_initializers(graph)
+    _keep_only(graph, {o.name for o in graph.output})
     live = {o for n in graph.node for o in n.output}
     quantizers = {n.output[0]: n for n in tainted.values() if n.op_type in QUANTIZERS}
-    folded = [n.input[1] if n.op_type == "QuantizeLinear" else n.output[0]
-              for out, n in quantizers.items() if out not in live]
-    onnx.checker.check_model(proto)
-    return folded
+    return [n.input[1] if n.op_type == "QuantizeLinear" else n.output[0]
+            for out, n in quantizers.items() if out not in live]
 
 
 def _evaluate(proto: Any, names: list[str]) -> dict[str, Any]:
@@ -89,11 +86,7 @@ def _evaluate(proto: Any, names: list[str]) -> dict[str, Any]:
     del model.graph.input[:]
     del model.graph.output[:]
     model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
-    needed = _ancestors(model.graph, set(names))
-    kept = [n for n in model.graph.node if any(o in needed for o in n.output)]
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
-    _drop_unused_initializers(model.graph)
+    _keep_only(model.graph, set(names))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
@@ -102,9 +95,14 @@ def _evaluate(proto: Any, names: list[str]) -> dict[str, Any]:
     return dict(zip(names, session.run(names, {})))
 
 
-def _ancestors(graph: Any, names: set[str]) -> set[str]:
-    """Every tensor ``names`` are computed from (and ``names``)."""
-    producer = {o: n for n in graph.node for o in n.output}
+def _producers(graph: Any) -> dict[str, Any]:
+    return {o: n for n in graph.node for o in n.output}
+
+
+def _ancestors(graph: Any, names: set[str], producer: dict[str, Any] | None = None) -> set[str]:
+    """Every tensor ``names`` are computed from (and ``names``); ``producer``: the graph's
+    ``_producers``, when the caller asks more than once."""
+    producer = _producers(graph) if producer is None else producer
     seen, todo = set(), list(names)
     while todo:
         name = todo.pop()
@@ -117,16 +115,13 @@ def _ancestors(graph: Any, names: set[str]) -> set[str]:
     return seen
 
 
-def _drop_dead_nodes(graph: Any) -> None:
-    """Remove the nodes nothing reads, up to a fixed point (graph.node stays in order)."""
-    needed = _ancestors(graph, {o.name for o in graph.output})
-    keep = [n for n in graph.node if any(o in needed for o in n.output)]
+def _keep_only(graph: Any, names: set[str]) -> None:
+    """Keep only the nodes and initializers that tensors ``names`` are computed from (in
+    order); the rest of the graph is dead."""
+    needed = _ancestors(graph, names)
+    nodes = [n for n in graph.node if any(o in needed for o in n.output)]
     del graph.node[:]
-    graph.node.extend(keep)
-
-
-def _drop_unused_initializers(graph: Any) -> None:
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    keep = [i for i in graph.initializer if i.name in used]
+    graph.node.extend(nodes)
+    inits = [i for i in graph.initializer if i.name in needed]
     del graph.initializer[:]
-    graph.initializer.extend(keep)
+    graph.initializer.extend(inits)

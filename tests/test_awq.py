@@ -8,6 +8,7 @@ import torch
 from lowbit.awq import (
     activation_mean_abs,
     awq_search_clip,
+    hessian_search_clip,
     awq_search_scales,
     clipped_qparams,
     group_fake_quant,
@@ -169,6 +170,31 @@ def test_ties_and_no_shrink_keep_plain_min_max() -> None:
     assert torch.equal(ratios, torch.ones(OUT, IN // GROUP))
     ratios = awq_search_clip(weight, x_cal, GROUP, UINT4, False, steps=2, max_shrink=0.5)
     assert torch.equal(ratios, torch.ones(OUT, IN // GROUP))  # one candidate: r = 1
+
+
+def test_hessian_clip_search_is_the_sample_search_on_every_row() -> None:
+    """``d H d`` with ``H = 2/n · xᵀx`` is twice the mean squared group output: same choice."""
+    weight, x_cal, _ = _layer(outlier_gain=1.0)
+    h = 2.0 / x_cal.shape[0] * x_cal.T @ x_cal
+    by_rows = awq_search_clip(weight, x_cal, GROUP, UINT4, False)
+    by_hessian = hessian_search_clip(weight, h, GROUP, UINT4, False, steps=20)
+    assert (by_rows == by_hessian).float().mean() > 0.95  # float ties aside
+    fine = hessian_search_clip(weight, h, GROUP, UINT4, False)  # steps of 0.01 down to 0.51
+    assert bool(torch.isin(fine, torch.tensor([1 - k / 100 for k in range(50)])).all())
+    clipped = _apply(weight, clipped_qparams(weight, fine, GROUP, UINT4, False))
+    min_max = group_fake_quant(GROUP, UINT4, False)(weight)
+    assert bool((_group_errors(weight, clipped, x_cal)
+                 <= _group_errors(weight, min_max, x_cal) * (1 + 1e-5)).all())
+
+
+@pytest.mark.parametrize(
+    ("hessian", "match"),
+    [(torch.eye(7), r"`hessian` must have shape \(8, 8\).*\(7, 7\)"),
+     ("H", "`hessian` must be a torch.Tensor")],
+)
+def test_hessian_clip_search_validation(hessian: object, match: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=match):
+        hessian_search_clip(_W, hessian, 4, UINT4, False)
 
 
 def test_clipped_qparams_shrink_the_range() -> None:

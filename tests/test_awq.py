@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.awq import (
+from lowbit.algorithms.awq import (
     activation_mean_abs,
     awq_search_clip,
-    hessian_search_clip,
     awq_search_scales,
     clipped_qparams,
     group_fake_quant,
+    hessian_search_clip,
 )
 from lowbit.numerics import IntRange, dequantize, qparams_from_range, quantize
 from lowbit.quantizers.base import QParams

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.gptq import gptq_quantize, hessian_update
+from lowbit.algorithms.gptq import gptq_quantize, hessian_update
 from lowbit.numerics import IntRange, dequantize, qparams_from_range, quantize
 from lowbit.quantizers.base import QParams
 

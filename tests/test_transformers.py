@@ -160,8 +160,8 @@ def test_gptq_clip_search_and_act_order_beat_plain_gptq(granularity, monkeypatch
                     qm[0].weight_quant.scale.clone())
 
     tuned, scale = error()
-    monkeypatch.setattr(lowbit.weight_calibration.GPTQ, "act_order", False)
-    monkeypatch.setattr(lowbit.weight_calibration.GPTQ, "clip_steps", 0)
+    monkeypatch.setattr(lowbit.algorithms.gptq.GPTQ, "act_order", False)
+    monkeypatch.setattr(lowbit.algorithms.gptq.GPTQ, "clip_steps", 0)
     plain, plain_scale = error()
     assert scale.shape == plain_scale.shape == ((64, 4) if granularity == "per_group" else (64,))
     assert bool((scale < 0.95 * plain_scale).any())  # some ranges were shrunk
@@ -172,13 +172,13 @@ def test_gptq_statistics_leave_out_padding_tokens(monkeypatch):
     """Rows of padded positions (attention_mask 0) do not enter the Hessian; inputs that are
     not (batch, seq, features), such as the pooler's, count whole."""
     rows: dict[int, int] = {}
-    update = lowbit.gptq.hessian_update
+    update = lowbit.algorithms.gptq.hessian_update
 
     def spy(h, x, count):
         rows[x.shape[-1]] = rows.get(x.shape[-1], 0) + x.reshape(-1, x.shape[-1]).shape[0]
         return update(h, x, count)
 
-    monkeypatch.setattr(lowbit.gptq, "hessian_update", spy)
+    monkeypatch.setattr(lowbit.algorithms.gptq, "hessian_update", spy)
     qm = lowbit.quantize(tiny_bert(), QuantConfig.preset("w4-g32-gptq"))
     lowbit.calibrate(qm, RAGGED, progress=False)
     real = sum(int(b["attention_mask"].sum()) for b in RAGGED)

@@ -28,11 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit import awq, distributed, gptq
-from lowbit.nn import QuantLayer, replace_weight
-from lowbit.numerics import dequantize, fake_quantize, qparams_from_range
-from lowbit.quantizers.base import QParams
-from lowbit.quantizers.uniform import to_rows
+from lowbit import distributed
+from lowbit.algorithms import awq, gptq
+from lowbit.algorithms.base import Group
+from lowbit.nn import QuantLayer
 from lowbit.registry import WEIGHT_ALGORITHMS
 
 AWQ_ROWS = 4096  # input rows kept per layer for AWQ's searches
@@ -135,153 +134,6 @@ def _first_samples(tensors: list[torch.Tensor], n: int) -> list[torch.Tensor]:
         out.append(t[:left])
         left -= t.shape[0]
     return out
-
-
-@dataclass
-class Group:
-    """Quant layers that read the same tensor, with their statistics."""
-
-    names: list[str]
-    layers: list[Any]
-    stats: list[InputStats]
-
-    def factor(self) -> torch.Tensor:
-        """The smoothing factor the group's input already gets (1 where none)."""
-        s = self.layers[0].input_smoothing
-        return torch.ones_like(self.layers[0].weight[0]) if s is None else s
-
-
-class WeightAlgorithm:
-    """A post-training weight algorithm: the statistics it needs and how it applies them."""
-
-    needs: frozenset[str] = frozenset()
-    layer_types: tuple[type, ...] = (nn.Linear,)  # the float layer types it handles
-
-    def apply(self, group: Group) -> None:
-        raise NotImplementedError
-
-
-@WEIGHT_ALGORITHMS.register("rtn")
-class RoundToNearest(WeightAlgorithm):
-    """Round to nearest on the observer's range: nothing to do with data."""
-
-    def apply(self, group: Group) -> None:
-        return None
-
-
-@WEIGHT_ALGORITHMS.register("gptq")
-class GPTQ(WeightAlgorithm):
-    """Frantar et al. 2022: error-compensating rounding with the input Hessian (§10).
-
-    Each weight group's range is first shrunk where that lowers its output error under the
-    Hessian (:func:`lowbit.awq.hessian_search_clip`; per-channel weights: one group per row),
-    then the columns are rounded in order of decreasing ``diag(H)`` (``act_order``: free here,
-    as the qparams are fixed before rounding). The weight becomes its dequantized GPTQ codes (so
-    every later fake-quant, convert and export reproduces them exactly) and its qparams are
-    pinned. On MiniLM at 4 bits, g128: min/max grid in column order 0.979 mean cosine, with
-    both 0.983 (docs/benchmarks.md)."""
-
-    needs = frozenset({"hessian"})
-    block_size = 128
-    damp = 0.01
-    act_order = True
-    clip_steps = 100  # candidate ratios 1, 0.99, ... 0.51; 0 keeps the observer's range
-
-    def apply(self, group: Group) -> None:
-        m = group.factor().float()
-        for layer, stats in zip(group.layers, group.stats):
-            if stats.hessian is None:
-                continue
-            h = (stats.hessian * m[:, None] * m[None, :]).to(layer.weight.device)  # of x·m
-            q = layer.weight_quant
-            w = layer.weight.detach().float()
-            _, qp = q.quantize_weight(layer.weight)  # the current range (refreshed if stale)
-            qp = self.clipped(q, w, h, qp)
-            codes = gptq.gptq_quantize(w, h, qp, block_size=self.block_size, damp=self.damp,
-                                       act_order=self.act_order)
-            with torch.no_grad():
-                replace_weight(layer, dequantize(codes, qp.scale, qp.zero_point, qp.axis,
-                                                 qp.group_size))
-            q.pin_qparams(qp.scale, qp.zero_point)
-
-    def clipped(self, q: Any, w: torch.Tensor, h: torch.Tensor, qp: QParams) -> QParams:
-        """``qp`` with each group's (or output channel's) range shrunk by the Hessian search;
-        per-tensor grids and ``clip_steps=0`` keep ``qp``."""
-        per_row = q.group_size is None and q.axis == 0
-        if not self.clip_steps or (q.group_size is None and not per_row):
-            return qp
-        size = w.shape[1] if per_row else q.group_size
-        ratios = awq.hessian_search_clip(w, h, size, q.grid, q.spec.symmetric,
-                                         steps=self.clip_steps)
-        found = awq.clipped_qparams(w, ratios, size, q.grid, q.spec.symmetric)
-        if per_row:
-            return QParams(found.scale.reshape(-1), found.zero_point.reshape(-1), q.grid, axis=0)
-        return found
-
-
-@WEIGHT_ALGORITHMS.register("awq")
-class AWQ(WeightAlgorithm):
-    """Lin et al. 2023: activation-aware input scales, searched per group of layers that
-    share an input, then per-group clipping of each weight (§11)."""
-
-    needs = frozenset({"mean_abs", "sample"})
-    grid = 20
-
-    def apply(self, group: Group) -> None:
-        s, x = self.scale(group)
-        if x is None:
-            return
-        for layer in group.layers:
-            q = layer.weight_quant
-            if q.group_size is None:
-                continue  # clipping is searched per group (llm-awq); other grids keep min/max
-            w = layer.weight.detach().float()
-            ratios = awq.awq_search_clip(w, x / s, q.group_size, q.grid, q.spec.symmetric)
-            qp = awq.clipped_qparams(w, ratios, q.group_size, q.grid, q.spec.symmetric)
-            q.pin_qparams(qp.scale, qp.zero_point)
-
-    def scale(self, group: Group) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Search and apply the group's input scales; returns them and the sampled (smoothed)
-        input rows (``None``: the group was never reached)."""
-        stats = group.stats[0]
-        if stats.mean_abs is None:
-            return torch.ones(()), None
-        m = group.factor().float()
-        x = stats.rows().to(group.layers[0].weight.device) * m
-        mean_abs = stats.mean_abs.to(x.device) * m
-        weights = torch.cat([layer.weight.detach().float() for layer in group.layers])
-        q = group.layers[0].weight_quant
-        s, _ = awq.awq_search_scales(weights, x, mean_abs, lambda w: _rtn_fake_quant(q, w),
-                                     grid=self.grid)
-        if not bool((s == 1).all()):
-            for layer in group.layers:
-                layer.smooth_input(s)
-        return s, x
-
-
-@WEIGHT_ALGORITHMS.register("awq-gptq")
-class AWQThenGPTQ(WeightAlgorithm):
-    """AWQ's input scales, then GPTQ's rounding of the scaled weight on its min/max grid
-    (the Hessian follows the scaled input)."""
-
-    needs = AWQ.needs | GPTQ.needs
-
-    def apply(self, group: Group) -> None:
-        AWQ().scale(group)
-        GPTQ().apply(group)
-
-
-def _rtn_fake_quant(q: Any, w: torch.Tensor) -> torch.Tensor:
-    """Min/max fake quant of ``w`` on ``q``'s grid and granularity (ranges from ``w`` itself)."""
-    rows = to_rows(w, q.axis, q.group_size)
-    scale, zero_point = qparams_from_range(rows.amin(dim=-1), rows.amax(dim=-1), q.grid,
-                                           symmetric=q.spec.symmetric)
-    if q.group_size is not None:
-        scale = scale.reshape(w.shape[0], -1)
-        zero_point = zero_point.reshape(w.shape[0], -1)
-    elif q.axis is None:
-        scale, zero_point = scale.reshape(()), zero_point.reshape(())
-    return fake_quantize(w, scale, zero_point, q.grid, q.axis, q.group_size)
 
 
 # ----------------------------------------------------------------------------- the pass

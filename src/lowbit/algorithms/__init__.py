@@ -1,9 +1,9 @@
-"""Post-training algorithms that recover accuracy without training, one file each:
-``equalize`` (cross-layer equalization + high-bias absorption), ``bias_correction`` and
-``adaround`` (registered in ``WEIGHT_ALGORITHMS``). GPTQ and AWQ still live in
-``lowbit.gptq`` / ``lowbit.awq``; they move here when next touched."""
+"""Post-training weight algorithms, one file each, registered in ``WEIGHT_ALGORITHMS`` where
+they round or scale weights: ``gptq`` (and ``awq-gptq``), ``awq``, ``adaround``; plus
+``equalize`` (cross-layer equalization + high-bias absorption) and ``bias_correction``.
+``base`` holds what they share; ``lowbit.weight_calibration`` feeds them statistics."""
 
-from lowbit.algorithms import adaround  # noqa: F401  (registers "adaround")
+from lowbit.algorithms import adaround, awq, base, gptq  # noqa: F401  (register the algorithms)
 from lowbit.algorithms.equalize import equalize
 
 __all__ = ["equalize"]

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.algorithms.base import Group, WeightAlgorithm
 from lowbit.nn import replace_weight
 from lowbit.numerics import broadcast_param, dequantize
 from lowbit.quantizers.base import QParams
 from lowbit.registry import WEIGHT_ALGORITHMS
-from lowbit.weight_calibration import Group, WeightAlgorithm
 
 ZETA, GAMMA = 1.1, -0.1
 

@@ -1,23 +1,29 @@
 """AWQ weight-only post-training quantization (Lin et al., 2023; docs/algorithms.md §11).
 
-Pure tensor functions, independent of modules. :func:`activation_mean_abs` accumulates the mean
+Tensor functions, independent of modules. :func:`activation_mean_abs` accumulates the mean
 ``|x|`` of each input channel; :func:`awq_search_scales` picks per-input-channel scales ``s``
 that protect the channels with large activations (quantize ``W·diag(s)``, divide the input by
 ``s``); :func:`awq_search_clip` then picks, per weight group, how far to shrink the min/max range
 (llm-awq's ``auto_scale`` and ``auto_clip``). :func:`clipped_qparams` turns the clip ratios into
-the per-group ``QParams`` that the exporter stores.
+the per-group ``QParams`` that the exporter stores. :func:`hessian_search_clip` is the same
+clip search scored with GPTQ's Hessian. ``AWQ`` (``QuantSpec(algorithm="awq")``) applies them
+to quant layers during ``lowbit.calibrate``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from lowbit.algorithms.base import Group, WeightAlgorithm
 from lowbit.checks import require_int, require_tensor
-from lowbit.numerics import IntRange, dequantize, qparams_from_range, quantize
+from lowbit.numerics import IntRange, dequantize, fake_quantize, qparams_from_range, quantize
 from lowbit.quantizers.base import QParams
+from lowbit.quantizers.uniform import to_rows
+from lowbit.registry import WEIGHT_ALGORITHMS
 
 # Smallest scale candidate before normalisation (llm-awq): a silent channel keeps a usable scale.
 _MIN_SCALE = 1e-4
@@ -300,55 +306,57 @@ def _search_clip(
     return best_ratio
 
 
-def _group_output_error(diff: torch.Tensor, x_groups: torch.Tensor) -> torch.Tensor:
-    """Mean over the rows of x of each group's squared partial-output error: (out, groups).
-
-    ``diff`` (out, groups, group_size) is ``Ŵ − W``; ``x_groups`` is (n, groups, group_size).
-    """
-    return torch.cat([torch.einsum("ogk,ngk->ogn", d, x_groups).pow(2).mean(-1)
-                      for d in diff.split(_ROW_CHUNK)])
+# ----------------------------------------------------------------- the registered algorithm
 
 
-def awq_search_clip(
-    weight: torch.Tensor,
-    x: torch.Tensor,
-    group_size: int,
-    grid: IntRange,
-    symmetric: bool,
-    *,
-    steps: int = 20,
-    max_shrink: float = 0.5,
-) -> torch.Tensor:
-    """Per-group clip ratios (out, in // group_size) that minimise each group's output error.
+@WEIGHT_ALGORITHMS.register("awq")
+class AWQ(WeightAlgorithm):
+    """Lin et al. 2023: activation-aware input scales, searched per group of layers that
+    share an input, then per-group clipping of each weight (§11)."""
 
-    Candidates are ``r = 1 − k/steps`` for ``k = 0 .. int(max_shrink·steps) − 1`` (llm-awq's
-    ``auto_clip``: 1, 0.95, ..., 0.55 by default); a group's weights are quantized on the range
-    ``[r·min, r·max]`` (:func:`clipped_qparams`) and scored by the mean squared error of the
-    group's share of the output, ``x_g (Ŵ_g − W_g)ᵀ``, over the sample ``x`` (..., in)
-    (docs/algorithms.md §11). Ties keep the larger ratio, so no group does worse than min/max.
-    """
-    w = _require_weight(weight)
-    rows = _require_rows(x, w)
-    group_size = _require_group_size(group_size, w.shape[1])
-    grid = _require_grid(grid, symmetric)
-    steps = require_int("steps", steps, 1)
-    if isinstance(max_shrink, bool) or not isinstance(max_shrink, (int, float)):
-        raise TypeError(f"`max_shrink` must be a float, got {type(max_shrink).__name__} "
-                        f"{max_shrink!r}")
-    if not 0 <= max_shrink <= 1:
-        raise ValueError(f"`max_shrink` must be in [0, 1], got {max_shrink}")
+    needs = frozenset({"mean_abs", "sample"})
+    grid = 20
 
-    out_features, n_groups = w.shape[0], w.shape[1] // group_size
-    x_groups = rows.reshape(-1, n_groups, group_size)
-    best_ratio = torch.ones(out_features, n_groups, device=w.device)
-    best_err = torch.full_like(best_ratio, math.inf)
-    with torch.no_grad():
-        for k in range(int(max_shrink * steps)):
-            ratio = 1 - k / steps
-            wq = _fake_quant(w, _group_qparams(w, ratio, group_size, grid, symmetric))
-            diff = (wq - w).reshape(out_features, n_groups, group_size)
-            err = _group_output_error(diff, x_groups)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
-    return best_ratio
+    def apply(self, group: Group) -> None:
+        s, x = self.scale(group)
+        if x is None:
+            return
+        for layer in group.layers:
+            q = layer.weight_quant
+            if q.group_size is None:
+                continue  # clipping is searched per group (llm-awq); other grids keep min/max
+            w = layer.weight.detach().float()
+            ratios = awq_search_clip(w, x / s, q.group_size, q.grid, q.spec.symmetric)
+            qp = clipped_qparams(w, ratios, q.group_size, q.grid, q.spec.symmetric)
+            q.pin_qparams(qp.scale, qp.zero_point)
+
+    def scale(self, group: Group) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Search and apply the group's input scales; returns them and the sampled (smoothed)
+        input rows (``None``: the group was never reached)."""
+        stats = group.stats[0]
+        if stats.mean_abs is None:
+            return torch.ones(()), None
+        m = group.factor().float()
+        x = stats.rows().to(group.layers[0].weight.device) * m
+        mean_abs = stats.mean_abs.to(x.device) * m
+        weights = torch.cat([layer.weight.detach().float() for layer in group.layers])
+        q = group.layers[0].weight_quant
+        s, _ = awq_search_scales(weights, x, mean_abs, lambda w: _rtn_fake_quant(q, w),
+                                     grid=self.grid)
+        if not bool((s == 1).all()):
+            for layer in group.layers:
+                layer.smooth_input(s)
+        return s, x
+
+
+def _rtn_fake_quant(q: Any, w: torch.Tensor) -> torch.Tensor:
+    """Min/max fake quant of ``w`` on ``q``'s grid and granularity (ranges from ``w`` itself)."""
+    rows = to_rows(w, q.axis, q.group_size)
+    scale, zero_point = qparams_from_range(rows.amin(dim=-1), rows.amax(dim=-1), q.grid,
+                                           symmetric=q.spec.symmetric)
+    if q.group_size is not None:
+        scale = scale.reshape(w.shape[0], -1)
+        zero_point = zero_point.reshape(w.shape[0], -1)
+    elif q.axis is None:
+        scale, zero_point = scale.reshape(()), zero_point.reshape(())
+    return fake_quantize(w, scale, zero_point, q.grid, q.axis, q.group_size)

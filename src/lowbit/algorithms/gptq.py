@@ -219,8 +219,8 @@ class GPTQ(WeightAlgorithm):
     then the columns are rounded in order of decreasing ``diag(H)`` (``act_order``: free here,
     as the qparams are fixed before rounding). The weight becomes its dequantized GPTQ codes (so
     every later fake-quant, convert and export reproduces them exactly) and its qparams are
-    pinned. On MiniLM at 4 bits, g128: min/max grid in column order 0.979 mean cosine, with
-    both 0.983 (docs/benchmarks.md)."""
+    pinned. On MiniLM at 4 bits, g128, mean cosine: min/max grid in column order 0.979, with
+    both (and padding tokens out of ``H``) 0.984 (docs/algorithms.md §10)."""
 
     needs = frozenset({"hessian"})
     block_size = 128

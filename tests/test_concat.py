@@ -254,3 +254,75 @@ def test_a_unet_runs_every_conv_pool_upsample_and_concat_on_integers(tmp_path):
     assert sorted(op.split()[0] for op in floats) == ["Relu", "Resize"], floats
     assert any("bilinear" in op for op in floats), floats
     assert report.parity.codes_identical == 1.0
+
+
+class FunctionalUNet(nn.Module):
+    """The U-Net with its pool and upsamplings written as calls (``F.max_pool2d``,
+    ``F.interpolate``, ``torch.max_pool2d``), as many segmentation models write them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.enc2 = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+        self.dec = nn.Sequential(nn.Conv2d(24, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(nn.functional.max_pool2d(e1, 2))
+        up = nn.functional.interpolate(e2, scale_factor=2)  # mode="nearest" by default
+        up = torch.max_pool2d(up, kernel_size=3, stride=1, padding=1)  # after the upsampling
+        side = nn.functional.interpolate(e1, scale_factor=1.0, mode="bilinear")
+        y = self.dec(torch.cat([up, side], 1))
+        return self.head(y).mean((2, 3))
+
+
+def test_functional_pools_and_upsamplings_become_modules_on_integers(tmp_path):
+    torch.manual_seed(0)
+    model = FunctionalUNet().eval()
+    plan = lowbit.plan(model, QuantConfig.preset("w8a8"))
+    placed = {x.name: x.type for x in plan.quantized if x.type in ("MaxPool2d", "Upsample")}
+    assert placed == {"op_max_pool2d": "MaxPool2d", "op_interpolate": "Upsample",
+                      "op_max_pool2d_1": "MaxPool2d"}, placed  # not the bilinear one
+    qm = _quantized(model, QuantConfig.preset("w8a8"))
+    assert isinstance(qm.op_max_pool2d.module, nn.MaxPool2d)
+    assert qm.op_max_pool2d.module.kernel_size == 2 and qm.op_max_pool2d.module.stride == 2
+    assert qm.op_max_pool2d_1.module.padding == 1 and qm.op_max_pool2d_1.module.stride == 1
+    assert qm.op_interpolate.module.mode == "nearest"
+    assert qm.op_max_pool2d.input_quant is qm.enc2[0].input_quant
+    assert qm.op_interpolate.input_quant is qm.op_max_pool2d_1.input_quant \
+        is qm.op_cat.input_quant, "the upsampling and the pool keep the grid"
+    x = _batches(1)[0]
+    assert nn.functional.cosine_similarity(model(x).flatten(), qm(x).flatten(), dim=0) > 0.99
+    assert not hasattr(model, "op_max_pool2d"), "the caller's model is left as it was"
+    path = tmp_path / "unet.onnx"
+    report = _export(qm, path)
+    ops = collections.Counter(n.op_type for n in optimized_model(path).graph.node)
+    assert ops["NhwcMaxPool"] == 2 and ops["QLinearConcat"] == 1, ops
+    floats = report.deploy.float_ops_between
+    assert sorted(op.split()[0] for op in floats) == ["Relu", "Resize"], floats
+    kernels = {k.name: k for k in report.deploy.layers}
+    assert kernels["op_cat"].op == "QLinearConcat"
+    assert all(k.integer for k in kernels.values()), kernels
+    assert report.parity.codes_identical == 1.0
+
+
+def test_functional_pools_that_cannot_be_modules_stay_calls():
+    """Indices returned, a size computed at run time: the calls stay as they are."""
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.c = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y, _ = nn.functional.max_pool2d(self.a(x), 2, return_indices=True)
+            y = nn.functional.interpolate(self.b(y), size=x.shape[-2:])
+            return self.c(y)
+
+    torch.manual_seed(0)
+    qm = _quantized(Odd().eval(), QuantConfig.preset("w8a8"))
+    assert not [n for n, _ in qm.named_modules() if "op_max_pool" in n or "op_interp" in n]
+    x = _batches(1)[0]
+    assert qm(x).shape == (4, 4, 8, 8)

@@ -1,11 +1,13 @@
-"""Functional ``a + b`` / ``torch.matmul(a, b)`` / ``torch.cat`` calls: find them, and turn
-them into modules.
+"""Functional ``a + b`` / ``torch.matmul(a, b)`` / ``torch.cat`` calls, and functional max
+pools and nearest upsamplings (``F.max_pool2d``, ``F.interpolate``): find them, and turn them
+into modules.
 
 Module swapping cannot see functional ops, so the plan finds their call sites in the model's
 traced dataflow (``lowbit.trace``) and, where a rule gives them quantizers, ``quantize`` rewrites
 the model with ``torch.fx`` so that each call becomes an ``Add`` / ``MatMul`` / ``Cat`` module
 named after its site (``op_add``, ``op_add_1``, ``op_cat``...) that the normal swap then
-quantizes. Models that do not trace with fx can use ``lowbit.nn.Add`` / ``MatMul`` / ``Cat``
+quantizes. A functional pool becomes the ``nn.MaxPool1d/2d`` / ``nn.Upsample`` it stands for
+(``op_max_pool2d``, ``op_interpolate``), placed like one written as a module. Models that do not trace with fx can use ``lowbit.nn.Add`` / ``MatMul`` / ``Cat``
 directly instead.
 
 ``between_quantized`` tells which sites sit between quantized layers — an input produced by a
@@ -17,7 +19,7 @@ lets ONNX Runtime give the producing layer a quantized output and run it on an i
 from __future__ import annotations
 
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from torch import fx, nn
 
@@ -26,6 +28,13 @@ from lowbit.trace import LeafTracer, ModelGraph, Node, default_leaf, op_name, ow
 
 MODULES: dict[str, type[nn.Module]] = {"add": Add, "matmul": MatMul, "cat": Cat}
 FUNCTIONAL_TYPES = set(MODULES)
+# Functional calls with a grid-keeping module equivalent: the op's name → the module type.
+GRID_KEEPING_FUNCTIONS = {"max_pool1d": "MaxPool1d", "max_pool2d": "MaxPool2d",
+                          "interpolate": "Upsample"}
+# Their arguments after the input, in order (F.max_pool*d, torch.max_pool*d, F.interpolate).
+_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_INTERPOLATE_ARGS = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
+                     "antialias")
 
 # Calls that read metadata: their results (and arithmetic on them) are not activations.
 _METADATA = {"size", "dim", "numel", "getattr", "len", "shape"}
@@ -61,6 +70,15 @@ def find_functional(graph: ModelGraph, types: Iterable[str]) -> list[Node]:
     return [node for node in graph.functions(*wanted)
             if (len(node.inputs) >= 2 if node.target == "cat" else len(node.inputs) == 2)
             and all(v in tensors for v in node.inputs)]
+
+
+def find_grid_keeping_calls(graph: ModelGraph, types: Iterable[str]) -> list[Node]:
+    """Functional max pools / upsamplings of the wanted module types (``"MaxPool2d"``...) that
+    read one activation; whether each can become a module is decided when it is rewritten."""
+    ops = {op for op, t in GRID_KEEPING_FUNCTIONS.items() if t in set(types)}
+    tensors = activation_values(graph)
+    return [node for node in graph.functions(*ops)
+            if len(node.inputs) == 1 and node.inputs[0] in tensors]
 
 
 def between_quantized(graph: ModelGraph, node: Node, modules: dict[str, nn.Module],
@@ -108,7 +126,7 @@ def _passes(node: Node, modules: dict[str, nn.Module]) -> bool:
     if node.kind == "module":
         module = modules.get(node.target)
         return isinstance(module, PASS_MODULES) or keeps_grid(module)
-    return node.target in PASS_FUNCTIONS
+    return node.target in PASS_FUNCTIONS or node.keeps_grid
 
 
 def _from_layer(graph: ModelGraph, value: int, modules: dict[str, nn.Module],
@@ -161,16 +179,26 @@ class OwnerTracer:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.known: dict[str, bool] = {}
+        self.graphs: dict[str, fx.Graph | None] = {}
 
     def __call__(self, owner: str) -> bool:
-        if owner not in self.known:
+        return self.graph(owner) is not None
+
+    def graph(self, owner: str) -> fx.Graph | None:
+        if owner not in self.graphs:
             try:
-                LeafTracer(default_leaf).trace(self.model.get_submodule(owner))
-                self.known[owner] = True
+                self.graphs[owner] = LeafTracer(default_leaf).trace(
+                    self.model.get_submodule(owner))
             except Exception:  # noqa: BLE001 - any tracing failure means "cannot rewrite"
-                self.known[owner] = False
-        return self.known[owner]
+                self.graphs[owner] = None
+        return self.graphs[owner]
+
+    def becomes_module(self, name: str) -> bool:
+        """Whether ``insert_functional`` can turn the call at site ``name`` into a module."""
+        owner, _, local = name.rpartition(".")
+        graph = self.graph(owner)
+        return graph is not None and any(site == local and _as_module_call(op, node) is not None
+                                         for site, op, node in _own_calls(graph))
 
 
 def insert_functional(model: nn.Module, names: set[str]) -> None:
@@ -203,22 +231,14 @@ def _rewrite(module: nn.Module, owner: str, names: set[str]) -> None:
             f"rules for 'add'/'matmul'/'cat' need a model that torch.fx can trace, and "
             f"{owner or 'the model'!r} does not ({type(err).__name__}: {err}); use "
             "lowbit.nn.Add / MatMul / Cat modules in the model instead") from None
-    counts: dict[str, int] = {}
-    picked = []
-    for node in graph.nodes:
-        if node.op not in ("call_function", "call_method") or owner_of(node):
-            continue  # not a call of this module's own forward
-        op = op_name(node.target)
-        k = counts.get(op, 0)
-        counts[op] = k + 1
-        name = site_name("", op, k)
-        if name in names and _as_module_call(op, node) is not None:
-            picked.append((name, op, node))
+    picked = [(name, op, node) for name, op, node in _own_calls(graph)
+              if name in names and _as_module_call(op, node) is not None]
     missing = names - {name for name, _, _ in picked}
     if missing:
         where = f" in {owner!r}" if owner else ""
         raise ValueError(f"the plan names functional op(s) {sorted(missing)}{where}, which the "
-                         "model does not call as a two-tensor add/matmul or a cat of tensors")
+                         "model does not call as a two-tensor add/matmul, a cat of tensors, a "
+                         "max pool with constant arguments or a nearest upsampling")
     for name, op, node in picked:
         # Read the arguments now: an earlier replacement may have rewired them.
         new_module, args = _as_module_call(op, node)  # type: ignore[misc]
@@ -234,9 +254,24 @@ def _rewrite(module: nn.Module, owner: str, names: set[str]) -> None:
     module.forward = types.MethodType(type(rewritten).forward, module)  # type: ignore[method-assign]
 
 
+def _own_calls(graph: fx.Graph) -> Iterator[tuple[str, str, fx.Node]]:
+    """``(site name, op, node)`` of each call the traced module's own ``forward`` makes, named
+    as ``lowbit.trace`` names them (``op_add``, ``op_add_1``...)."""
+    counts: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method") or owner_of(node):
+            continue  # a call inside a submodule
+        op = op_name(node.target)
+        k = counts.get(op, 0)
+        counts[op] = k + 1
+        yield site_name("", op, k), op, node
+
+
 def _as_module_call(op: str, node: fx.Node) -> tuple[nn.Module, tuple[fx.Node, ...]] | None:
     """The module that replaces a functional call and the arguments it takes, or None when the
     call has another form (a constant operand, extra keyword arguments)."""
+    if op in GRID_KEEPING_FUNCTIONS:
+        return _grid_keeping_module(op, node)
     if op in ("add", "matmul"):
         if (not node.kwargs and len(node.args) == 2
                 and all(isinstance(a, fx.Node) for a in node.args)):
@@ -251,6 +286,39 @@ def _as_module_call(op: str, node: fx.Node) -> tuple[nn.Module, tuple[fx.Node, .
             or not all(isinstance(t, fx.Node) for t in tensors)):
         return None
     return Cat(dim, len(tensors)), tuple(tensors)  # type: ignore[arg-type]
+
+
+def _grid_keeping_module(op: str, node: fx.Node) -> tuple[nn.Module, tuple[fx.Node, ...]] | None:
+    """``F.max_pool2d(x, 2)`` → ``nn.MaxPool2d(2)``, ``F.interpolate(x, scale_factor=2)`` →
+    ``nn.Upsample(scale_factor=2)``; None unless every argument but the input is a constant,
+    the pool returns no indices and the interpolation is nearest (without antialiasing)."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    names = _INTERPOLATE_ARGS if op == "interpolate" else _POOL_ARGS
+    rest = node.args[1:]
+    if len(rest) > len(names) or set(node.kwargs) - set(names):
+        return None
+    kw = dict(zip(names, rest)) | dict(node.kwargs)
+    if any(isinstance(v, fx.Node) or (isinstance(v, (list, tuple))
+                                      and any(isinstance(x, fx.Node) for x in v))
+           for v in kw.values()):
+        return None  # a size computed at run time
+    if op == "interpolate":
+        if kw.get("mode", "nearest") != "nearest" or kw.get("antialias") or \
+                kw.get("align_corners") is not None:
+            return None
+        module: nn.Module = nn.Upsample(size=kw.get("size"), scale_factor=kw.get("scale_factor"),
+                                        mode="nearest",
+                                        recompute_scale_factor=kw.get("recompute_scale_factor"))
+    else:
+        if kw.get("return_indices") or "kernel_size" not in kw:
+            return None
+        pool = nn.MaxPool1d if op == "max_pool1d" else nn.MaxPool2d
+        stride = kw.get("stride")
+        module = pool(kw["kernel_size"], stride=stride if stride not in ((), []) else None,
+                      padding=kw.get("padding", 0), dilation=kw.get("dilation", 1),
+                      ceil_mode=bool(kw.get("ceil_mode", False)))
+    return module, (node.args[0],)
 
 
 def _resolve_attr(obj: object, path: str) -> object:

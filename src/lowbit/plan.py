@@ -28,10 +28,12 @@ from lowbit.config import (
 from lowbit.float_modules import float_class, is_parametrization_list, weight_parameters
 from lowbit.functional import (
     FUNCTIONAL_TYPES,
+    GRID_KEEPING_FUNCTIONS,
     OwnerTracer,
     before_global_pool,
     between_quantized,
     find_functional,
+    find_grid_keeping_calls,
     reaches_float_op,
 )
 from lowbit.fuse import NORMS, find_chains
@@ -360,9 +362,13 @@ def _place_grid_keeping(model: nn.Module, config: QuantConfig, graph: ModelGraph
     keep their entry; the others are re-resolved with position ``"between"`` where they read a
     quantized layer (or op) and quantized layers read them, and otherwise dropped from the plan
     (a pool in a float region is not a float *layer*). A pool returning indices, or an upsampling
-    that interpolates (its values leave the grid), is never wrapped."""
+    that interpolates (its values leave the grid), is never wrapped. Functional calls of them
+    (``F.max_pool2d``, ``F.interpolate``) between quantized layers get an entry of the module
+    type under their site name (``op_max_pool2d``), where the calling module traces with fx
+    (``quantize`` turns them into that module)."""
+    wanted = {t for rule in config.rules for t in rule.types} & GRID_KEEPING_TYPES
     pools = [x for x in layers if x.type in GRID_KEEPING_TYPES]
-    if not pools:
+    if not pools and not (wanted and graph is not None):
         return layers
     modules = _graph_modules(model, fusions)
     calls = graph.module_calls() if graph is not None else {}
@@ -384,6 +390,19 @@ def _place_grid_keeping(model: nn.Module, config: QuantConfig, graph: ModelGraph
             entry = _resolve(config, layer.name, layer.type, frozenset({"between"}))
             if not entry.is_float:
                 out.append(entry)
+    if graph is None or not wanted:
+        return out
+    # In graph order, each placed site feeding the next (a pool after an upsampling).
+    producers = quantized | {x.name for x in out if x.type in GRID_KEEPING_TYPES}
+    rewritable = OwnerTracer(model)
+    for site in find_grid_keeping_calls(graph, wanted):
+        if not between_quantized(graph, site, modules, producers, readers):
+            continue
+        entry = _resolve(config, site.name, GRID_KEEPING_FUNCTIONS[site.target],
+                         frozenset({"between"}))
+        if not entry.is_float and rewritable.becomes_module(site.name):
+            out.append(entry)
+            producers.add(site.name)
     return out
 
 

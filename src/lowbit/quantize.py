@@ -17,7 +17,7 @@ from lowbit.float_modules import deep_copyable, float_class, is_reparametrized
 from lowbit.functional import FUNCTIONAL_TYPES, insert_functional
 from lowbit.fuse import apply_chains, set_module
 from lowbit.guard import check_not_meta
-from lowbit.nn import QuantLayer, init_weight_quantizer, quant_type_for
+from lowbit.nn import GRID_KEEPING_TYPES, QuantLayer, init_weight_quantizer, quant_type_for
 from lowbit.plan import Plan, check_example_inputs, plan
 from lowbit.quantize_checks import ModuleSnapshot, check_plan_fits
 from lowbit.registry import LAYERS
@@ -101,7 +101,8 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
         )
 
     functional = {layer.name for layer in the_plan.quantized
-                  if layer.type in FUNCTIONAL_TYPES and not _has_module(model, layer.name)}
+                  if layer.type in FUNCTIONAL_TYPES | GRID_KEEPING_TYPES
+                  and not _has_module(model, layer.name)}
     check_plan_fits(model, the_plan, functional, from_config=isinstance(config, QuantConfig))
     if not inplace:
         with deep_copyable(model):

@@ -61,6 +61,7 @@ class Node:
     name: str  # unique: the module name, or ``<owner>.op_<op>[_k]`` for a functional call
     inputs: tuple[int, ...] = ()
     outputs: tuple[int, ...] = ()
+    keeps_grid: bool = False  # a call that only picks among its input's values (fx traces)
 
 
 @dataclass
@@ -75,8 +76,9 @@ class ModelGraph:
     _consumers: dict[int, list[tuple[Node, int]]] = field(default_factory=dict, repr=False)
 
     def add(self, kind: Literal["module", "function"], target: str, name: str,
-            inputs: Sequence[int], outputs: Sequence[int]) -> Node:
-        node = Node(len(self.nodes), kind, target, name, tuple(inputs), tuple(outputs))
+            inputs: Sequence[int], outputs: Sequence[int], keeps_grid: bool = False) -> Node:
+        node = Node(len(self.nodes), kind, target, name, tuple(inputs), tuple(outputs),
+                    keeps_grid)
         self.nodes.append(node)
         for pos, value in enumerate(node.inputs):
             self._consumers.setdefault(value, []).append((node, pos))
@@ -256,10 +258,23 @@ def _fx_graph(model: nn.Module, leaf: Callable[[nn.Module], bool]) -> ModelGraph
             owner = owner_of(node)
             k = counts.get((owner, op), 0)
             counts[owner, op] = k + 1
-            graph.add("function", op, site_name(owner, op, k), args, [ids[node]])
+            graph.add("function", op, site_name(owner, op, k), args, [ids[node]],
+                      call_keeps_grid(op, node.args, node.kwargs))
         # get_attr: a parameter/buffer read, not a value between nodes
     graph.graph_inputs, graph.graph_outputs = tuple(inputs), tuple(outputs)
     return graph
+
+
+def call_keeps_grid(op: str, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+    """Whether a functional max pool / interpolation only picks among its input's values: a
+    pool that returns no indices, a nearest interpolation without antialiasing (its output
+    stays on the input's quantization grid, as ``lowbit.nn.keeps_grid`` says for modules)."""
+    if op in ("max_pool1d", "max_pool2d"):
+        return not (kwargs.get("return_indices") or (len(args) > 6 and args[6]))
+    if op == "interpolate":
+        mode = kwargs.get("mode", args[3] if len(args) > 3 else "nearest")
+        return mode == "nearest" and not kwargs.get("antialias")
+    return False
 
 
 def owner_of(node: fx.Node) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from torch import fx, nn
 
@@ -298,7 +299,7 @@ def _grid_keeping_module(op: str, node: fx.Node) -> tuple[nn.Module, tuple[fx.No
     rest = node.args[1:]
     if len(rest) > len(names) or set(node.kwargs) - set(names):
         return None
-    kw = dict(zip(names, rest)) | dict(node.kwargs)
+    kw: dict[str, Any] = dict(zip(names, rest)) | dict(node.kwargs)  # constants, checked next
     if any(isinstance(v, fx.Node) or (isinstance(v, (list, tuple))
                                       and any(isinstance(x, fx.Node) for x in v))
            for v in kw.values()):

@@ -16,7 +16,8 @@ Variants, timed in the same processes in rotating order (rounds), ``--steps`` st
 round after ``--warmup`` untimed ones: ``fp32`` (the float net under DDP); lowbit
 ``prepare_qat`` with the shipped preset (``w8a8-qat`` by default; ``--preset``) as a user runs
 it, whose activation observers reduce their batch ranges over the ranks every step
-(``lowbit.distributed``); and the same with reductions off (``lowbit.distributed.local()``:
+(``lowbit.distributed``); the same with ``lowbit.distributed.lag_ranges`` (one reduction per
+step, of the previous step's ranges); and the same with reductions off (``lowbit.distributed.local()``:
 ranks drift apart, so it is only a yardstick). The reduction's cost is the time spent inside
 lowbit's collectives per step (waiting for the other ranks included), timed around each call,
 as a share of the step (target <= 5%); the difference to the unreduced run says the same with
@@ -50,7 +51,8 @@ import harness  # noqa: E402
 import lowbit  # noqa: E402
 from lowbit import QuantConfig  # noqa: E402
 
-VARIANTS = ("fp32", "lowbit", "lowbit-local")
+VARIANTS = ("fp32", "lowbit", "lowbit-lagged", "lowbit-local")
+REDUCING = ("lowbit", "lowbit-lagged")
 
 
 def build(variant: str, preset: str, device: torch.device) -> tuple[nn.Module, Any]:
@@ -59,6 +61,8 @@ def build(variant: str, preset: str, device: torch.device) -> tuple[nn.Module, A
         return model.train().to(device), None
     qm = lowbit.prepare_qat(model, QuantConfig.preset(preset),
                             example_inputs=(torch.randn(2, 3, 32, 32),)).to(device)
+    if variant == "lowbit-lagged":
+        lowbit.distributed.lag_ranges(qm)
     return qm, lowbit.schedules.for_model(qm, epochs=1)
 
 
@@ -106,14 +110,16 @@ def worker(rank: int, procs: int, args: argparse.Namespace, port: int, out: str)
     for variant in VARIANTS:
         timed(variant, args.warmup, keep=False)
     in_reductions = account_reductions()
-    meter, loads, reduction_ms = harness.LoadMeter(), [], []
+    meter, loads = harness.LoadMeter(), []
+    reduction_ms: dict[str, list[float]] = {v: [] for v in REDUCING}
     for r in range(args.rounds):
         meter.start()
-        for variant in VARIANTS[r % 3:] + VARIANTS[:r % 3]:
+        k = r % len(VARIANTS)
+        for variant in VARIANTS[k:] + VARIANTS[:k]:
             before = in_reductions[0]
             timed(variant, args.steps, keep=True)
-            if variant == "lowbit":
-                reduction_ms.append(1000 * (in_reductions[0] - before) / args.steps)
+            if variant in REDUCING:
+                reduction_ms[variant].append(1000 * (in_reductions[0] - before) / args.steps)
         loads.append(meter.stop())
     if procs > 1:
         dist.barrier()
@@ -121,7 +127,8 @@ def worker(rank: int, procs: int, args: argparse.Namespace, port: int, out: str)
     if rank == 0:
         result = {v: statistics.median(t) for v, t in times.items()}
         result["load"] = [v for v in loads if v is not None]
-        result["in_reductions"] = statistics.median(reduction_ms)
+        result["in_reductions"] = statistics.median(reduction_ms["lowbit"])
+        result["in_reductions_lagged"] = statistics.median(reduction_ms["lowbit-lagged"])
         Path(out).write_text(json.dumps(result))
 
 
@@ -168,15 +175,20 @@ def _free_port() -> int:
 
 def table(results: dict[int, dict[str, Any]], preset: str) -> str:
     lines = [f"| processes | FP32 step ms | lowbit {preset} ms | x FP32 | in range reductions ms "
-             "(share of step) | ranges not reduced ms | load besides rank 0 (cores) |",
-             "|--:|--:|--:|--:|--:|--:|--:|"]
+             "(share of step) | `lag_ranges` ms | in its reductions ms (share) | ranges not "
+             "reduced ms | load besides rank 0 (cores) |",
+             "|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+
+    def share(ms: float, step: float) -> str:
+        return f"{ms:.1f} ({100 * ms / step:.1f}%)" if procs > 1 else "–"
+
     for procs, r in results.items():
         load = f"{statistics.mean(r['load']):.2f}" if r["load"] else "?"
-        reduced = (f"{r['in_reductions']:.1f} ({100 * r['in_reductions'] / r['lowbit']:.1f}%)"
-                   if procs > 1 else "–")
         local = f"{r['lowbit-local']:.1f}" if procs > 1 else "–"
         lines.append(f"| {procs} | {r['fp32']:.1f} | {r['lowbit']:.1f} | "
-                     f"{r['lowbit'] / r['fp32']:.2f} | {reduced} | {local} | {load} |")
+                     f"{r['lowbit'] / r['fp32']:.2f} | {share(r['in_reductions'], r['lowbit'])} | "
+                     f"{r['lowbit-lagged']:.1f} | "
+                     f"{share(r['in_reductions_lagged'], r['lowbit-lagged'])} | {local} | {load} |")
     return "\n".join(lines)
 
 

@@ -106,10 +106,22 @@ def tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 # -------------------------------------------------------------------------------------- jobs
 
 
-def train_qat(rank: int, world: int, preset: str, reduce: bool = True) -> dict[str, Any]:
-    """QAT of ``conv_net`` under DDP, per-rank batch BATCH / world, the same global batches."""
+def train_qat(rank: int, world: int, preset: str, reduce: bool = True,
+              lag: bool = False) -> dict[str, Any]:
+    """QAT of ``conv_net`` under DDP, per-rank batch BATCH / world, the same global batches;
+    ``lag``: with ``lowbit.distributed.lag_ranges`` (and the range all-reduces counted)."""
     qm = lowbit.prepare_qat(conv_net(), QuantConfig.preset(preset), freeze_bn=0,
                             example_inputs=(torch.randn(2, 1, 8, 8),))
+    calls: list[int] = []
+    if lag:
+        lowbit.distributed.lag_ranges(qm)
+        all_reduce = dist.all_reduce
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            return all_reduce(*args, **kwargs)
+
+        lowbit.distributed.dist.all_reduce = counted  # type: ignore[assignment]
     sched = lowbit.schedules.for_model(qm, epochs=2)
     model: nn.Module = qm
     if world > 1:  # SLB's latent float weights lend only their shape: no gradient
@@ -119,10 +131,21 @@ def train_qat(rank: int, world: int, preset: str, reduce: bool = True) -> dict[s
         if step == STEPS // 2 - 1:
             sched.step_epoch()
 
-    with lowbit.distributed.local() if not reduce else _nothing():
-        train(model, *images(), rank, world, after_step=schedule)
+    per_step: list[int] = []
+
+    def after(step: int) -> None:
+        schedule(step)
+        per_step.append(len(calls))
+        calls.clear()
+
+    try:
+        with lowbit.distributed.local() if not reduce else _nothing():
+            train(model, *images(), rank, world, after_step=after)
+    finally:
+        if lag:
+            lowbit.distributed.dist.all_reduce = all_reduce  # type: ignore[assignment]
     return {"state": tensors(qm), "temperature": sched.current_temperature(),
-            "steps": sched.step}
+            "steps": sched.step, "all_reduces": per_step}
 
 
 class _nothing:

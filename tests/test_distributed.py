@@ -8,10 +8,13 @@ load into a 1-process model, and bad set-ups must fail with a message on every r
 
 from __future__ import annotations
 
+import copy
+
 import dist_workers as w
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.multiprocessing import ProcessRaisedException
 
 import lowbit
@@ -44,6 +47,23 @@ def test_two_ranks_train_as_one_process_with_twice_the_batch(preset, tmp_path):
     assert_close(ranks[0]["state"], alone["state"], atol=1e-5)
     assert ranks[0]["steps"] == ranks[1]["steps"] == alone["steps"]
     assert ranks[0]["temperature"] == ranks[1]["temperature"] == alone["temperature"]
+
+
+def test_lagged_ranges_reduce_once_a_step_and_still_equal_one_process(tmp_path):
+    """``lag_ranges``: one all-reduce per step (after the first, where each quantizer sets its
+    range at once), ranks identical, and 2 ranks x B equal 1 process x 2B lagging the same way;
+    the ranges differ from the unlagged run's (they trail by one step)."""
+    ranks = w.launch(w.train_qat, 2, tmp_path, "w8a8-qat", True, True)
+    alone = w.run_alone(w.train_qat, "w8a8-qat", True, True)
+    assert_same(ranks[0]["state"], ranks[1]["state"], "rank 0 vs rank 1")
+    assert_close(ranks[0]["state"], alone["state"], atol=1e-5)
+    # Step 1: each quantizer sets its range at once; step 2 queues its ranges; from step 3
+    # on, each step's forward first reduces the previous step's queue in one all-reduce.
+    counts = ranks[0]["all_reduces"]
+    assert counts[0] > 1 and counts[1] == 0 and all(n == 1 for n in counts[2:]), counts
+    unlagged = w.run_alone(w.train_qat, "w8a8-qat")
+    ema = [k for k in alone["state"] if k.endswith("observer.hi")]
+    assert ema and any(not torch.equal(alone["state"][k], unlagged["state"][k]) for k in ema)
 
 
 def test_without_reductions_ranks_drift_apart(tmp_path):
@@ -133,3 +153,39 @@ def test_one_process_never_reduces():
     assert lowbit.distributed.active_group() is None
     with lowbit.distributed.local():
         assert lowbit.distributed.active_group() is None
+
+
+def test_lagged_ranges_quantize_with_the_previous_steps_range():
+    """One process: step 1 sets the EMA range, step 2 is quantized with it and queues its own
+    range, step 3's forward folds step 2's range in first (EMA: rate·r1 + (1 − rate)·r2)."""
+    torch.manual_seed(0)
+    qm = lowbit.prepare_qat(nn.Sequential(nn.Linear(4, 4)), QuantConfig.preset("w8a8-qat"))
+    queue = lowbit.distributed.lag_ranges(qm)
+    assert lowbit.distributed.lag_ranges(qm) is queue  # idempotent: one hook, one queue
+    observer = qm[0].input_quant.observer
+    rate = observer.spec.moving_rate
+    x1, x2, x3 = torch.randn(8, 4), 3 * torch.randn(8, 4), torch.randn(8, 4)
+    qm.train()
+    qm(x1)
+    assert torch.equal(observer.hi, x1.max().reshape(1))
+    scale = qm[0].input_quant.scale.clone()
+    qm(x2)
+    assert torch.equal(observer.hi, x1.max().reshape(1)) and len(queue.pending) == 1
+    assert torch.equal(qm[0].input_quant.scale, scale)  # x2 was quantized on x1's range
+    copied = copy.deepcopy(qm)  # a copy keeps lagging, without this process's pending range
+    assert not copied[0].input_quant.observer.lag.pending
+    qm.eval()
+    qm(x3)  # eval forwards neither flush nor queue
+    assert len(queue.pending) == 1
+    qm.train()
+    qm(x3)
+    expected = rate * x1.max() + (1 - rate) * x2.max()
+    torch.testing.assert_close(observer.hi, expected.reshape(1))
+    assert not torch.equal(qm[0].input_quant.scale, scale) and len(queue.pending) == 1
+
+
+def test_lag_ranges_refuses_what_it_cannot_lag():
+    with pytest.raises(TypeError, match="`model` must be a torch.nn.Module"):
+        lowbit.distributed.lag_ranges("model")
+    with pytest.raises(ValueError, match="no activation quantizer with a range observer"):
+        lowbit.distributed.lag_ranges(nn.Linear(2, 2))

@@ -7,6 +7,12 @@ folds in the statistics of every rank's batch, so all ranks hold bit-identical r
 step, and a run with per-rank batch B equals one process with batch W·B. Weights are the same on
 every rank (DDP and FSDP keep them so), so weight statistics are never reduced.
 
+By default each quantizer reduces its batch range as it quantizes (one small collective per
+activation quantizer per step, so the range it uses includes this step's batch, as in Jacob et
+al.). ``lag_ranges(model)`` trades that for one collective per step: quantizers use the range
+as of the previous step and queue their batch range, and the model's next training forward
+reduces the whole queue at once (docs/design.md, "Training on several processes").
+
 The group is the default one unless ``lowbit.distributed.process_group(group)`` names another;
 ``lowbit.distributed.local()`` turns reductions off (rank-0-only calibration or evaluation while
 a group is up). Every rank must run the same quantized model on the same number of batches: the
@@ -274,3 +280,70 @@ def install_check(model: nn.Module) -> None:
     """Attach ``FingerprintCheck`` to ``model`` once."""
     if not any(isinstance(h, FingerprintCheck) for h in model._forward_pre_hooks.values()):
         model.register_forward_pre_hook(FingerprintCheck())
+
+
+class LaggedRanges:
+    """The queue of ``lag_ranges``: batch ranges pushed by quantizers during a training forward,
+    reduced over the ranks in one collective and folded into their observers when the model's
+    next training forward starts (a forward pre-hook). Pending ranges are local to this process:
+    they are dropped, not saved, by ``copy.deepcopy`` and pickling."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
+
+    def push(self, lo: torch.Tensor, hi: torch.Tensor, fold: Any) -> None:
+        """Queue one batch range; ``fold(lo, hi, batches)`` applies it once reduced."""
+        self.pending.append((lo.detach(), hi.detach(), fold))
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if module.training:
+            self.flush()
+
+    def flush(self) -> None:
+        """Reduce every queued range over the ranks (one all-reduce) and fold each in."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        group = active_group()
+        batches = 1 if group is None else world_size(group)
+        sizes = [lo.numel() for lo, _, _ in pending]
+        lo = torch.cat([lo.reshape(-1) for lo, _, _ in pending])
+        hi = torch.cat([hi.reshape(-1) for _, hi, _ in pending])
+        if group is not None:
+            lo, hi = reduce_range(lo, hi, group)
+        for (old_lo, old_hi, fold), new_lo, new_hi in zip(pending, lo.split(sizes),
+                                                          hi.split(sizes)):
+            fold(new_lo.reshape(old_lo.shape), new_hi.reshape(old_hi.shape), batches)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"pending": []}
+
+
+def lag_ranges(model: nn.Module) -> LaggedRanges:
+    """One range reduction per training step instead of one per activation quantizer.
+
+    Activation quantizers with a range observer (``ema``, ``minmax``) then fake-quantize each
+    training batch with the range as of the previous step, and their batch ranges are reduced
+    over the ranks together when the next training forward starts: every rank still holds the
+    same ranges after every step, and 2 ranks x batch B still equal 1 process x batch 2B (one
+    process lags the same way). The first batch of each quantizer sets its range at once; eval
+    forwards, calibration and learned quantizers (LSQ, PACT, ...) are unchanged. A range pending
+    when training stops (the last step's batch) is never folded in. Returns the queue (its
+    ``flush()`` folds pending ranges in by hand). Idempotent."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    queue = next((h for h in model._forward_pre_hooks.values() if isinstance(h, LaggedRanges)),
+                 None)
+    if queue is None:
+        queue = LaggedRanges()
+        model.register_forward_pre_hook(queue)
+    lagging = 0
+    for module in model.modules():
+        if getattr(module, "can_lag", False) and getattr(module, "shared", False):
+            setattr(module, "lag", queue)  # noqa: B010 - an attribute, not a submodule
+            lagging += 1
+    if not lagging:
+        raise ValueError("lag_ranges: the model has no activation quantizer with a range "
+                         "observer ('ema' or 'minmax') to lag; pass a model from "
+                         "lowbit.prepare_qat or lowbit.quantize")
+    return queue

@@ -38,6 +38,7 @@ class Observer(nn.Module):
         # Reduce statistics over the ranks of a process group (activations: each rank sees
         # other data); weight observers are built with shared=False (``build``).
         self.shared = True
+        self.lag: Any = None  # a distributed.LaggedRanges queue, where lag_ranges set one
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
         self._has_data: bool | None = False  # `count > 0` on the host; None: read it
 
@@ -51,8 +52,14 @@ class Observer(nn.Module):
         group = self.group()
         return (lo, hi) if group is None else distributed.reduce_range(lo, hi, group)
 
+    can_lag = False  # whether fold_range can apply a queued range (distributed.lag_ranges)
+
     def update(self, rows: torch.Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def fold_range(self, lo: torch.Tensor, hi: torch.Tensor, batches: int = 1) -> None:
+        """Fold in an already reduced batch range (observers with ``can_lag``)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps more than a range")
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -95,6 +102,8 @@ class MinMaxObserver(Observer):
         self.register_buffer("lo", torch.zeros(0))
         self.register_buffer("hi", torch.zeros(0))
 
+    can_lag = True  # a training quantizer may queue its batch range (distributed.lag_ranges)
+
     def update(self, rows: torch.Tensor) -> None:
         group = self.group()
         self.fold_range(*self.batch_range(rows),
@@ -132,8 +141,13 @@ class EMAObserver(Observer):
         self.register_buffer("lo", torch.zeros(0))
         self.register_buffer("hi", torch.zeros(0))
 
+    can_lag = True  # a training quantizer may queue its batch range (distributed.lag_ranges)
+
     def update(self, rows: torch.Tensor) -> None:
-        lo, hi = self.batch_range(rows)
+        self.fold_range(*self.batch_range(rows))
+
+    def fold_range(self, lo: torch.Tensor, hi: torch.Tensor, batches: int = 1) -> None:
+        """Blend in one step's range (the extremes of ``batches`` ranks' batches)."""
         if self.has_data():
             rate = self.spec.moving_rate
             lo, hi = rate * self.lo + (1 - rate) * lo, rate * self.hi + (1 - rate) * hi
@@ -195,6 +209,8 @@ class HistogramObserver(MinMaxObserver):
     ``lo = max(row_min, -t)``, ``hi = min(row_max, t)``: non-negative data keeps its minimum and
     signed data is clipped symmetrically (a histogram of ``|x|`` cannot tell the two signs apart).
     """
+
+    can_lag = False  # a queued min/max would leave the histogram behind
 
     hist_max: torch.Tensor
     hist: torch.Tensor

@@ -74,13 +74,28 @@ class UniformQuantizer(Quantizer):
         """QAT: update the range from ``x`` (weights: this value; activations: the observer,
         e.g. ``ema``), then fake-quantize with torch's fused kernel and a straight-through
         gradient that is zero where values saturate."""
-        self._track(x)
+        self._track_training(x)
         self._stale = self.role == "weight"  # the optimizer will move the weight
         return fused_fake_quantize(x, self.scale, self.zero_point, self.grid, self.axis,
                                    self.group_size)
 
     def warm_up(self, x: torch.Tensor) -> None:
-        self._track(x)  # ranges are ready when quant_delay ends
+        self._track_training(x)  # ranges are ready when quant_delay ends
+
+    @torch.no_grad()
+    def _track_training(self, x: torch.Tensor) -> None:
+        """``_track``, or, under ``distributed.lag_ranges`` once a range exists, queue this
+        batch's range to be reduced and folded in at the next training step."""
+        lag = self.observer.lag
+        if lag is None or not self.observer.has_data():
+            self._track(x)
+            return
+        rows = to_rows(x.detach().float(), self.axis, self.group_size)
+        lag.push(rows.amin(dim=1), rows.amax(dim=1), self._fold_lagged)
+
+    def _fold_lagged(self, lo: torch.Tensor, hi: torch.Tensor, batches: int) -> None:
+        self.observer.fold_range(lo, hi, batches)
+        self.freeze()
 
     def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._stale and self.role == "weight":

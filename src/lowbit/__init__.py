@@ -23,7 +23,8 @@ from lowbit.export.errors import ExportError
 from lowbit.export.files import ExportSet, MismatchedFileSetError, load_export
 from lowbit.export.onnx import export_onnx
 from lowbit.export.report import ExportReport
-from lowbit.plan import LayerPlan, Plan, plan
+from lowbit.placement import plan
+from lowbit.plan import LayerPlan, Plan
 from lowbit.quantize import prepare_qat, quantize
 from lowbit.quantizers import ConstantQuantizerWarning, QParams, Quantizer
 from lowbit.registry import QUANTIZERS

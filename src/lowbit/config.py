@@ -214,6 +214,15 @@ def _spec_or_none(data: Any) -> QuantSpec | None:
     return None if data is None else QuantSpec.from_dict(data)
 
 
+@dataclass(frozen=True)
+class LayerSpecs:
+    """The resolved specs of one layer (what a plan entry says)."""
+
+    weight: QuantSpec | None = None
+    input: QuantSpec | None = None
+    output: QuantSpec | None = None
+
+
 @dataclass(frozen=True, kw_only=True)
 class LayerRule:
     """Which layers a rule selects and the specs it gives them.

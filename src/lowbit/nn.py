@@ -9,14 +9,13 @@ use (``"Conv2d"``, ``"add"``...).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.config import QuantSpec
+from lowbit.config import LayerSpecs
 from lowbit.float_modules import (
     as_parameter,
     float_class,
@@ -29,15 +28,6 @@ from lowbit.quantizers import Quantizer, make_quantizer
 from lowbit.registry import LAYERS
 
 
-@dataclass(frozen=True)
-class LayerSpecs:
-    """The resolved specs of one layer (what a plan entry says)."""
-
-    weight: QuantSpec | None = None
-    input: QuantSpec | None = None
-    output: QuantSpec | None = None
-
-
 def _apply(q: Quantizer | None, x: torch.Tensor) -> torch.Tensor:
     return x if q is None else q(x)
 
@@ -48,6 +38,8 @@ class QuantLayer:
     ``activation`` is a fused ReLU (moved in from the float model) that runs before the output
     quantizer, so an output range never includes values the ReLU would drop.
     """
+
+    holds_weight = True  # False for adds, cats, activations and pools (plan.holds_weight)
 
     float_type: type[nn.Module]
     input_axis: int = 1  # channel axis of the layer's activations
@@ -488,6 +480,8 @@ def check_input_count(module: Any, tensors: tuple[torch.Tensor, ...]) -> tuple[t
 class _QuantBinary(nn.Module, QuantLayer):
     """Two-input op: ``input`` spec for each input (one quantizer each), optional output."""
 
+    holds_weight = False
+
     float_type: type[nn.Module]
     input_axis = 1
     other_quant: Quantizer | None
@@ -534,6 +528,8 @@ class QuantCat(nn.Module, QuantLayer):
     """``Cat`` with one quantizer per input (``input_quant``, ``other_quant``, then
     ``input_quant_2``...) and an optional output quantizer."""
 
+    holds_weight = False
+
     float_type = Cat
     op_name = "cat"
     input_axis = 1
@@ -562,6 +558,8 @@ class QuantActivation(nn.Module, QuantLayer):
     NNI's ``quant_types: ['output']`` on activations, e.g. binary outputs after ``Hardtanh``.
     Subclass it with another ``float_type`` (e.g. ``nn.Identity``) for a standalone fake-quant
     node (MindSpore's ``FakeQuantWithMinMaxObserver``)."""
+
+    holds_weight = False
 
     float_type: type[nn.Module]
     input_axis = 1

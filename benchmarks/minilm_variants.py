@@ -310,7 +310,8 @@ def lowbit_mixed(ctx: Ctx) -> Built:
 # w4-g128-mixed: what autoquant keeps at 8 bits under the file cap (see lowbit_w4_mixed)
 MIXED_EMBEDDING_GROUP = 64  # int4 rows in groups of 64: 0.9761 vs 0.9792 int8 rows (GPTQ, torch)
 MIXED_MAX_SIZE = 0.195  # of the float32 weight bytes: the .onnx adds its graph to the 0.2x cap
-MIXED_MAX_DROP = 0.005  # cosine >= 0.995 on the calibration sentences (0.9921 there gave 0.9890)
+MIXED_MAX_DROP = 0.007  # cosine >= 0.993 on the calibration sentences (ran 0.001-0.003 above the
+# evaluation set in earlier runs: 0.9921 there gave 0.9890, 0.9957 gave 0.9947)
 
 
 def w4_mixed_config() -> QuantConfig:

@@ -63,7 +63,7 @@ __all__ = [
     "schedules",
     "set_calibrating",
 ]
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 register_quantizer = QUANTIZERS.register
 """Decorator: ``@lowbit.register_quantizer("name")`` on a ``lowbit.Quantizer`` subclass makes

@@ -180,7 +180,8 @@ TARGETS = (
     Target("W8 dynamic: mean cos >= 0.997 at >= 1.8x ORT FP32", ("w8", "w8-transformer"),
            min_cos=0.997, min_speedup=1.8),
     Target("W4 weight-only (GPTQ, AWQ or AdaRound): mean cos >= 0.99, file <= 0.2x FP32",
-           ("w4-g128-gptq", "w4-g128-awq", "w4-g128-adaround", "w4-g64-gptq", "w4-g32-gptq"),
+           ("w4-g128-gptq", "w4-g128-awq", "w4-g128-adaround", "w4-g64-gptq", "w4-g32-gptq",
+            "w4-all4"),
            min_cos=0.99,
            max_size_ratio=0.2),
     Target("W4 g128 mixed (int4 embedding rows, 8-bit layers by autoquant under the cap): "

@@ -50,11 +50,24 @@ def fortune_entries(root: Path = FORTUNES) -> tuple[list[str], list[str]]:
     return entries, files
 
 
-def sentence_sets(n_eval: int, n_calib: int) -> tuple[list[str], list[str], dict]:
+def _shuffled_unique() -> tuple[list[str], list[str], list[str], list[str]]:
+    """Every usable fortune once, shuffled with seed 0; and the entries, kept ones and files."""
     entries, files = fortune_entries()
     kept = [e for e in entries if MIN_CHARS <= len(e) <= MAX_CHARS]
     unique = list(dict.fromkeys(kept))
     random.Random(0).shuffle(unique)
+    return unique, entries, kept, files
+
+
+def extra_calibration_texts(n: int) -> list[str]:
+    """``n`` more calibration sentences, after the evaluation and calibration sets (disjoint
+    from both), for the variants whose algorithm wants more rows than the shared 200."""
+    unique, _, _, _ = _shuffled_unique()
+    return unique[N_EVAL + N_CALIB:N_EVAL + N_CALIB + n]
+
+
+def sentence_sets(n_eval: int, n_calib: int) -> tuple[list[str], list[str], dict]:
+    unique, entries, kept, files = _shuffled_unique()
     if len(unique) < N_EVAL + N_CALIB:
         raise SystemExit(f"minilm.py: only {len(unique)} usable fortunes in {FORTUNES}, need "
                          f"{N_EVAL + N_CALIB}")

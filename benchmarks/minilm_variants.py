@@ -22,19 +22,16 @@ from minilm_data import (
     LastHidden,
     captured,
     dynamic_shapes,
+    extra_calibration_texts,
+    tokenize,
     torch_bytes,
 )
-from minilm_setup import (  # noqa: E402
-    MAX_LENGTH,
-    ORT_CALIB_BATCH,
-)
-from qat_digits import (  # noqa: E402
-    quiet,
-)
+from minilm_setup import BATCH, MAX_LENGTH, ORT_CALIB_BATCH
+from qat_digits import quiet
 from torch import nn
 
 import lowbit
-from lowbit import QuantConfig, QuantSpec
+from lowbit import LayerRule, QuantConfig, QuantSpec
 
 # ------------------------------------------------------------------------- reference variants
 
@@ -325,6 +322,28 @@ def w4_mixed_config() -> QuantConfig:
     return QuantConfig(rules=rules)
 
 
+ALL4_GROUP = 32  # Linear groups and embedding row groups of the all-4-bit variant
+ALL4_CALIB = 1000  # calibration sentences: the shared 200 and 800 more (GPTQ's Hessians)
+
+
+def lowbit_w4_all4(ctx: Ctx) -> Built:
+    """Every Linear and the word table at 4 bits: ``w4-g32-gptq`` with uint4 word-embedding
+    rows in groups of 32 (the position and token-type tables, 0.9% of the weights, stay int8),
+    calibrated on 1000 sentences (the shared 200 and the next 800, all disjoint from the
+    evaluation set)."""
+    rows = QuantSpec(bits=4, symmetric=False, granularity="per_group", group_size=ALL4_GROUP)
+    cfg = QuantConfig(rules=[*QuantConfig.preset(f"w4-g{ALL4_GROUP}-gptq").rules,
+                             LayerRule(types=["Embedding"], names=[r"re:.*word_embeddings"],
+                                       weight=rows)])
+    texts = ctx.calib_texts + extra_calibration_texts(max(0, ALL4_CALIB - len(ctx.calib_texts)))
+    more = dataclasses.replace(ctx, calib_texts=texts,
+                               calib_batches=tokenize(ctx.tokenizer, texts, BATCH,
+                                                      padding="longest"))
+    return lowbit_flow(more, "w4-all4", config=cfg, info={
+        "recipe": f"w4-g{ALL4_GROUP}-gptq, uint4 word-embedding rows g{ALL4_GROUP}, "
+                  f"{len(texts)} calibration sentences"})
+
+
 def lowbit_w4_mixed(ctx: Ctx) -> Built:
     """``w4_mixed_config()`` plus the Linears ``lowbit.autoquant`` keeps at 8 bits: steps
     as-given → keep-8bit (ranked by ``lowbit.analyze``), ``max_size`` 0.195 of the float32
@@ -379,6 +398,8 @@ ANCHOR_VARIANTS: dict[str, tuple[str, str, Callable[[Ctx], Built]]] = {
 LOWBIT_VARIANTS: dict[str, tuple[str, str, Callable[[Ctx], Built]]] = {
     name: (f"lowbit {name}", "lowbit", lowbit_preset(name)) for name in LOWBIT_PRESETS}
 LOWBIT_VARIANTS["w4-g128-adaround"] = ("lowbit w4-g128 + AdaRound", "lowbit", lowbit_w4_adaround)
+LOWBIT_VARIANTS["w4-all4"] = ("lowbit w4-g32-gptq + int4 word-table rows g32, 1000 calibration "
+                               "sentences", "lowbit", lowbit_w4_all4)
 LOWBIT_VARIANTS["w4-g128-mixed"] = ("lowbit w4-g128-gptq + int4 embedding rows + 8-bit layers "
                                     "found by autoquant(max_size)", "lowbit", lowbit_w4_mixed)
 LOWBIT_VARIANTS["w8a8-transformer-mixed"] = ("lowbit w8a8-transformer + float layers found by "

@@ -59,7 +59,9 @@ Variants (``--variants`` takes the keys; ``anchors`` and ``lowbit`` name groups)
   ``w4-g128-gptq`` with int4 embedding rows (groups of 64, packed two a byte) and the Linears
   ``lowbit.autoquant(max_size=0.195, steps=["as-given", "keep-8bit"])`` keeps at 8 bits,
   scored on the calibration sentences only (mean cosine >= 0.993); its search builds and
-  scores one GPTQ model per trial (minutes).
+  scores one GPTQ model per trial (minutes). ``w4-all4``: every Linear and the word table at
+  4 bits (``w4-g32-gptq``, uint4 word rows in groups of 32), GPTQ's statistics from 1000
+  calibration sentences (the shared 200 and the next 800, disjoint from the evaluation set).
 
 Per variant: throughput (sentences/s over the evaluation set: the model call alone) and its
 ratio to ORT FP32, each the median over >= 5 interleaved repeats (repeat r runs every variant

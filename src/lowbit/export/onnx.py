@@ -103,8 +103,8 @@ def export_onnx(
     running on int8 activations unless the session sets
     ``session.qdq_matmulnbits_accuracy_level`` to 0) or as ``com.microsoft.MatMulNBits``
     (``"matmulnbits"``: ONNX Runtime only, float activations, the deploy model's values to
-    float rounding); ``"auto"`` is ``"dequantize"``, the faster of the two with ORT's default
-    session in ``benchmarks/int4_matmul.py`` (see ``lowbit.export.int4``). ``exporter``
+    float rounding); ``"auto"`` is ``"matmulnbits"``, so the file computes what the deploy
+    model computes (see ``lowbit.export.int4``). ``exporter``
     picks torch's exporter: ``"dynamo"``, ``"torchscript"`` (the legacy tracer, opset <= 20)
     or ``"auto"`` (dynamo, then TorchScript where dynamo fails, with a warning and a line in the
     report). When no exporter succeeds, ``lowbit.ExportError`` names the module and op where

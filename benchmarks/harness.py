@@ -43,7 +43,10 @@ def quiet_call(fn, *args, **kwargs):  # noqa: ANN001, ANN201
 
 
 
-def session(path: Path, threads: int, optimized: Path | None = None) -> ort.InferenceSession:
+def session(path: Path, threads: int, optimized: Path | None = None,
+            profile_prefix: str | None = None) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads, sequential; ``optimized``: also write
+    ORT's optimized graph there; ``profile_prefix``: profile every run into that file."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -51,6 +54,9 @@ def session(path: Path, threads: int, optimized: Path | None = None) -> ort.Infe
     opts.log_severity_level = 3
     if optimized is not None:
         opts.optimized_model_filepath = str(optimized)
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

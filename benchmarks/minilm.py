@@ -133,7 +133,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(HERE))
 
-from harness import cpu_info, interleaved_repeats, wait_idle  # noqa: E402
+from harness import cpu_info, interleaved_repeats, session, wait_idle  # noqa: E402
 from minilm_data import (  # noqa: E402
     Built,
     Ctx,
@@ -142,7 +142,6 @@ from minilm_data import (  # noqa: E402
     neighbours,
     onnx_bytes,
     sentence_sets,
-    session,
     tokenize,
 )
 from minilm_variants import (  # noqa: E402

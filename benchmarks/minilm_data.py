@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from minilm_setup import (  # noqa: E402
     FORTUNES,
@@ -160,18 +159,6 @@ class Built:
     module: nn.Module | None = None
     path: Path | None = None
     info: dict = field(default_factory=dict)
-
-
-def session(path: Path, threads: int, profile_prefix: str | None = None) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    if profile_prefix is not None:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def onnx_bytes(path: Path) -> int:

@@ -20,22 +20,27 @@ from __future__ import annotations
 
 import types
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 from torch import fx, nn
 
 from lowbit.nn import Add, Cat, MatMul, keeps_grid
-from lowbit.trace import LeafTracer, ModelGraph, Node, default_leaf, op_name, owner_of, site_name
+from lowbit.trace import (
+    LeafTracer,
+    ModelGraph,
+    Node,
+    call_arguments,
+    call_keeps_grid,
+    default_leaf,
+    op_name,
+    owner_of,
+    site_name,
+)
 
 MODULES: dict[str, type[nn.Module]] = {"add": Add, "matmul": MatMul, "cat": Cat}
 FUNCTIONAL_TYPES = set(MODULES)
 # Functional calls with a grid-keeping module equivalent: the op's name → the module type.
 GRID_KEEPING_FUNCTIONS = {"max_pool1d": "MaxPool1d", "max_pool2d": "MaxPool2d",
                           "interpolate": "Upsample"}
-# Their arguments after the input, in order (F.max_pool*d, torch.max_pool*d, F.interpolate).
-_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-_INTERPOLATE_ARGS = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
-                     "antialias")
 
 # Calls that read metadata: their results (and arithmetic on them) are not activations.
 _METADATA = {"size", "dim", "numel", "getattr", "len", "shape"}
@@ -291,29 +296,23 @@ def _as_module_call(op: str, node: fx.Node) -> tuple[nn.Module, tuple[fx.Node, .
 
 def _grid_keeping_module(op: str, node: fx.Node) -> tuple[nn.Module, tuple[fx.Node, ...]] | None:
     """``F.max_pool2d(x, 2)`` → ``nn.MaxPool2d(2)``, ``F.interpolate(x, scale_factor=2)`` →
-    ``nn.Upsample(scale_factor=2)``; None unless every argument but the input is a constant,
-    the pool returns no indices and the interpolation is nearest (without antialiasing)."""
-    if not node.args or not isinstance(node.args[0], fx.Node):
+    ``nn.Upsample(scale_factor=2)``; None unless the call keeps the grid
+    (``trace.call_keeps_grid``) and every argument but the input is a constant."""
+    kw = call_arguments(op, node.args, dict(node.kwargs))
+    if (kw is None or not isinstance(node.args[0], fx.Node)
+            or not call_keeps_grid(op, node.args, dict(node.kwargs))):
         return None
-    names = _INTERPOLATE_ARGS if op == "interpolate" else _POOL_ARGS
-    rest = node.args[1:]
-    if len(rest) > len(names) or set(node.kwargs) - set(names):
-        return None
-    kw: dict[str, Any] = dict(zip(names, rest)) | dict(node.kwargs)  # constants, checked next
     if any(isinstance(v, fx.Node) or (isinstance(v, (list, tuple))
                                       and any(isinstance(x, fx.Node) for x in v))
            for v in kw.values()):
         return None  # a size computed at run time
     if op == "interpolate":
-        if kw.get("mode", "nearest") != "nearest" or kw.get("antialias") or \
-                kw.get("align_corners") is not None:
-            return None
         module: nn.Module = nn.Upsample(size=kw.get("size"), scale_factor=kw.get("scale_factor"),
                                         mode="nearest",
                                         recompute_scale_factor=kw.get("recompute_scale_factor"))
+    elif "kernel_size" not in kw:
+        return None
     else:
-        if kw.get("return_indices") or "kernel_size" not in kw:
-            return None
         pool = nn.MaxPool1d if op == "max_pool1d" else nn.MaxPool2d
         stride = kw.get("stride")
         module = pool(kw["kernel_size"], stride=stride if stride not in ((), []) else None,

@@ -84,9 +84,10 @@ def plan(
         graph = trace(model, example_inputs)
     fusions = find_chains(model, graph) if config.fuse_bn else []
     wanted = {t for rule in config.rules for t in rule.types} & FUNCTIONAL_TYPES
+    rewritable = OwnerTracer(model)  # one fx trace per calling module, for both placements
     if wanted:
-        layers = _place_functional(model, config, graph, layers, fusions, wanted)
-    layers = _place_grid_keeping(model, config, graph, layers, fusions)
+        layers = _place_functional(model, config, graph, layers, fusions, wanted, rewritable)
+    layers = _place_grid_keeping(model, config, graph, layers, fusions, rewritable)
     if graph is not None and any("feeds_float" in rule.positions for rule in config.rules):
         layers = _place_outputs(model, config, graph, layers, fusions)
     elif graph is None:
@@ -160,7 +161,7 @@ def check_example_inputs(example_inputs: object) -> None:
 
 def _place_functional(model: nn.Module, config: QuantConfig, graph: ModelGraph | None,
                       layers: list[LayerPlan], fusions: Sequence[Sequence[str]],
-                      wanted: set[str]) -> list[LayerPlan]:
+                      wanted: set[str], rewritable: OwnerTracer) -> list[LayerPlan]:
     """Plan entries for functional ops: one per call site, where the model traces with fx.
 
     Elsewhere (a dispatch trace cannot rewrite ``forward``) the sites stay float; a rule for
@@ -182,7 +183,6 @@ def _place_functional(model: nn.Module, config: QuantConfig, graph: ModelGraph |
     readers = {x.name for x in layers if x.input is not None and not x.input.dynamic}
     kept_float: list[str] = []
     placed: set[str] = set()
-    rewritable = OwnerTracer(model)
     for site in find_functional(graph, wanted):
         if site.name in placed:  # a module called twice: its sites are planned once
             continue
@@ -209,8 +209,8 @@ def _place_functional(model: nn.Module, config: QuantConfig, graph: ModelGraph |
 
 
 def _place_grid_keeping(model: nn.Module, config: QuantConfig, graph: ModelGraph | None,
-                        layers: list[LayerPlan], fusions: Sequence[Sequence[str]]
-                        ) -> list[LayerPlan]:
+                        layers: list[LayerPlan], fusions: Sequence[Sequence[str]],
+                        rewritable: OwnerTracer) -> list[LayerPlan]:
     """Max pools and nearest upsamplings that a rule names: those a rule quantizes as they are
     keep their entry; the others are re-resolved with position ``"between"`` where they read a
     quantized layer (or op) and quantized layers read them, and otherwise dropped from the plan
@@ -247,7 +247,6 @@ def _place_grid_keeping(model: nn.Module, config: QuantConfig, graph: ModelGraph
         return out
     # In graph order, each placed site feeding the next (a pool after an upsampling).
     producers = quantized | {x.name for x in out if x.type in GRID_KEEPING_TYPES}
-    rewritable = OwnerTracer(model)
     for site in find_grid_keeping_calls(graph, wanted):
         if not between_quantized(graph, site, modules, producers, readers):
             continue

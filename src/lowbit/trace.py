@@ -265,16 +265,35 @@ def _fx_graph(model: nn.Module, leaf: Callable[[nn.Module], bool]) -> ModelGraph
     return graph
 
 
+# The arguments after the input of the functional calls that may keep the grid, in order
+# (``F.max_pool1d/2d`` and ``torch.max_pool1d/2d``, ``F.interpolate``).
+_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+GRID_CALL_ARGS = {"max_pool1d": _POOL_ARGS, "max_pool2d": _POOL_ARGS,
+                  "interpolate": ("size", "scale_factor", "mode", "align_corners",
+                                  "recompute_scale_factor", "antialias")}
+
+
+def call_arguments(op: str, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The arguments of a ``GRID_CALL_ARGS`` call after its input, by name; None for another
+    op or a call of another form."""
+    names = GRID_CALL_ARGS.get(op)
+    if names is None or not args or len(args) - 1 > len(names) or set(kwargs) - set(names):
+        return None
+    return dict(zip(names, args[1:])) | dict(kwargs)
+
+
 def call_keeps_grid(op: str, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
     """Whether a functional max pool / interpolation only picks among its input's values: a
-    pool that returns no indices, a nearest interpolation without antialiasing (its output
-    stays on the input's quantization grid, as ``lowbit.nn.keeps_grid`` says for modules)."""
-    if op in ("max_pool1d", "max_pool2d"):
-        return not (kwargs.get("return_indices") or (len(args) > 6 and args[6]))
+    pool that returns no indices, a nearest interpolation without antialiasing or corner
+    alignment (its output stays on the input's quantization grid, as ``lowbit.nn.keeps_grid``
+    says for modules)."""
+    kw = call_arguments(op, args, kwargs)
+    if kw is None:
+        return False
     if op == "interpolate":
-        mode = kwargs.get("mode", args[3] if len(args) > 3 else "nearest")
-        return mode == "nearest" and not kwargs.get("antialias")
-    return False
+        return (kw.get("mode", "nearest") == "nearest" and not kw.get("antialias")
+                and kw.get("align_corners") is None)
+    return not kw.get("return_indices")
 
 
 def owner_of(node: fx.Node) -> str:

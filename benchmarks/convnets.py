@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -137,6 +138,27 @@ class Inceptionish(nn.Module):
         return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
 
 
+class UNetish(nn.Module):
+    """A small U-Net written the way segmentation code often is: pooling and upsampling as
+    calls (``F.max_pool2d``, ``F.interpolate``), skips joined by ``torch.cat``."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.enc1, self.enc2 = _conv_bn_relu(3, 32, 3), _conv_bn_relu(32, 64, 3)
+        self.mid = _conv_bn_relu(64, 128, 3)
+        self.dec2, self.dec1 = _conv_bn_relu(128 + 64, 64, 3), _conv_bn_relu(64 + 32, 32, 3)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(F.max_pool2d(e1, 2))
+        m = self.mid(F.max_pool2d(e2, 2))
+        d2 = self.dec2(torch.cat([F.interpolate(m, scale_factor=2), e2], 1))
+        d1 = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2), e1], 1))
+        return self.fc(torch.flatten(self.pool(d1), 1))
+
+
 class HFResNet(nn.Module):
     """``transformers.ResNetModel`` returning its pooled features as one tensor."""
 
@@ -156,6 +178,7 @@ NETS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "resnet8": (ResNet8, (3, 32, 32)),
     "mobilenetv2": (MobileNetV2ish, (3, 32, 32)),
     "inception": (Inceptionish, (3, 32, 32)),
+    "unet": (UNetish, (3, 32, 32)),
     "hf-resnet": (HFResNet, (3, 64, 64)),
 }
 

@@ -5,8 +5,10 @@ Runtime's own ``quantize_static`` files, on four convnets, at batch 1 and 64.
     python benchmarks/ort_latency.py --nets resnet8  # one net; --help for options
 
 Nets (``benchmarks/convnets.py``): a ResNet-8-style net, a MobileNetV2-style net (inverted
-residuals, depthwise convs, ReLU6), an Inception-style net (branches joined by ``torch.cat``)
-and a random-init Hugging Face ``ResNetModel`` (if ``transformers`` is installed). Calibration: 8 batches of 32 standard-normal inputs; evaluation
+residuals, depthwise convs, ReLU6), an Inception-style net (branches joined by ``torch.cat``),
+a U-Net whose pooling and upsampling are ``F.max_pool2d`` / ``F.interpolate`` calls and a
+random-init Hugging Face ``ResNetModel`` (if ``transformers`` is installed). Calibration: 8
+batches of 32 standard-normal inputs; evaluation
 input: one further batch of 64 (its first row is the batch-1 input).
 
 Variants per net, each an ONNX file run on ONNX Runtime's CPU provider:

@@ -45,7 +45,8 @@ from zoo_models import BY_NAME, MODELS, ZooModel, first_line  # noqa: E402
 from zoo_report import HEADER, format_row, lowbit_commit, merge  # noqa: E402
 
 import lowbit  # noqa: E402
-from lowbit.export.onnx import quiet_exporter, strip_metadata  # noqa: E402
+from lowbit.export.exporters import run_exporter  # noqa: E402
+from lowbit.export.onnx import DEFAULT_OPSET, strip_metadata  # noqa: E402
 from lowbit.export.verify import feed, session  # noqa: E402
 from lowbit.nn import QuantLayer  # noqa: E402
 
@@ -139,15 +140,12 @@ def executed_kernels(path: Path, threads: int) -> dict[str, int]:
 
 def export_float(model: nn.Module, path: Path, example: tuple[torch.Tensor, ...],
                  dynamic_shapes: Any) -> bool:
-    """FP32 ONNX (dynamo exporter, metadata stripped); True if the batch is dynamic."""
+    """FP32 ONNX (metadata stripped) through the exporter choice lowbit makes for its own files
+    (dynamo, then TorchScript where dynamo fails); True if the batch is dynamic."""
     for shapes in (dynamic_shapes, None):
         try:
-            with quiet_exporter():
-                program = torch.onnx.export(model, example, dynamo=True, verbose=False,
-                                            dynamic_shapes=shapes)
-                if program is None:
-                    raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNXProgram")
-                program.save(str(path))
+            run_exporter(model, example, path, exporter="auto", opset=DEFAULT_OPSET,
+                         dynamic_shapes=shapes)
             onnx.save(strip_metadata(onnx.load(str(path))), str(path))
             return shapes is not None
         except Exception:

@@ -5,6 +5,8 @@ the default; ``"torchscript"`` (the legacy tracer, ``lowbit.ops``' symbolic func
 graphs the dynamo exporter rejects, e.g. the window ``view`` of transformers' Swin models.
 ``"auto"`` tries dynamo and falls back to TorchScript. Both write the same
 QuantizeLinear/DequantizeLinear nodes with integer initializers named after the model's buffers.
+The legacy exporter stops at opset 20; for a later opset (21: per-group weights) it writes 20 and
+onnx's version converter lifts the file, so every opset has the fallback.
 """
 
 from __future__ import annotations
@@ -45,9 +47,6 @@ def check_exporter_args(exporter: Any, opset: Any) -> None:
     if opset not in SUPPORTED_OPSETS:
         raise ValueError(f"`opset` must be in {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}"
                          f" (what torch's exporters write), got {opset}")
-    if exporter == "torchscript" and opset not in TORCHSCRIPT_OPSETS:
-        raise ValueError(f"`opset` must be <= {TORCHSCRIPT_OPSETS.stop - 1} for "
-                         f"exporter='torchscript', got {opset}")
 
 
 def training_flags(model: nn.Module) -> list[tuple[nn.Module, bool]]:
@@ -89,8 +88,6 @@ def run_exporter(model: nn.Module, inputs: tuple[Any, ...], out: Path, *, export
     when "auto" fell back)``. Raises ``ExportError`` when every exporter tried fails."""
     order = {"auto": ["dynamo", "torchscript"], "dynamo": ["dynamo"],
              "torchscript": ["torchscript"]}[exporter]
-    if exporter == "auto" and opset not in TORCHSCRIPT_OPSETS:
-        order = ["dynamo"]  # the legacy exporter cannot write this opset
     failures: list[ExportFailure] = []
     for name in order:
         try:
@@ -122,12 +119,29 @@ def _torchscript(model: nn.Module, inputs: tuple[Any, ...], out: Path, opset: in
                  dynamic_shapes: Any, input_names: Any, output_names: Any) -> None:
     register_torchscript_symbolics()
     names = list(input_names) if input_names else forward_input_names(model, inputs)
+    written = min(opset, TORCHSCRIPT_OPSETS.stop - 1)
     torch.onnx.export(
-        model, inputs, str(out), dynamo=False, opset_version=opset, verbose=False,
+        model, inputs, str(out), dynamo=False, opset_version=written, verbose=False,
         input_names=names, output_names=list(output_names) if output_names else None,
         dynamic_axes=dynamic_axes(dynamic_shapes, names),
     )
     _undo_initializer_dedup(out)
+    if written < opset:
+        _lift_opset(out, opset)
+
+
+def _lift_opset(path: Path, opset: int) -> None:
+    """Convert the legacy exporter's opset-20 file to ``opset`` with onnx's version converter.
+
+    lowbit's symbolic functions already write the blocked ``DequantizeLinear`` (``block_size``)
+    that opset 21 defines; torch's own ops change between 20 and 21 only by the element types
+    they accept, and the converter adapts any that change more.
+    """
+    import onnx
+    from onnx import version_converter
+
+    proto = version_converter.convert_version(onnx.load(str(path)), opset)
+    onnx.save(proto, str(path))
 
 
 def _undo_initializer_dedup(path: Path) -> None:

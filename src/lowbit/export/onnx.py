@@ -104,10 +104,10 @@ def export_onnx(
     ``session.qdq_matmulnbits_accuracy_level`` to 0) or as ``com.microsoft.MatMulNBits``
     (``"matmulnbits"``: ONNX Runtime only, float activations, the deploy model's values to
     float rounding); ``"auto"`` is ``"matmulnbits"``, so the file computes what the deploy
-    model computes (see ``lowbit.export.int4``). ``exporter``
-    picks torch's exporter: ``"dynamo"``, ``"torchscript"`` (the legacy tracer, opset <= 20)
-    or ``"auto"`` (dynamo, then TorchScript where dynamo fails, with a warning and a line in the
-    report). When no exporter succeeds, ``lowbit.ExportError`` names the module and op where
+    model computes (see ``lowbit.export.int4``). ``exporter`` picks torch's exporter:
+    ``"dynamo"``, ``"torchscript"`` (the legacy tracer; it writes opset 20, and later opsets
+    through onnx's version converter) or ``"auto"`` (dynamo, then TorchScript where dynamo
+    fails, with a warning and a line in the report). When no exporter succeeds, ``lowbit.ExportError`` names the module and op where
     each failed, the exporter's first line and what to try. Every submodule's training flag
     is restored afterwards, and ``model`` itself is never changed.
     """

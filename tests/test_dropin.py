@@ -254,7 +254,9 @@ def test_conv1d_trains_under_qat_and_takes_smoothquant():
     assert not torch.equal(before, qm.up.weight)
 
     sq = lowbit.quantize(model.eval(), QuantConfig.preset("w8a8-transformer"))
-    lowbit.calibrate(sq, [torch.randn(4, 3, 6) for _ in range(2)], progress=False)
+    # smoothing_check=False: smoothed whether or not it pays off on these random inputs
+    lowbit.calibrate(sq, [torch.randn(4, 3, 6) for _ in range(2)], progress=False,
+                     smoothing_check=False)
     assert sq.up.input_smoothing is not None
 
 

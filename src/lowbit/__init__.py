@@ -16,7 +16,7 @@ from lowbit.analysis import (
     autoquant,
     keep_sensitive_layers,
 )
-from lowbit.calibrate import calibrate, set_calibrating
+from lowbit.calibrate import SmoothingWarning, calibrate, set_calibrating
 from lowbit.config import LayerRule, QuantConfig, QuantSpec
 from lowbit.convert import convert
 from lowbit.export.errors import ExportError
@@ -46,6 +46,7 @@ __all__ = [
     "QuantConfig",
     "QuantSpec",
     "SensitivityReport",
+    "SmoothingWarning",
     "analyze",
     "autoquant",
     "calibrate",

@@ -69,7 +69,7 @@ def convert(model: nn.Module) -> nn.Module:
                          "lowbit.calibrate) first")
     unsmoothed = [m.layer_name for m in model.modules() if isinstance(m, QuantLayer)
                   and m.input_quant is not None and m.input_quant.spec.smoothing is not None
-                  and getattr(m, "input_smoothing", None) is None]
+                  and getattr(m, "input_smoothing", None) is None and not m.smoothing_declined]
     if unsmoothed:
         warnings.warn(f"{len(unsmoothed)} layer(s) ask for `smoothing` but were never calibrated "
                       f"with data, so they are not smoothed: {unsmoothed[:5]}"

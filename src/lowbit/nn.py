@@ -44,6 +44,9 @@ class QuantLayer:
     float_type: type[nn.Module]
     input_axis: int = 1  # channel axis of the layer's activations
     dynamic_input: bool = False  # has a deploy form for run-time quantized inputs
+    # Calibration left the smoothing its input spec asks for off (it lowered the model's
+    # fidelity: lowbit.calibrate's smoothing check), so convert does not warn about it.
+    smoothing_declined: bool = False
 
     weight_quant: Quantizer | None
     input_quant: Quantizer | None

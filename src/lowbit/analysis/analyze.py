@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from lowbit.analysis.report import AnalysisReport, LayerAnalysis
-from lowbit.analysis.sensitivity import _bypassed, _restore
 from lowbit.analysis.stats import (
     ErrorSum,
     InputStats,
@@ -39,6 +38,7 @@ from lowbit.analysis.stats import (
     weight_size_bits,
 )
 from lowbit.calibrate import _eval_state, default_forward
+from lowbit.fidelity import bypassed, first_tensor, restore
 from lowbit.nn import QuantLayer
 from lowbit.quantizers import Quantizer
 
@@ -80,17 +80,6 @@ def check_calibrated(model: nn.Module) -> None:
     if unready:
         warnings.warn(f"analysis: these layers have no activation range (calibration never "
                       f"reached them), so their inputs pass unquantized: {unready}", stacklevel=3)
-
-
-def _first_tensor(out: Any) -> torch.Tensor | None:
-    for _ in range(8):
-        if isinstance(out, torch.Tensor):
-            return out
-        try:
-            out = out[0]
-        except (TypeError, IndexError, KeyError):
-            return None
-    return None
 
 
 def _input_pairs(layer: Any, args: tuple[Any, ...]) -> list[tuple[Quantizer, torch.Tensor]]:
@@ -161,7 +150,7 @@ def analyze(
                 phase["order"] += 1
             track.calls += 1
             track.pending.append(out.detach())
-            _restore(module, saved[name])  # this layer alone quantized, on the float input
+            restore(module, saved[name])  # this layer alone quantized, on the float input
             try:
                 track.isolated.add(out, module.forward(*args, **kwargs))
                 for i, (q, x) in enumerate(_input_pairs(module, args)):
@@ -169,12 +158,12 @@ def analyze(
                         track.inputs.append(InputStats())
                     track.inputs[i].add(x, q, generator)
             finally:
-                _bypassed(module)
+                bypassed(module)
 
         return hook
 
     def model_hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        y = _first_tensor(out)
+        y = first_tensor(out)
         if y is None:
             return
         if phase["float"]:
@@ -188,14 +177,14 @@ def analyze(
     count = 0
     try:
         with _eval_state(qm):
-            saved.update({name: _bypassed(layer) for name, layer in layers.items()})
+            saved.update({name: bypassed(layer) for name, layer in layers.items()})
             for batch in batches:
                 for layer in layers.values():
-                    _bypassed(layer)
+                    bypassed(layer)
                 phase["float"] = True
                 forward(qm, batch)
                 for name, layer in layers.items():
-                    _restore(layer, saved[name])
+                    restore(layer, saved[name])
                 phase["float"] = False
                 forward(qm, batch)
                 for track in tracks.values():
@@ -207,7 +196,7 @@ def analyze(
         for handle in handles:
             handle.remove()
         for name, saved_slots in saved.items():
-            _restore(layers[name], saved_slots)
+            restore(layers[name], saved_slots)
     if count == 0:
         raise ValueError("`batches` is empty: the analysis needs at least one batch")
 

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit import fidelity
 from lowbit.calibrate import calibrate, default_forward
 from lowbit.config import LayerRule, QuantConfig
 from lowbit.nn import QuantLayer
 
 Output = Callable[[nn.Module, Any], torch.Tensor]
-SLOTS = ("weight_quant", "output_quant")  # and each input's (``QuantLayer.input_slots``)
 
 
 @dataclass
@@ -46,9 +46,9 @@ class SensitivityReport:
 
 def first_tensor(model: nn.Module, batch: Any) -> torch.Tensor:
     """The model's output, or its first element (``ModelOutput``, tuple)."""
-    out = default_forward(model, batch)
-    while not isinstance(out, torch.Tensor):
-        out = out[0]
+    out = fidelity.first_tensor(default_forward(model, batch))
+    if out is None:
+        raise TypeError("the model's output holds no tensor to compare; pass `output=`")
     return out
 
 
@@ -62,20 +62,6 @@ def _score(model: nn.Module, batches: Sequence[Any], refs: list[torch.Tensor],
             sims.append(torch.nn.functional.cosine_similarity(
                 got.reshape(got.shape[0], -1), ref.reshape(ref.shape[0], -1), dim=1))
     return float(torch.cat(sims).mean())
-
-
-def _bypassed(layer: Any) -> dict[str, Any]:
-    saved = {slot: getattr(layer, slot, None) for slot in (*SLOTS, *layer.input_slots())}
-    for slot, q in saved.items():
-        if q is not None:
-            setattr(layer, slot, None)
-    return saved
-
-
-def _restore(layer: Any, saved: dict[str, Any]) -> None:
-    for slot, q in saved.items():
-        if q is not None:
-            setattr(layer, slot, q)
 
 
 def keep_sensitive_layers(
@@ -130,11 +116,11 @@ def keep_sensitive_layers(
     layers: dict[str, Any] = {str(m.layer_name): m for m in qm.modules()
                               if isinstance(m, QuantLayer)}
     for name, layer in layers.items():
-        saved = _bypassed(layer)
+        saved = fidelity.bypassed(layer)
         try:
             report.per_layer[name] = _score(qm, scoring, refs, output)
         finally:
-            _restore(layer, saved)
+            fidelity.restore(layer, saved)
 
     score = report.baseline
     limit = len(layers) if max_layers is None else max_layers
@@ -144,7 +130,7 @@ def keep_sensitive_layers(
         if report.per_layer[name] <= report.baseline:
             break  # no layer left whose float form helps
         report.chosen.append(name)
-        _bypassed(layers[name])  # cumulative: chosen layers stay in float
+        fidelity.bypassed(layers[name])  # cumulative: chosen layers stay in float
         score = _score(qm, scoring, refs, output)
 
     keep = fallback or LayerRule()

@@ -122,9 +122,10 @@ def calibrate(
     SmoothQuant is kept only where it pays off for the whole model (``smoothing_check``):
     two trial copies, with and without smoothing, are calibrated on the first half of the
     first ``SMOOTHING_CHECK_BATCHES`` batches and scored on the other half by their output's
-    cosine to the float function (the first output tensor, per sample); when smoothing scores
-    lower it is left off, with a warning that gives both scores. Models without outlier channels (random-init ViTs)
-    lose accuracy to it; trained encoders with outliers (MiniLM) keep it.
+    cosine to the float function (the first output tensor, per sample, padding positions left
+    out); when smoothing scores lower it is left off, with a ``SmoothingWarning`` that gives
+    both scores. Models without outlier channels (random-init ViTs) lose accuracy to it;
+    trained encoders with outliers (MiniLM) keep it.
     ``smoothing_check=False`` smooths as the specs say, without the trials.
 
     Under ``torch.distributed`` (more than one rank, see ``lowbit.distributed``) each rank
@@ -270,7 +271,7 @@ class _Run:
                           f"are unset: {unseen}", stacklevel=3)
         return count
 
-    def scores(self, model: nn.Module, batches: list[Any], refs: list[torch.Tensor]) -> float:
+    def score(self, model: nn.Module, batches: list[Any], refs: list[torch.Tensor]) -> float:
         """Mean per-sample cosine of ``model``'s output to ``refs`` (over every rank)."""
         total = torch.zeros(2, dtype=torch.float64)
         with _eval_state(model):
@@ -318,7 +319,7 @@ def _smoothing_pays_off(model: nn.Module, batches: Iterable[Any], run: _Run,
             warnings.simplefilter("ignore")  # the real run warns about what it finds
             run(trial, activation_quantizers(trial), fit, max_batches=None, progress=False,
                 bias_correction=None, smoothing=smoothing)
-        score[smoothing] = run.scores(trial, held, refs)
+        score[smoothing] = run.score(trial, held, refs)
         del trial
     if not score[True] < score[False]:  # ties and NaN keep what the specs ask for
         return True

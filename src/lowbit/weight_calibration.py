@@ -188,12 +188,12 @@ def layers_needing_data(model: nn.Module) -> dict[str, tuple[Any, set[str]]]:
 
 def smoothed_layers(model: nn.Module) -> dict[str, float]:
     """The layers whose input spec asks for SmoothQuant, with their α."""
-    found = {}
-    for name, (layer, _) in layers_needing_data(model).items():
-        x_q = layer.input_quant
-        if x_q is not None and x_q.spec.smoothing is not None:
-            found[name] = float(x_q.spec.smoothing)
-    return found
+    return {name: float(layer.input_quant.spec.smoothing)
+            for name, (layer, _) in layers_needing_data(model).items() if _asks_smoothing(layer)}
+
+
+def _asks_smoothing(layer: Any) -> bool:
+    return layer.input_quant is not None and layer.input_quant.spec.smoothing is not None
 
 
 def calibrate_weights(model: nn.Module, batches: Iterable[Any],
@@ -232,8 +232,9 @@ def calibrate_weights(model: nn.Module, batches: Iterable[Any],
     groups = _groups(targets, stats, first_input)
     for group in groups if smoothing else ():
         _smooth(group)
-    for name in smoothed_layers(model):
-        targets[name][0].smoothing_declined = not smoothing
+    for layer, _ in targets.values():
+        if _asks_smoothing(layer):
+            layer.smoothing_declined = not smoothing
     for group in groups:
         by_algorithm: dict[str, Group] = {}
         for name, layer, st in zip(group.names, group.layers, group.stats):

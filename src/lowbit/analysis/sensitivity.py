@@ -59,8 +59,8 @@ def _score(model: nn.Module, batches: Sequence[Any], refs: list[torch.Tensor],
     with torch.no_grad():
         for batch, ref in zip(batches, refs):
             got = output(model, batch).float()
-            sims.append(torch.nn.functional.cosine_similarity(
-                got.reshape(got.shape[0], -1), ref.reshape(ref.shape[0], -1), dim=1))
+            sims.append(fidelity.sample_cosines(got.reshape(got.shape[0], -1),
+                                                ref.reshape(ref.shape[0], -1)))
     return float(torch.cat(sims).mean())
 
 

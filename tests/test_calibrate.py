@@ -328,3 +328,64 @@ def test_deploy_model_equals_fake_quant_model(model_shape, weight: QuantSpec) ->
     with torch.no_grad():
         for x in batches:
             assert torch.equal(dm(x), qm(x))
+
+
+# ------------------------------------------------------------------ speed without a cost
+
+
+def test_a_pass_fake_quantizes_each_weight_once_and_forgets_it_after():
+    from lowbit.quantizers.uniform import reusing_weights
+
+    qm = _quantized()
+    lowbit.calibrate(qm, [torch.randn(4, 6) for _ in range(2)], progress=False)
+    wq = qm[0].weight_quant
+    x = torch.randn(3, 6)
+    with torch.no_grad(), reusing_weights(qm):
+        first = wq(qm[0].weight)
+        assert wq(qm[0].weight) is first  # reused
+        replaced = nn.Parameter(qm[0].weight.detach() * 2)
+        assert wq(replaced) is not first  # another weight is quantized afresh
+        y_reused = qm(x)
+    assert wq._reused is None and not wq.reuse_weight
+    with torch.no_grad():
+        assert torch.equal(qm(x), y_reused)
+
+
+def test_calibration_with_weight_changes_between_passes_is_unchanged_by_reuse(monkeypatch):
+    """SmoothQuant and GPTQ change weights between the statistics and the range pass: the
+    reused value must not outlive its pass."""
+    import contextlib
+
+    calibrate_module = lowbit.calibrate.__globals__
+    w4 = QuantSpec(bits=4, granularity="per_group", group_size=4, algorithm="gptq")
+    cfg = QuantConfig(rules=[LayerRule(types=["Linear"], weight=w4,
+                                       input=QuantSpec(bits=8, symmetric=False, smoothing=0.5))])
+    batches = [torch.randn(16, 8) * torch.linspace(0.1, 8, 8) for _ in range(4)]
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+
+    def calibrated() -> nn.Module:
+        qm = lowbit.quantize(model, cfg)
+        lowbit.calibrate(qm, batches, progress=False, smoothing_check=False)
+        return qm
+
+    reused = calibrated()
+    monkeypatch.setitem(calibrate_module, "reusing_weights", lambda m: contextlib.nullcontext())
+    fresh = calibrated()
+    assert reused.state_dict().keys() == fresh.state_dict().keys()
+    for key, value in reused.state_dict().items():
+        assert torch.equal(value, fresh.state_dict()[key]), key
+
+
+def test_all_finite_is_exact_where_the_sum_overflows():
+    from lowbit.numerics import all_finite
+
+    big = torch.full((4,), 3e38)  # finite values whose sum is inf
+    assert all_finite(big)
+    assert all_finite(torch.arange(5))  # integers
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(100)
+        x[17] = bad
+        assert not all_finite(x)
+    x = torch.randn(10)
+    x[1], x[2] = float("inf"), -float("inf")  # a sum of nan
+    assert not all_finite(x)

@@ -26,6 +26,7 @@ from lowbit.fidelity import (
 from lowbit.float_modules import deep_copyable
 from lowbit.guard import NonFiniteError, check_finite, check_not_meta, layer_errors
 from lowbit.quantizers import Quantizer
+from lowbit.quantizers.uniform import reusing_weights
 from lowbit.weight_calibration import calibrate_weights, layers_needing_data, smoothed_layers
 
 Forward = Callable[[nn.Module, Any], Any]
@@ -213,8 +214,16 @@ class _Run:
 
                 total = max_batches if max_batches is not None else _len_or_none(batches)
                 iterator = tqdm(batches, total=total, desc=desc, unit="batch", leave=False)
+            with reusing_weights(model):  # no weight changes within one pass
+                count, seen = feed_each(iter(iterator))
+            if count == 0:
+                raise ValueError("`batches` is empty: calibration needs at least one batch"
+                                 + (f" (all {seen} were skipped for NaN/inf)" if seen else ""))
+            return count
+
+        def feed_each(batch_iter: Any) -> tuple[int, int]:
+            """(batches fed, batches seen)."""
             count = seen = 0
-            batch_iter = iter(iterator)
             while True:
                 batch = next(batch_iter, _END)
                 if group is not None:  # every rank feeds a batch, or none does
@@ -231,15 +240,12 @@ class _Run:
                     if nonfinite == "raise":
                         raise
                     warnings.warn(f"skipped {str(err).split('; clean the data')[0]}",
-                                  stacklevel=4)
+                                  stacklevel=5)
                     continue
                 count += 1
                 if max_batches is not None and count >= max_batches:
                     break
-            if count == 0:
-                raise ValueError("`batches` is empty: calibration needs at least one batch"
-                                 + (f" (all {seen} were skipped for NaN/inf)" if seen else ""))
-            return count
+            return count, seen
 
         def finite_hook(q: Quantizer) -> Any:
             def hook(module: nn.Module, args: tuple[Any, ...]) -> None:

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.numerics import all_finite
+
 
 class LayerError(ValueError):
     """A layer rejected its input (shape, dtype, device or values); ``layer`` names it."""
@@ -99,7 +101,7 @@ class NonFiniteError(LayerError):
 
 def check_finite(x: torch.Tensor, layer: str, role: str, what: str) -> None:
     """Raise ``NonFiniteError`` when ``x`` (the ``role`` tensor of ``layer``) holds NaN or inf."""
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if x.is_floating_point() and not all_finite(x):
         nans = int(torch.isnan(x).sum())
         infs = int(torch.isinf(x).sum())
         raise NonFiniteError(f"{what}: the {role} of layer {layer!r} holds NaN or Inf values "

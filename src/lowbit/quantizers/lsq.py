@@ -39,7 +39,14 @@ from torch import nn
 
 from lowbit import distributed, observers
 from lowbit.config import QuantSpec
-from lowbit.numerics import MIN_SCALE, broadcast_param, fake_quantize, qparams_from_range, round_ste
+from lowbit.numerics import (
+    MIN_SCALE,
+    all_finite,
+    broadcast_param,
+    fake_quantize,
+    qparams_from_range,
+    round_ste,
+)
 from lowbit.quantizers.base import QParams, Quantizer, Role
 from lowbit.quantizers.uniform import to_rows
 from lowbit.registry import QUANTIZERS
@@ -243,7 +250,7 @@ class LSQQuantizer(Quantizer):
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Weights: compute the paper's init for ``freeze``; activations: feed the observer."""
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             where = f"layer {self.layer_name!r}" if self.layer_name else "a layer"
             raise ValueError(f"the {self.role} of {where} holds NaN or Inf values; "
                              "check the calibration data and the model's float output")

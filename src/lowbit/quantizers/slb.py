@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lowbit.config import QuantSpec
+from lowbit.numerics import all_finite
 from lowbit.quantizers.base import QParams, Quantizer, Role
 from lowbit.registry import QUANTIZERS
 
@@ -129,7 +130,7 @@ class SLBQuantizer(Quantizer):
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Remember the float weight; ``freeze`` initialises the logits from it."""
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise ValueError(f"the weight of layer {self.layer_name!r} holds NaN or Inf values")
         self._pending = x.detach()
 

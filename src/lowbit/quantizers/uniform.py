@@ -8,6 +8,8 @@ straight-through estimator, zero where values saturate.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,6 +17,7 @@ import torch
 from lowbit import observers
 from lowbit.config import QuantSpec
 from lowbit.numerics import (
+    all_finite,
     dynamic_qparams,
     fake_quantize,
     fused_fake_quantize,
@@ -63,6 +66,9 @@ class UniformQuantizer(Quantizer):
         # range is never re-derived from the weight, not even after load_state_dict.
         self.register_buffer("pinned", torch.tensor(False))
         self._stale = False
+        # (weight, its fake-quantized value) while ``reuse_weight`` holds: see ``reusing_weights``
+        self._reused: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.reuse_weight = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.dynamic:
@@ -103,6 +109,14 @@ class UniformQuantizer(Quantizer):
             self._stale = False
         if not self._initialized():
             return x
+        if self.__dict__.get("reuse_weight"):  # (absent from modules pickled before it)
+            reused = self.__dict__.get("_reused")
+            if reused is not None and reused[0] is x:
+                return reused[1]
+            y = fake_quantize(x, self.scale, self.zero_point, self.grid, self.axis,
+                              self.group_size)
+            self._reused = (x, y)
+            return y
         return fake_quantize(x, self.scale, self.zero_point, self.grid, self.axis, self.group_size)
 
     def quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, QParams]:
@@ -121,7 +135,7 @@ class UniformQuantizer(Quantizer):
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Feed ``x`` to the observer (weights: their current value only)."""
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             where = f"layer {self.layer_name!r}" if self.layer_name else "a layer"
             raise ValueError(f"the {self.role} of {where} holds NaN or Inf values; "
                              "check the calibration data and the model's float output")
@@ -221,3 +235,22 @@ class UniformQuantizer(Quantizer):
             if key in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[key]).to(self.scale.device))
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+@contextlib.contextmanager
+def reusing_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Within: each weight quantizer fake-quantizes its weight once and reuses the result.
+
+    For passes over calibration batches, in which nothing changes a weight or its qparams
+    (weight algorithms and bias correction run between passes, never inside one): the weight
+    fake quant was a fifth of MiniLM's calibration time. The value is dropped on leaving.
+    """
+    quantizers = [q for q in model.modules()
+                  if isinstance(q, UniformQuantizer) and q.role == "weight"]
+    for q in quantizers:
+        q.reuse_weight = True
+    try:
+        yield
+    finally:
+        for q in quantizers:
+            q.reuse_weight, q._reused = False, None

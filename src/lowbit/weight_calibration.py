@@ -202,6 +202,12 @@ def calibrate_weights(model: nn.Module, batches: Iterable[Any],
     ``smoothing`` is False: ``lowbit.calibrate`` found it does not pay off) and the weight
     algorithms. Returns the names of the layers it changed."""
     targets = layers_needing_data(model)
+    for layer, _ in targets.values():
+        if _asks_smoothing(layer):
+            layer.smoothing_declined = not smoothing
+    if not smoothing:  # the channel maxima are SmoothQuant's alone: no pass for them
+        targets = {name: (layer, needs - {"absmax"}) for name, (layer, needs) in targets.items()
+                   if needs - {"absmax"}}
     if not targets:
         return []
     generator = torch.Generator().manual_seed(0)
@@ -232,9 +238,6 @@ def calibrate_weights(model: nn.Module, batches: Iterable[Any],
     groups = _groups(targets, stats, first_input)
     for group in groups if smoothing else ():
         _smooth(group)
-    for layer, _ in targets.values():
-        if _asks_smoothing(layer):
-            layer.smoothing_declined = not smoothing
     for group in groups:
         by_algorithm: dict[str, Group] = {}
         for name, layer, st in zip(group.names, group.layers, group.stats):

@@ -330,9 +330,11 @@ def _smoothing_pays_off(model: nn.Module, batches: Iterable[Any], run: _Run,
     if not score[True] < score[False]:  # ties and NaN keep what the specs ask for
         return True
     alpha = ", ".join(f"{a:g}" for a in sorted(set(alphas.values())))
+    where = (f"calibrated on {len(fit)} batch(es) and scored on {len(held)} others"
+             if held is not fit else "calibrated and scored on the one batch")
     warnings.warn(
-        f"SmoothQuant (α {alpha}, {len(alphas)} layers) left off: calibrated on {len(fit)} "
-        f"batch(es) and scored on {len(held)} others, the output's cosine to the float model "
+        f"SmoothQuant (α {alpha}, {len(alphas)} layers) left off: {where}, the output's cosine "
+        "to the float model "
         f"is {score[False]:.5f} without it and {score[True]:.5f} with it (as in models "
         "without outlier channels for it to move); calibrate(..., smoothing_check=False) smooths "
         "anyway", SmoothingWarning, stacklevel=3)

@@ -41,6 +41,7 @@ from lowbit.calibrate import _eval_state, default_forward
 from lowbit.fidelity import bypassed, first_tensor, restore
 from lowbit.nn import QuantLayer
 from lowbit.quantizers import Quantizer
+from lowbit.quantizers.uniform import reusing_weights
 
 Forward = Callable[[nn.Module, Any], Any]
 
@@ -176,7 +177,7 @@ def analyze(
     handles.append(qm.register_forward_hook(model_hook))
     count = 0
     try:
-        with _eval_state(qm):
+        with _eval_state(qm), reusing_weights(qm):  # weights are fixed: fake each once
             saved.update({name: bypassed(layer) for name, layer in layers.items()})
             for batch in batches:
                 for layer in layers.values():

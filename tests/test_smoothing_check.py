@@ -146,3 +146,38 @@ def test_float_function_switches_every_quantizer_off_and_back():
             assert torch.allclose(qm(**b).last_hidden_state, model(**b).last_hidden_state,
                                   atol=1e-5)
         assert torch.equal(qm(**b).last_hidden_state, before)
+
+
+class Wrapper(nn.Module):
+    """Tensors in, tensor out, as models are wrapped for export: the mask goes in by position."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def test_a_wrapper_taking_the_mask_by_position_decides_like_the_model_itself():
+    """The mask is found where the wrapper passes it on, so padding is left out of the score
+    (and out of GPTQ's statistics) for tuple batches as for dict batches."""
+    from lowbit.fidelity import AttentionMasks
+
+    model = bert(outlier=True)
+    wrapped = Wrapper(copy.deepcopy(model))
+    with AttentionMasks(wrapped) as masks, torch.no_grad():
+        wrapped(CALIB[0]["input_ids"], CALIB[0]["attention_mask"])
+        assert masks.mask is not None and torch.equal(masks.mask, CALIB[0]["attention_mask"])
+        wrapped(CALIB[1]["input_ids"], CALIB[1]["attention_mask"])
+        assert torch.equal(masks.mask, CALIB[1]["attention_mask"])  # each forward its own
+    qm, said = calibrated(model)
+    qw = lowbit.quantize(wrapped, QuantConfig.preset("w8a8-transformer"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lowbit.calibrate(qw, [(b["input_ids"], b["attention_mask"]) for b in CALIB],
+                         progress=False)
+    assert not said and not [w for w in caught if issubclass(w.category, lowbit.SmoothingWarning)]
+    assert len(smoothed(qw)) == len(smoothed(qm)) == 13
+    for a, b in zip(smoothed(qw), smoothed(qm)):
+        assert torch.equal(a.input_smoothing, b.input_smoothing)

@@ -17,11 +17,11 @@ from lowbit import distributed
 from lowbit.algorithms.bias_correction import check_mode as check_bias_correction
 from lowbit.algorithms.bias_correction import correct_biases
 from lowbit.fidelity import (
+    AttentionMasks,
     compared,
     first_tensor,
     float_function,
     sample_cosines,
-    token_mask,
 )
 from lowbit.float_modules import deep_copyable
 from lowbit.guard import NonFiniteError, check_finite, check_not_meta, layer_errors
@@ -280,12 +280,12 @@ class _Run:
     def score(self, model: nn.Module, batches: list[Any], refs: list[torch.Tensor]) -> float:
         """Mean per-sample cosine of ``model``'s output to ``refs`` (over every rank)."""
         total = torch.zeros(2, dtype=torch.float64)
-        with _eval_state(model):
+        with _eval_state(model), AttentionMasks(model) as masks:
             for batch, ref in zip(batches, refs):
                 got = first_tensor(self.forward(model, batch))
                 if got is None:
                     return math.nan
-                cos = sample_cosines(compared(got, token_mask(batch)), ref)
+                cos = sample_cosines(compared(got, masks.mask), ref)
                 total += torch.tensor([float(cos.sum()), float(cos.numel())], dtype=torch.float64)
         if self.group is not None:
             device = distributed.device_for(self.group)
@@ -310,13 +310,13 @@ def _smoothing_pays_off(model: nn.Module, batches: Iterable[Any], run: _Run,
     fit, held = (subset[:len(subset) // 2], subset[len(subset) // 2:]) if len(subset) > 1 \
         else (subset, subset)
     refs = []
-    with _eval_state(model), float_function(model):
+    with _eval_state(model), float_function(model), AttentionMasks(model) as masks:
         for batch in held:
             with layer_errors(model, "the smoothing check's float pass"):
                 out = first_tensor(run.forward(model, batch))
             if out is None:
                 return True
-            refs.append(compared(out, token_mask(batch)))
+            refs.append(compared(out, masks.mask))
     score = {}
     for smoothing in (True, False):
         with deep_copyable(model):

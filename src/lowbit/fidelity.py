@@ -59,10 +59,36 @@ def float_function(model: nn.Module) -> Iterator[nn.Module]:
             restore(layer, slots)
 
 
-def token_mask(batch: Any) -> torch.Tensor | None:
-    """A Hugging Face batch's ``attention_mask`` (batch, seq), nonzero on real tokens."""
-    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+class AttentionMasks:
+    """Within: the ``attention_mask`` (batch, seq) of the model's latest forward, wherever it
+    was passed: to the model itself by keyword, or by a wrapper that took positional tensors
+    (``LastHidden(model)(ids, mask)``) to the Hugging Face model inside it. The first 2-D one
+    a forward passes wins (inner modules may get 4-D extended masks)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.mask: torch.Tensor | None = None
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> AttentionMasks:
+        def start(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.mask = None  # a new forward of the model
+            record(module, args, kwargs)
+
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            mask = kwargs.get("attention_mask")
+            if self.mask is None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                self.mask = mask
+
+        self._handles = [self.model.register_forward_pre_hook(start, with_kwargs=True)]
+        self._handles += [m.register_forward_pre_hook(record, with_kwargs=True)
+                          for m in self.model.modules() if m is not self.model]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 def compared(y: torch.Tensor, mask: torch.Tensor | None = None,

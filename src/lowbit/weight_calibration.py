@@ -31,6 +31,7 @@ from torch import nn
 from lowbit import distributed
 from lowbit.algorithms import awq, gptq
 from lowbit.algorithms.base import Group
+from lowbit.fidelity import AttentionMasks
 from lowbit.nn import QuantLayer
 from lowbit.registry import WEIGHT_ALGORITHMS
 
@@ -213,22 +214,18 @@ def calibrate_weights(model: nn.Module, batches: Iterable[Any],
     generator = torch.Generator().manual_seed(0)
     stats = {name: InputStats() for name in targets}
     first_input: dict[str, torch.Tensor] = {}
-    token_mask: list[torch.Tensor | None] = [None]
-
-    def remember_mask(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        mask = kwargs.get("attention_mask")
-        token_mask[0] = mask if isinstance(mask, torch.Tensor) else None
-
-    hooks = [model.register_forward_pre_hook(remember_mask, with_kwargs=True)]
+    masks = AttentionMasks(model)  # the forward's attention_mask, however it was passed
+    hooks = []
     for name, (layer, needs) in targets.items():
         def record(module: nn.Module, args: tuple[Any, ...], name: str = name,
                    needs: set[str] = needs) -> None:
             x = args[0]
             first_input.setdefault(name, x)
-            stats[name].update(x, needs, generator, token_mask[0])
+            stats[name].update(x, needs, generator, masks.mask)
         hooks.append(layer.register_forward_pre_hook(record))
     try:
-        run(batches)
+        with masks:
+            run(batches)
     finally:
         for h in hooks:
             h.remove()

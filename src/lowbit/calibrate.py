@@ -6,7 +6,7 @@ import copy
 import itertools
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -277,16 +277,23 @@ class _Run:
                           f"are unset: {unseen}", stacklevel=3)
         return count
 
+    def outputs(self, model: nn.Module, batches: list[Any]) -> Iterator[torch.Tensor | None]:
+        """``model``'s first output tensor on each batch, as ``fidelity.compared`` keeps it
+        (padding positions zeroed); None where the output holds no tensor."""
+        with _eval_state(model), AttentionMasks(model) as masks:
+            for batch in batches:
+                with layer_errors(model, "the smoothing check"):
+                    out = first_tensor(self.forward(model, batch))
+                yield None if out is None else compared(out, masks.mask)
+
     def score(self, model: nn.Module, batches: list[Any], refs: list[torch.Tensor]) -> float:
         """Mean per-sample cosine of ``model``'s output to ``refs`` (over every rank)."""
         total = torch.zeros(2, dtype=torch.float64)
-        with _eval_state(model), AttentionMasks(model) as masks:
-            for batch, ref in zip(batches, refs):
-                got = first_tensor(self.forward(model, batch))
-                if got is None:
-                    return math.nan
-                cos = sample_cosines(compared(got, masks.mask), ref)
-                total += torch.tensor([float(cos.sum()), float(cos.numel())], dtype=torch.float64)
+        for got, ref in zip(self.outputs(model, batches), refs):
+            if got is None:
+                return math.nan
+            cos = sample_cosines(got, ref)
+            total += torch.tensor([float(cos.sum()), float(cos.numel())], dtype=torch.float64)
         if self.group is not None:
             device = distributed.device_for(self.group)
             (total,) = distributed.reduce_sum([total.to(device)], self.group)
@@ -309,14 +316,11 @@ def _smoothing_pays_off(model: nn.Module, batches: Iterable[Any], run: _Run,
         return True  # the real run says the batches are empty
     fit, held = (subset[:len(subset) // 2], subset[len(subset) // 2:]) if len(subset) > 1 \
         else (subset, subset)
-    refs = []
-    with _eval_state(model), float_function(model), AttentionMasks(model) as masks:
-        for batch in held:
-            with layer_errors(model, "the smoothing check's float pass"):
-                out = first_tensor(run.forward(model, batch))
-            if out is None:
-                return True
-            refs.append(compared(out, masks.mask))
+    with float_function(model):
+        outputs = list(run.outputs(model, held))
+    refs = [out for out in outputs if out is not None]
+    if len(refs) < len(outputs):
+        return True
     score = {}
     for smoothing in (True, False):
         with deep_copyable(model):

@@ -107,8 +107,9 @@ def export_onnx(
     model computes (see ``lowbit.export.int4``). ``exporter`` picks torch's exporter:
     ``"dynamo"``, ``"torchscript"`` (the legacy tracer; it writes opset 20, and later opsets
     through onnx's version converter) or ``"auto"`` (dynamo, then TorchScript where dynamo
-    fails, with a warning and a line in the report). When no exporter succeeds, ``lowbit.ExportError`` names the module and op where
-    each failed, the exporter's first line and what to try. Every submodule's training flag
+    fails, with a warning and a line in the report). When no exporter succeeds,
+    ``lowbit.ExportError`` names the module and op where each failed, the exporter's first line
+    and what to try. Every submodule's training flag
     is restored afterwards, and ``model`` itself is never changed.
     """
     path = _check_args(model, path, example_inputs)

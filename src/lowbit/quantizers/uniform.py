@@ -109,15 +109,13 @@ class UniformQuantizer(Quantizer):
             self._stale = False
         if not self._initialized():
             return x
-        if self.__dict__.get("reuse_weight"):  # (absent from modules pickled before it)
-            reused = self.__dict__.get("_reused")
-            if reused is not None and reused[0] is x:
-                return reused[1]
-            y = fake_quantize(x, self.scale, self.zero_point, self.grid, self.axis,
-                              self.group_size)
+        reused = self.__dict__.get("_reused")  # (absent from modules pickled before it)
+        if reused is not None and reused[0] is x:
+            return reused[1]
+        y = fake_quantize(x, self.scale, self.zero_point, self.grid, self.axis, self.group_size)
+        if self.__dict__.get("reuse_weight"):
             self._reused = (x, y)
-            return y
-        return fake_quantize(x, self.scale, self.zero_point, self.grid, self.axis, self.group_size)
+        return y
 
     def quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, QParams]:
         if self._stale:

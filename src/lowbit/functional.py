@@ -30,7 +30,6 @@ from lowbit.trace import (
     Node,
     call_arguments,
     call_keeps_grid,
-    default_leaf,
     op_name,
     owner_of,
     site_name,
@@ -131,8 +130,14 @@ def _is_global_pool(module: nn.Module | None) -> bool:
 def _passes(node: Node, modules: dict[str, nn.Module]) -> bool:
     if node.kind == "module":
         module = modules.get(node.target)
-        return isinstance(module, PASS_MODULES) or keeps_grid(module)
+        return isinstance(module, PASS_MODULES) or keeps_grid(module) or _pads_zeros(module)
     return node.target in PASS_FUNCTIONS or node.keeps_grid
+
+
+def _pads_zeros(module: nn.Module | None) -> bool:
+    """``nn.ZeroPad2d`` and friends (EfficientNet's stride-2 depthwise convs): zero is on
+    every grid, so padding keeps the values quantized."""
+    return isinstance(module, nn.modules.padding._ConstantPadNd) and module.value == 0
 
 
 def _from_layer(graph: ModelGraph, value: int, modules: dict[str, nn.Module],
@@ -193,8 +198,7 @@ class OwnerTracer:
     def graph(self, owner: str) -> fx.Graph | None:
         if owner not in self.graphs:
             try:
-                self.graphs[owner] = LeafTracer(default_leaf).trace(
-                    self.model.get_submodule(owner))
+                self.graphs[owner] = own_forward(self.model.get_submodule(owner))
             except Exception:  # noqa: BLE001 - any tracing failure means "cannot rewrite"
                 self.graphs[owner] = None
         return self.graphs[owner]
@@ -205,6 +209,14 @@ class OwnerTracer:
         graph = self.graph(owner)
         return graph is not None and any(site == local and _as_module_call(op, node) is not None
                                          for site, op, node in _own_calls(graph))
+
+
+def own_forward(module: nn.Module) -> fx.Graph:
+    """``module``'s own ``forward`` as an fx graph, every submodule one opaque call: only the
+    calls that forward makes itself are rewritten, so a child fx cannot trace (Hugging Face's
+    MobileNet convs compute their TF padding from the input's shape) does not stop its
+    parent's residual add from being quantized."""
+    return LeafTracer(lambda child: True).trace(module)
 
 
 def insert_functional(model: nn.Module, names: set[str]) -> None:
@@ -231,7 +243,7 @@ def insert_functional(model: nn.Module, names: set[str]) -> None:
 
 def _rewrite(module: nn.Module, owner: str, names: set[str]) -> None:
     try:
-        graph = LeafTracer(default_leaf).trace(module)
+        graph = own_forward(module)
     except Exception as err:  # noqa: BLE001 - report any tracing failure the same way
         raise NotImplementedError(
             f"rules for 'add'/'matmul'/'cat' need a model that torch.fx can trace, and "

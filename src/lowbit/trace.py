@@ -61,7 +61,7 @@ class Node:
     name: str  # unique: the module name, or ``<owner>.op_<op>[_k]`` for a functional call
     inputs: tuple[int, ...] = ()
     outputs: tuple[int, ...] = ()
-    keeps_grid: bool = False  # a call that only picks among its input's values (fx traces)
+    keeps_grid: bool = False  # a call that only picks among its input's values (and 0)
 
 
 @dataclass
@@ -266,11 +266,12 @@ def _fx_graph(model: nn.Module, leaf: Callable[[nn.Module], bool]) -> ModelGraph
 
 
 # The arguments after the input of the functional calls that may keep the grid, in order
-# (``F.max_pool1d/2d`` and ``torch.max_pool1d/2d``, ``F.interpolate``).
+# (``F.max_pool1d/2d`` and ``torch.max_pool1d/2d``, ``F.interpolate``, ``F.pad``).
 _POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 GRID_CALL_ARGS = {"max_pool1d": _POOL_ARGS, "max_pool2d": _POOL_ARGS,
                   "interpolate": ("size", "scale_factor", "mode", "align_corners",
-                                  "recompute_scale_factor", "antialias")}
+                                  "recompute_scale_factor", "antialias"),
+                  "pad": ("pad", "mode", "value")}
 
 
 def call_arguments(op: str, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any] | None:
@@ -283,13 +284,15 @@ def call_arguments(op: str, args: Sequence[Any], kwargs: dict[str, Any]) -> dict
 
 
 def call_keeps_grid(op: str, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
-    """Whether a functional max pool / interpolation only picks among its input's values: a
-    pool that returns no indices, a nearest interpolation without antialiasing or corner
-    alignment (its output stays on the input's quantization grid, as ``lowbit.nn.keeps_grid``
-    says for modules)."""
+    """Whether a functional max pool / interpolation / pad only picks among its input's values
+    (and zero, which every grid holds): a pool that returns no indices, a nearest interpolation
+    without antialiasing or corner alignment, a pad with zeros (its output stays on the input's
+    quantization grid, as ``lowbit.nn.keeps_grid`` says for modules)."""
     kw = call_arguments(op, args, kwargs)
     if kw is None:
         return False
+    if op == "pad":  # Hugging Face's TF "same" padding before MobileNet / EfficientNet convs
+        return kw.get("mode", "constant") == "constant" and not kw.get("value")
     if op == "interpolate":
         return (kw.get("mode", "nearest") == "nearest" and not kw.get("antialias")
                 and kw.get("align_corners") is None)
@@ -387,7 +390,8 @@ class _Recorder(TorchFunctionMode):
         k = counts.get(canonical, 0)
         counts[canonical] = k + 1
         outputs = [self.produce(t) for t in tensors]
-        self.graph.add("function", canonical, site_name(owner, canonical, k), inputs, outputs)
+        self.graph.add("function", canonical, site_name(owner, canonical, k), inputs, outputs,
+                       call_keeps_grid(canonical, args, kwargs))
         return out
 
 

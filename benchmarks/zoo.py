@@ -40,7 +40,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from harness import cpu_info  # noqa: E402
+from harness import ORT_VARIANTS, cpu_info, ort_quantize_static  # noqa: E402
 from zoo_models import BY_NAME, MODELS, ZooModel, first_line  # noqa: E402
 from zoo_report import HEADER, format_row, lowbit_commit, merge  # noqa: E402
 
@@ -72,7 +72,7 @@ class RowTimeout(Exception):
 
 
 def presets_for(model: ZooModel) -> tuple[str, ...]:
-    return CNN_PRESETS if model.is_cnn else TRANSFORMER_PRESETS
+    return model.presets or (CNN_PRESETS if model.is_cnn else TRANSFORMER_PRESETS)
 
 
 # ------------------------------------------------------------------------------- diagnosis
@@ -164,11 +164,11 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
-def speedup(fp32: Path, quant: Path, inputs: tuple[torch.Tensor, ...], threads: int,
-            repeats: int) -> float:
-    """FP32 time / quantized time: the median over interleaved repeats of the per-repeat ratio
-    (each repeat: mean of enough runs to take ~20 ms, after warm-up)."""
-    sessions = [session(p, threads) for p in (fp32, quant)]
+def speedups(fp32: Path, quantized: list[Path], inputs: tuple[torch.Tensor, ...],
+             threads: int, repeats: int) -> list[float]:
+    """FP32 time / each quantized file's time: the median over interleaved repeats of the
+    per-repeat ratio (each repeat: mean of enough runs to take ~20 ms, after warm-up)."""
+    sessions = [session(p, threads) for p in (fp32, *quantized)]
     feeds = [feed(s, inputs) for s in sessions]
     runs = []
     for s, f in zip(sessions, feeds):
@@ -178,7 +178,7 @@ def speedup(fp32: Path, quant: Path, inputs: tuple[torch.Tensor, ...], threads: 
         s.run(None, f)
         runs.append(max(3, min(200, int(0.02 / max(time.perf_counter() - start, 1e-6)))))
     n = max(runs)
-    ratios = []
+    ratios: list[list[float]] = [[] for _ in quantized]
     for _ in range(repeats):
         times = []
         for s, f in zip(sessions, feeds):
@@ -186,8 +186,9 @@ def speedup(fp32: Path, quant: Path, inputs: tuple[torch.Tensor, ...], threads: 
             for _ in range(n):
                 s.run(None, f)
             times.append(time.perf_counter() - start)
-        ratios.append(times[0] / times[1])
-    return statistics.median(ratios)
+        for i, t in enumerate(times[1:]):
+            ratios[i].append(times[0] / t)
+    return [statistics.median(r) for r in ratios]
 
 
 class FloatBaseline:
@@ -215,6 +216,22 @@ class FloatBaseline:
             self.cosine = cosine(run_ort(self.path, self.evaluate, threads), self.reference)
         except Exception as err:  # noqa: BLE001 - the rows report it
             self.error = first_line(root_cause(err))
+        self._ort_int8: tuple[Path | None, str] | None = None
+
+    def ort_int8(self) -> tuple[Path | None, str]:
+        """ONNX Runtime's own int8 file of the FP32 export (``quantize_static``, QDQ, u8s8,
+        per-channel, on the same calibration batches), built once: the bar a CNN row's speed
+        is held against. ``(None, why)`` where ORT's quantizer fails."""
+        if self._ort_int8 is None:
+            try:
+                made = ort_quantize_static(self.path, [c[0] for c in self.calib], self.path.parent,
+                                           {"ort u8s8": ORT_VARIANTS["ort u8s8"]})["ort u8s8"]
+                if made.get("path"):
+                    session(made["path"], 1)  # ORT's quantizer can write a file ORT refuses
+                self._ort_int8 = (made.get("path"), made.get("error", ""))
+            except Exception as err:  # noqa: BLE001 - the row reports it
+                self._ort_int8 = (None, first_line(err))
+        return self._ort_int8
 
 
 def rounding_floor(model: nn.Module, inputs: tuple[torch.Tensor, ...], reference: np.ndarray,
@@ -291,8 +308,19 @@ def run_row(zm: ZooModel, preset: str, base: FloatBaseline, folder: Path, *,
         row["kernels"] = executed_kernels(path, threads)
         if speed and not base.error and base.dynamic and row["export"] == "ok":
             stage = "speed"
+            ort_file, why = (base.ort_int8() if zm.is_cnn and preset in STATIC_INT8
+                             else (None, ""))
+            if why:
+                row["ort_int8_error"] = why
+            elif ort_file:
+                row["ort_int8_cosine"] = cosine(run_ort(ort_file, base.evaluate, threads),
+                                                base.reference)
             for b in (1, 8):
-                row[f"speed_b{b}"] = speedup(base.path, path, zm.inputs(b, 7), threads, repeats)
+                files = [path] + ([ort_file] if ort_file else [])
+                ratios = speedups(base.path, files, zm.inputs(b, 7), threads, repeats)
+                row[f"speed_b{b}"] = ratios[0]
+                if ort_file:
+                    row[f"ort_int8_speed_b{b}"] = ratios[1]
     except Exception as err:  # noqa: BLE001 - a failed row, not a failed sweep
         row["stage"], row["error"], row["where"] = stage, first_line(root_cause(err)), where(err)
         if stage in ("quantize", "calibrate", "convert", "export"):

@@ -2,8 +2,12 @@
 member, each wrapped to take tensors and return one tensor.
 
 Nothing downloads: every model is built from a config (CNNs 16-32 channels, transformers 128
-wide, 1-2 layers, 32-64 px images, 16-token sequences, a quarter second of audio). BatchNorm statistics are run through a
-few random batches (only the BN layers in train mode), so folding them is not a no-op.
+wide, 1-2 layers, 32-64 px images, 16-token sequences, a quarter second of audio). BatchNorm
+statistics are run through a few random batches (only the BN layers in train mode), so folding
+them is not a no-op. Each CNN also has a ``_224`` row at a width one deploys (the config's
+default channels, one block per stage, 224 px), run through ``w8a8`` only: on the 16-channel
+32 px nets ONNX Runtime's per-node overhead outweighs any kernel, so their speed says nothing
+about int8 on a real CNN.
 ``benchmarks/zoo.py`` runs them; ``tests/test_zoo.py`` runs a few.
 """
 
@@ -77,6 +81,7 @@ class ZooModel:
     field: str = "logits"
     requires: str = "transformers"  # the package that must import for the row to run
     image_size: int = IMAGE
+    presets: tuple[str, ...] = ()  # () = the family's presets (benchmarks/zoo.py)
 
     @property
     def is_cnn(self) -> bool:
@@ -306,6 +311,30 @@ MODELS: list[ZooModel] = [
              "mel",
              "last_hidden_state"),
 ]
+
+# The CNNs at a width one deploys: the config's default channels (ResNet-18's for ResNet), one
+# block per stage, 224 px. Their rows answer "is int8 faster than FP32 on this architecture?".
+DEPLOY_IMAGE = 224
+DEPLOY_CNNS = {
+    "resnet": _hf("ResNetForImageClassification", "ResNetConfig", depths=[1, 1, 1, 1],
+                  layer_type="basic", hidden_sizes=[64, 128, 256, 512], num_labels=10),
+    "convnext": _hf("ConvNextForImageClassification", "ConvNextConfig", depths=[1, 1, 1, 1],
+                    num_labels=10),
+    "convnextv2": _hf("ConvNextV2ForImageClassification", "ConvNextV2Config",
+                      depths=[1, 1, 1, 1], num_labels=10),
+    "mobilenet_v1": _hf("MobileNetV1ForImageClassification", "MobileNetV1Config",
+                        image_size=DEPLOY_IMAGE, num_labels=10),
+    "mobilenet_v2": _hf("MobileNetV2ForImageClassification", "MobileNetV2Config",
+                        image_size=DEPLOY_IMAGE, num_labels=10),
+    "efficientnet": _hf("EfficientNetForImageClassification", "EfficientNetConfig",
+                        image_size=DEPLOY_IMAGE, depth_coefficient=0.5, num_labels=10),
+    "regnet": _hf("RegNetForImageClassification", "RegNetConfig", depths=[1, 1, 1, 1],
+                  num_labels=10),
+    "poolformer": _hf("PoolFormerForImageClassification", "PoolFormerConfig",
+                      depths=[1, 1, 1, 1], num_labels=10),
+}
+MODELS += [ZooModel(f"{name}_{DEPLOY_IMAGE}", "cnn", factory, "image", image_size=DEPLOY_IMAGE,
+                    presets=("w8a8",)) for name, factory in DEPLOY_CNNS.items()]
 
 
 def _torchvision(name: str) -> Callable[[], nn.Module]:

@@ -13,7 +13,7 @@ PRESET_ORDER = ("w8a8", "w8a8-transformer", "w8", "w4-g128")
 
 HEADER = ("| model | family | preset | export | quant / float / BN folded / BN left | silently "
           "float | codes identical | cosine | size | int / float kernels | speed b1 | speed b8 "
-          "| fails |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| ORT's int8: b1 / b8 (cosine) | fails |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _num(v: Any, fmt: str, none: str = "–") -> str:
@@ -38,7 +38,16 @@ def format_row(r: dict[str, Any]) -> str:
             f"{'x' if r.get('size_ratio') else ''} | "
             f"{'–' if not kernels else str(kernels['int']) + ' / ' + str(kernels['float'])} | "
             f"{_num(r.get('speed_b1'), '.2f')} | {_num(r.get('speed_b8'), '.2f')} | "
-            f"{', '.join(fails) or 'pass'} |")
+            f"{_ort_int8(r)} | {', '.join(fails) or 'pass'} |")
+
+
+def _ort_int8(r: dict[str, Any]) -> str:
+    """ONNX Runtime's own int8 file of the same FP32 export, x FP32 in the same timing run."""
+    if "ort_int8_speed_b1" not in r:
+        return "–"
+    cos = r.get("ort_int8_cosine")
+    return (f"{r['ort_int8_speed_b1']:.2f} / {r['ort_int8_speed_b8']:.2f}"
+            f"{'' if cos is None else f' ({cos:.4f})'}")
 
 
 def _floor(r: dict[str, Any]) -> str:

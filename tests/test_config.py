@@ -185,7 +185,7 @@ def test_layer_rule_type_errors(kwargs: dict, match: str) -> None:
     ("kwargs", "match"),
     [
         ({"types": ["Conv3d"]},
-         r"`LayerRule.types` must be one of \['Conv1d', 'Conv2d', 'Embedding', 'Hardtanh', 'Linear', 'MaxPool1d', 'MaxPool2d', 'ReLU', 'ReLU6', 'Upsample', 'add', 'cat', 'matmul'\], "
+         r"`LayerRule.types` must be one of \['Conv1d', 'Conv2d', 'Embedding', 'Hardtanh', 'Linear', 'MaxPool1d', 'MaxPool2d', 'ReLU', 'ReLU6', 'SiLU', 'Sigmoid', 'Upsample', 'add', 'cat', 'matmul'\], "
          r"got 'Conv3d'"),
         ({"types": ["linear"]}, r"`LayerRule.types` must be one of .*got 'linear'"),
         ({"names": ["re:features.(\\d+"]},
@@ -435,7 +435,7 @@ def test_positions_select_the_first_and_last_weighted_layers() -> None:
     bits = {layer.name: layer.weight.bits for layer in lowbit.plan(model, cfg).layers}
     assert bits == {"0": 8, "2": 4, "4": 8}
     assert QuantConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match=r"`positions` must hold values of \['first', 'last', 'between', 'before_pool', 'feeds_float'\]"):
+    with pytest.raises(ValueError, match=r"`positions` must hold values of \['first', 'last', 'between', 'before_pool', 'feeds_float', 'gate'\]"):
         LayerRule(positions=["middle"])
     with pytest.raises(TypeError, match="LayerRule.`positions` must be a list"):
         LayerRule(positions="first")

@@ -140,7 +140,7 @@ def test_plan_argument_errors() -> None:
          r"plan entry '0' has unknown field\(s\) \['bias'\]"),
         ({"layers": {"0": {"type": "Conv3d"}}}, ValueError,
          r"`type of layer '0'` must be one of \['Conv1d', 'Conv2d', 'Embedding', 'Hardtanh', 'Linear', "
-         r"'MaxPool1d', 'MaxPool2d', 'ReLU', 'ReLU6', 'Upsample', 'add', 'cat', 'matmul'\], got 'Conv3d'"),
+         r"'MaxPool1d', 'MaxPool2d', 'ReLU', 'ReLU6', 'SiLU', 'Sigmoid', 'Upsample', 'add', 'cat', 'matmul'\], got 'Conv3d'"),
         ({"layers": {"0": {"type": "Conv2d", "weight": {"bits": 16}}}}, ValueError,
          r"QuantSpec.`bits` must be an integer in 1..8, got 16"),
     ],

@@ -28,7 +28,7 @@ from lowbit.registry import LAYERS, OBSERVERS, QUANTIZERS, WEIGHT_ALGORITHMS
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 TARGETS = ("weight", "input", "output")
-POSITIONS = ("first", "last", "between", "before_pool", "feeds_float")
+POSITIONS = ("first", "last", "between", "before_pool", "feeds_float", "gate")
 # QuantSpec fields that only some algorithms read (each quantizer class lists its ``options``).
 METHOD_OPTIONS = ("alpha_init", "xnor")
 CONFIG_VERSION = 1
@@ -235,7 +235,9 @@ class LayerRule:
     op lets ONNX Runtime run its producer on an integer kernel), ``"before_pool"``: an add or cat
     made by a quantized layer whose output a global average pool reads (a CNN's last residual add),
     or, for a conv, ``"feeds_float"``: its
-    output goes to float ops only (quantizing that output lets ONNX Runtime fuse the conv).
+    output goes to float ops only (quantizing that output lets ONNX Runtime fuse the conv), or,
+    for a ``Sigmoid`` / ``SiLU``, ``"gate"``: its input is a quantized layer's quantized output
+    (quantizing the sigmoid lets ONNX Runtime run it and the product after it on uint8).
     Name patterns are globs (``"features.*"``) or,
     with a ``"re:"`` prefix, regular expressions matched against the whole name. The last
     matching rule of a config decides all three specs; a rule whose specs are all ``None``

@@ -15,6 +15,7 @@ from lowbit.deploy import (
     DeployConv,
     DeployEmbedding,
     DeployLinear,
+    DeploySiLU,
     DynamicLinear,
 )
 from lowbit.fuse import set_module
@@ -26,6 +27,7 @@ from lowbit.nn import (
     QuantEmbedding,
     QuantLayer,
     QuantLinear,
+    QuantSiLU,
     _QuantBinary,
 )
 from lowbit.quantize import follow_model_device
@@ -51,6 +53,8 @@ def to_deploy(wrapper: QuantLayer) -> nn.Module:
         return DeployBinary(wrapper)
     if isinstance(wrapper, QuantCat):
         return DeployCat(wrapper)
+    if isinstance(wrapper, QuantSiLU):
+        return DeploySiLU(wrapper)
     if isinstance(wrapper, QuantActivation):
         return DeployActivation(wrapper)
     raise NotImplementedError(f"no deploy form for {type(wrapper).__name__}")  # pragma: no cover

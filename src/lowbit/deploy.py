@@ -550,3 +550,11 @@ class DeployActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _run(self.output_qdq, self.module(_run(self.input_qdq, x)))
+
+
+class DeploySiLU(DeployActivation):
+    """Deploy form of ``QuantSiLU``: ``x * QDQ(sigmoid(x))``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _run(self.input_qdq, x)
+        return x * _run(self.output_qdq, torch.sigmoid(x))

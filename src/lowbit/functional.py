@@ -140,6 +140,12 @@ def _pads_zeros(module: nn.Module | None) -> bool:
     return isinstance(module, nn.modules.padding._ConstantPadNd) and module.value == 0
 
 
+def comes_from(graph: ModelGraph, node: Node, modules: dict[str, nn.Module],
+               layers: set[str]) -> bool:
+    """Whether ``node``'s first input is made by a layer in ``layers`` through pass-through ops."""
+    return bool(node.inputs) and _from_layer(graph, node.inputs[0], modules, layers)
+
+
 def _from_layer(graph: ModelGraph, value: int, modules: dict[str, nn.Module],
                 layers: set[str], depth: int = 0) -> bool:
     """Whether ``value`` comes from a layer in ``layers`` through pass-through ops."""

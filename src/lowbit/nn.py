@@ -595,10 +595,28 @@ def keeps_grid(module: nn.Module | None) -> bool:
     return isinstance(module, nn.Upsample) and module.mode == "nearest"
 
 
-OPT_IN_TYPES = ACTIVATION_TYPES | GRID_KEEPING_TYPES | {"Embedding"}
-for _float in (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.Upsample):
+# Sigmoid gates: a sigmoid (squeeze-excite) and SiLU's x * sigmoid(x). Quantizing the sigmoid's
+# output lets ONNX Runtime run it as QLinearSigmoid and the product after it as QLinearMul.
+GATE_TYPES = {"Sigmoid", "SiLU"}
+OPT_IN_TYPES = ACTIVATION_TYPES | GRID_KEEPING_TYPES | GATE_TYPES | {"Embedding"}
+for _float in (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.Upsample,
+               nn.Sigmoid):
     LAYERS.register(_float.__name__)(
         type(f"Quant{_float.__name__}", (QuantActivation,), {"float_type": _float}))
+
+
+@LAYERS.register("SiLU")
+class QuantSiLU(QuantActivation):
+    """``x * sigmoid(x)`` with the sigmoid quantized: its ``output_quant`` quantizes the gate
+    ``sigmoid(x)``, not the product (the layer reading the product quantizes that). In ONNX it
+    is ``Sigmoid → QuantizeLinear → DequantizeLinear → Mul``, which ONNX Runtime runs as
+    ``QLinearSigmoid`` and ``QLinearMul`` when ``x`` arrives quantized."""
+
+    float_type = nn.SiLU
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _apply(self.input_quant, x)
+        return x * _apply(self.output_quant, torch.sigmoid(x))
 
 
 def quant_type_for(module: nn.Module) -> str | None:

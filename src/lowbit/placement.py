@@ -4,7 +4,7 @@ It finds the quantizable layers (and the weight-holding modules that stay float,
 resolves each against the rules with its positions (first/last layer), folds BatchNorms found in
 the traced dataflow, and places quantizers where ONNX Runtime needs them: functional adds, cats
 and pools between quantized layers, max pools and upsamplings that keep the grid, the outputs
-of convs that feed a float op.
+of convs that feed a float op, the sigmoid gates after them.
 """
 
 from __future__ import annotations
@@ -27,12 +27,14 @@ from lowbit.functional import (
     OwnerTracer,
     before_global_pool,
     between_quantized,
+    comes_from,
     find_functional,
     find_grid_keeping_calls,
     reaches_float_op,
 )
 from lowbit.fuse import NORMS, find_chains
 from lowbit.nn import (
+    GATE_TYPES,
     GRID_KEEPING_TYPES,
     OPT_IN_TYPES,
     keeps_grid,
@@ -90,7 +92,8 @@ def plan(
     layers = _place_grid_keeping(model, config, graph, layers, fusions, rewritable)
     if graph is not None and any("feeds_float" in rule.positions for rule in config.rules):
         layers = _place_outputs(model, config, graph, layers, fusions)
-    elif graph is None:
+    layers = _place_gates(model, config, graph, layers, fusions)
+    if graph is None:
         warnings.warn("lowbit could not trace the model (torch.fx failed and there are no "
                       "example_inputs): BatchNorm folds only between neighbours in "
                       "nn.Sequential, layers reading one tensor keep their own quantizers and "
@@ -287,6 +290,32 @@ def _place_outputs(model: nn.Module, config: QuantConfig, graph: ModelGraph,
         positions = {"feeds_float"} | {p for p, n in (("first", weighted[:1]),
                                                       ("last", weighted[-1:])) if layer.name in n}
         out.append(_resolve(config, layer.name, layer.type, frozenset(positions)))
+    return out
+
+
+def _place_gates(model: nn.Module, config: QuantConfig, graph: ModelGraph | None,
+                 layers: list[LayerPlan], fusions: Sequence[Sequence[str]]) -> list[LayerPlan]:
+    """Sigmoids and SiLUs that a rule names: those a rule quantizes as they are keep their
+    entry; the others are re-resolved with position ``"gate"`` where their input is the
+    quantized output of a layer (ONNX Runtime then reads it as ``DequantizeLinear`` and runs the
+    sigmoid on uint8), and otherwise dropped from the plan (a sigmoid in a float region is not
+    a float *layer*). Runs after ``_place_outputs``, which decides those outputs."""
+    if not any(x.type in GATE_TYPES for x in layers):
+        return layers
+    modules = _graph_modules(model, fusions)
+    calls = graph.module_calls() if graph is not None else {}
+    producers = {x.name for x in layers if x.output is not None and x.type not in GATE_TYPES}
+    out = []
+    for layer in layers:
+        if layer.type not in GATE_TYPES or not layer.is_float:
+            out.append(layer)
+            continue
+        nodes = calls.get(layer.name, [])
+        if graph is not None and len(nodes) == 1 and comes_from(graph, nodes[0], modules,
+                                                                producers):
+            entry = _resolve(config, layer.name, layer.type, frozenset({"gate"}))
+            if not entry.is_float:
+                out.append(entry)
     return out
 
 

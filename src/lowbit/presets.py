@@ -40,7 +40,12 @@ def for_integer_kernels(weight: QuantSpec, input: QuantSpec) -> list[LayerRule]:
             LayerRule(types=["MaxPool1d", "MaxPool2d", "Upsample"], positions=["between"],
                       input=input),
             LayerRule(types=["Conv1d", "Conv2d"], positions=["feeds_float"], weight=weight,
-                      input=input, output=input)]
+                      input=input, output=input),
+            # A sigmoid or SiLU reading such an output: its sigmoid on a uint8 grid (min-max:
+            # a gate in (0, 1) has no outliers to clip) lets ORT run it and the product after
+            # it on integers (QLinearSigmoid, QLinearMul), as in its own EfficientNet files.
+            LayerRule(types=["Sigmoid", "SiLU"], positions=["gate"],
+                      output=QuantSpec(bits=8, symmetric=False, observer="minmax"))]
 
 
 def between_ops(input: QuantSpec) -> LayerRule:

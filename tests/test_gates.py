@@ -1,0 +1,95 @@
+"""Sigmoid gates after quantized convs (EfficientNet's SiLU and squeeze-excite) are quantized by
+the static presets: the sigmoid's output on a uint8 grid lets ONNX Runtime run it as
+``QLinearSigmoid`` and the product after it as ``QLinearMul``, instead of dequantizing, running
+both in float and quantizing again."""
+
+from __future__ import annotations
+
+import collections
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit import LayerRule, QuantConfig, QuantSpec
+from lowbit.export.ort_graph import optimized_model
+from lowbit.nn import QuantSiLU
+
+pytest.importorskip("onnxruntime")
+
+
+class MBConv(nn.Module):
+    """EfficientNet's block, small: expand conv + SiLU, depthwise conv + SiLU, squeeze-excite
+    (mean → conv → SiLU → conv → Sigmoid → scale), project conv; a SiLU on the raw input too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act_in = nn.SiLU()
+        self.expand = nn.Conv2d(3, 16, 1)
+        self.act1 = nn.SiLU()
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.act2 = nn.SiLU()
+        self.reduce = nn.Conv2d(16, 4, 1)
+        self.act_se = nn.SiLU()
+        self.grow = nn.Conv2d(4, 16, 1)
+        self.gate = nn.Sigmoid()
+        self.project = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.expand(self.act_in(x)))
+        x = self.act2(self.dw(x))
+        scale = self.gate(self.grow(self.act_se(self.reduce(x.mean((2, 3), keepdim=True)))))
+        return self.project(x * scale).mean((2, 3))
+
+
+def _batches(n: int = 3) -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    return [torch.randn(4, 3, 12, 12) for _ in range(n)]
+
+
+def test_the_presets_quantize_the_gates_that_read_a_quantized_output():
+    plan = lowbit.plan(MBConv().eval(), QuantConfig.preset("w8a8"))
+    gates = {x.name: x for x in plan.layers if x.type in ("SiLU", "Sigmoid")}
+    # act_in reads the model's float input: nothing for ORT to fuse there, so no entry.
+    assert set(gates) == {"act1", "act2", "act_se", "gate"}
+    for entry in gates.values():
+        assert entry.input is None and entry.output is not None
+        assert entry.output.bits == 8 and not entry.output.symmetric
+
+
+def test_a_rule_without_positions_quantizes_every_sigmoid_it_names():
+    spec = QuantSpec(bits=8, symmetric=False, observer="minmax")
+    config = QuantConfig(rules=[*QuantConfig.preset("w8a8").rules,
+                                LayerRule(types=["SiLU"], output=spec)])
+    plan = lowbit.plan(MBConv().eval(), config)
+    assert {x.name for x in plan.layers if x.type == "SiLU"} == {"act_in", "act1", "act2",
+                                                                  "act_se"}
+
+
+def test_gated_blocks_run_on_integer_sigmoid_and_mul_and_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = MBConv().eval()
+    config = QuantConfig.preset("w8a8")
+    qm = lowbit.quantize(model, config)
+    assert isinstance(qm.act1, QuantSiLU) and qm.act1.output_quant is not None
+    lowbit.calibrate(qm, _batches(), progress=False)
+    x = torch.randn(2, 3, 12, 12)
+    cos = nn.functional.cosine_similarity(model(x).flatten(), qm(x).flatten(), dim=0)
+    assert cos > 0.99
+    # The gate's codes survive a state dict: a fresh model computes the same.
+    fresh = lowbit.quantize(model, config)
+    fresh.load_state_dict(qm.state_dict())
+    assert torch.equal(fresh.eval()(x), qm.eval()(x))
+
+    path = tmp_path / "mbconv.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = lowbit.export_onnx(lowbit.convert(qm), path, (x,))
+    assert report.parity.codes_identical == 1.0
+    ran = collections.Counter(n.op_type for n in optimized_model(path).graph.node)
+    assert ran["QLinearSigmoid"] == 4 and ran["Sigmoid"] == 0, ran
+    # act1's and act2's products feed a quantized conv: both run as QLinearMul.
+    assert ran["QLinearMul"] >= 2, ran
+    assert ran["Conv"] + ran["FusedConv"] == 0, ran

@@ -130,14 +130,8 @@ def _is_global_pool(module: nn.Module | None) -> bool:
 def _passes(node: Node, modules: dict[str, nn.Module]) -> bool:
     if node.kind == "module":
         module = modules.get(node.target)
-        return isinstance(module, PASS_MODULES) or keeps_grid(module) or _pads_zeros(module)
+        return isinstance(module, PASS_MODULES) or keeps_grid(module)
     return node.target in PASS_FUNCTIONS or node.keeps_grid
-
-
-def _pads_zeros(module: nn.Module | None) -> bool:
-    """``nn.ZeroPad2d`` and friends (EfficientNet's stride-2 depthwise convs): zero is on
-    every grid, so padding keeps the values quantized."""
-    return isinstance(module, nn.modules.padding._ConstantPadNd) and module.value == 0
 
 
 def comes_from(graph: ModelGraph, node: Node, modules: dict[str, nn.Module],

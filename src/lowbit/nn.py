@@ -589,9 +589,13 @@ GRID_KEEPING_TYPES = {"MaxPool1d", "MaxPool2d", "Upsample"}
 
 def keeps_grid(module: nn.Module | None) -> bool:
     """Whether a float module only picks among its input's values (a max pool that returns no
-    indices, a nearest upsampling), so its output stays on its input's quantization grid."""
+    indices, a nearest upsampling) or adds zeros, which every grid holds (``nn.ZeroPad2d``, as
+    before EfficientNet's stride-2 depthwise convs), so its output stays on its input's
+    quantization grid."""
     if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)):
         return not module.return_indices
+    if isinstance(module, nn.modules.padding._ConstantPadNd):
+        return module.value == 0
     return isinstance(module, nn.Upsample) and module.mode == "nearest"
 
 

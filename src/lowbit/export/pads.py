@@ -19,8 +19,6 @@ from typing import Any
 
 import numpy as np
 
-_CONV = frozenset({"Conv"})
-
 
 def fold_pads_into_convs(proto: Any) -> list[str]:
     """Rewrite every ``Pad(zeros) → QuantizeLinear → DequantizeLinear → Conv`` chain in place
@@ -44,7 +42,7 @@ def fold_pads_into_convs(proto: Any) -> list[str]:
     for pad in [n for n in graph.node if n.op_type == "Pad"]:
         quant = only_reader(pad.output[0], frozenset({"QuantizeLinear"}))
         dequant = quant and only_reader(quant.output[0], frozenset({"DequantizeLinear"}))
-        conv = dequant and only_reader(dequant.output[0], _CONV)
+        conv = dequant and only_reader(dequant.output[0], frozenset({"Conv"}))
         if quant is None or dequant is None or conv is None or conv.input[0] != dequant.output[0]:
             continue
         spatial = _spatial_pads(pad, constants)

@@ -93,3 +93,20 @@ def test_gated_blocks_run_on_integer_sigmoid_and_mul_and_round_trip(tmp_path):
     # act1's and act2's products feed a quantized conv: both run as QLinearMul.
     assert ran["QLinearMul"] >= 2, ran
     assert ran["Conv"] + ran["FusedConv"] == 0, ran
+
+
+def test_transformers_silu_activation_is_a_silu():
+    """``hidden_act="silu"`` gives transformers' own ``SiLUActivation`` class (MobileViT,
+    Llama's MLP): it is planned as the ``SiLU`` it computes, its class named in the plan."""
+    activations = pytest.importorskip("transformers.activations")
+    torch.manual_seed(0)
+    model = MBConv().eval()
+    model.act1 = activations.ACT2FN["silu"]
+    assert type(model.act1).__name__ == "SiLUActivation"
+    entries = {x.name: x for x in lowbit.plan(model, QuantConfig.preset("w8a8")).layers}
+    assert entries["act1"].type == "SiLU" and entries["act1"].module_type == "SiLUActivation"
+    qm = lowbit.quantize(model, QuantConfig.preset("w8a8"))
+    assert isinstance(qm.act1, QuantSiLU)
+    lowbit.calibrate(qm, _batches(), progress=False)
+    x = torch.randn(2, 3, 12, 12)
+    assert nn.functional.cosine_similarity(model(x).flatten(), qm(x).flatten(), dim=0) > 0.99

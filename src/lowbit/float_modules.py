@@ -6,6 +6,9 @@ Three things make a model's layers differ from the torch classes lowbit register
   Linear whose weight is stored ``(in, out)``. It is recognised by class name, module path and
   the shapes of its ``weight``/``bias`` (lowbit never imports transformers) and quantized as the
   ``"Linear"`` it is.
+* **Activation look-alikes.** transformers' ``SiLUActivation`` (``hidden_act="silu"``: MobileViT,
+  Llama's MLPs) is ``F.silu`` in a class of its own; it is a ``"SiLU"``, recognised by class
+  name and module path like ``Conv1D``.
 * **Parametrized weights.** ``torch.nn.utils.parametrizations.weight_norm`` turns a module's
   class into a generated subclass (``ParametrizedConv1d``) whose ``weight`` is computed from
   ``(g, v)``; the older hook-based ``torch.nn.utils.weight_norm`` keeps the class and recomputes
@@ -28,6 +31,8 @@ from torch.nn.utils import parametrize
 
 # Class names of transposed Linears ((in, out) weights) and the package they come from.
 TRANSPOSED_LINEARS = {"Conv1D": "transformers"}
+# Activation classes that compute what a torch.nn activation does: (package, class) → type.
+ACTIVATION_LOOKALIKES = {("transformers", "SiLUActivation"): "SiLU"}
 
 
 def float_class(module: nn.Module) -> type[nn.Module]:
@@ -47,6 +52,12 @@ def is_transposed_linear(module: nn.Module) -> bool:
     return (isinstance(nf, int) and isinstance(nx, int) and isinstance(weight, torch.Tensor)
             and tuple(weight.shape) == (nx, nf)
             and (bias is None or (isinstance(bias, torch.Tensor) and tuple(bias.shape) == (nf,))))
+
+
+def activation_lookalike(module: nn.Module) -> str | None:
+    """The layer type of an activation that is a torch.nn one under another class, or None."""
+    cls = type(module)
+    return ACTIVATION_LOOKALIKES.get((cls.__module__.split(".")[0], cls.__name__))
 
 
 def _weight_norm_hooks(module: nn.Module) -> list[Any]:

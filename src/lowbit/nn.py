@@ -17,6 +17,7 @@ from torch import nn
 
 from lowbit.config import LayerSpecs
 from lowbit.float_modules import (
+    activation_lookalike,
     as_parameter,
     float_class,
     is_transposed_linear,
@@ -630,7 +631,8 @@ def quant_type_for(module: nn.Module) -> str | None:
     is a ``"Conv1d"``), or is a subclass that computes what its registered base computes (it
     overrides neither ``forward`` nor ``_conv_forward``, as EfficientNet's depthwise conv);
     a subclass that does (BART's learned positional embedding adds an offset) is not one. A
-    transposed Linear (transformers' ``Conv1D``) is a ``"Linear"``."""
+    transposed Linear (transformers' ``Conv1D``) is a ``"Linear"``, and transformers'
+    ``SiLUActivation`` a ``"SiLU"``."""
     cls = float_class(module)
     types = {LAYERS.get(name).float_type: name for name in LAYERS}
     if cls in types:
@@ -642,7 +644,8 @@ def quant_type_for(module: nn.Module) -> str | None:
             return None if overrides else types[base]
     if "Linear" in LAYERS and is_transposed_linear(module):
         return "Linear"
-    return None
+    lookalike = activation_lookalike(module)
+    return lookalike if lookalike in LAYERS else None
 
 
 def _save_transposed_weight(module: nn.Module, state_dict: dict[str, Any], prefix: str,

@@ -314,8 +314,8 @@ def _place_gates(model: nn.Module, config: QuantConfig, graph: ModelGraph | None
         if graph is not None and len(nodes) == 1 and comes_from(graph, nodes[0], modules,
                                                                 producers):
             entry = _resolve(config, layer.name, layer.type, frozenset({"gate"}))
-            if not entry.is_float:
-                out.append(entry)
+            if not entry.is_float:  # keeping the class it was found as (SiLUActivation)
+                out.append(replace(entry, module_type=layer.module_type))
     return out
 
 

@@ -231,3 +231,23 @@ def test_forward_is_used_for_calibration():
 
     r = run(calib_batches=[{"x": b} for b in CALIB], forward=forward, steps=["as-given"])
     assert len(seen) == len(CALIB) and len(r.trials) == 1
+
+
+def test_the_keep_steps_do_not_warn_about_tracing_a_model_that_fx_cannot_trace():
+    """The search quantizes its trials without example inputs; the keep steps' plan is made the
+    same way, so a model fx cannot trace gets no "pass example_inputs" warning it cannot act on
+    (autoquant's caller never calls quantize or plan)."""
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = tiny_net()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x) if x.sum() > -1e9 else -self.net(x)  # data-dependent: no fx
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lowbit.autoquant(Branchy().eval(), w4a8(), CALIB, lambda m: -float(m(EVAL).pow(2).mean()),
+                         0.0, steps=["as-given", "keep-float"])
+    assert not [w for w in caught if "could not trace" in str(w.message)]

@@ -9,6 +9,7 @@ on. Adding a recovery step is one class and one ``@AUTOQUANT_STEPS.register(name
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -172,10 +173,13 @@ class KeepSensitive(Step):
     all_allowed: ClassVar[bool] = False  # may every candidate be kept (float: that is no model)
 
     def prepare(self, search: Search, base: Recipe) -> None:
-        """Look-ups the step needs once per run: the base config's plan."""
+        """Look-ups the step needs once per run: the base config's plan, made as
+        ``Search.build`` quantizes (its warnings are the trials' to give, not the user's)."""
         import lowbit
 
-        self.plan = {p.name: p for p in lowbit.plan(search.model, base.config).layers}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.plan = {p.name: p for p in lowbit.plan(search.model, base.config).layers}
 
     def changes(self, name: str) -> bool:
         """Whether keeping ``name`` at this level changes the layer."""

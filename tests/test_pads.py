@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from models import Logits
 from torch import nn
 
 import lowbit
@@ -83,15 +84,7 @@ def test_hugging_face_mobilenet_v2_adds_and_tf_padding_run_on_integer_kernels(tm
             model(torch.randn(8, 3, 32, 32))
     model.eval()
 
-    class Logits(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            return self.model(pixel_values).logits
-
-    wrapped = Logits().eval()
+    wrapped = Logits(model).eval()
     example = (torch.randn(2, 3, 32, 32),)
     qm = lowbit.quantize(wrapped, QuantConfig.preset("w8a8"), example_inputs=example)
     residual = sum(block.use_residual for block in model.mobilenet_v2.layer)

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from models import LastHidden
 from torch import nn
 
 import lowbit
@@ -148,24 +149,13 @@ def test_float_function_switches_every_quantizer_off_and_back():
         assert torch.equal(qm(**b).last_hidden_state, before)
 
 
-class Wrapper(nn.Module):
-    """Tensors in, tensor out, as models are wrapped for export: the mask goes in by position."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
 def test_a_wrapper_taking_the_mask_by_position_decides_like_the_model_itself():
     """The mask is found where the wrapper passes it on, so padding is left out of the score
     (and out of GPTQ's statistics) for tuple batches as for dict batches."""
     from lowbit.fidelity import AttentionMasks
 
     model = bert(outlier=True)
-    wrapped = Wrapper(copy.deepcopy(model))
+    wrapped = LastHidden(copy.deepcopy(model))  # the mask goes in by position
     with AttentionMasks(wrapped) as masks, torch.no_grad():
         wrapped(CALIB[0]["input_ids"], CALIB[0]["attention_mask"])
         assert masks.mask is not None and torch.equal(masks.mask, CALIB[0]["attention_mask"])

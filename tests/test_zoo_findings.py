@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from models import Logits
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -23,15 +24,6 @@ from lowbit.export.onnx import quiet_exporter, strip_metadata
 from lowbit.export.ort_graph import optimized_model
 
 transformers = pytest.importorskip("transformers")
-
-
-class _Logits(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=pixel_values).logits
 
 
 def _w8a8(model: nn.Module, path, x: torch.Tensor):
@@ -48,7 +40,7 @@ def regnet_files(tmp_path_factory):
     torch.manual_seed(0)
     config = transformers.RegNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
                                        groups_width=16, num_labels=10)
-    model = _Logits(transformers.RegNetForImageClassification(config)).eval()
+    model = Logits(transformers.RegNetForImageClassification(config)).eval()
     x = torch.randn(2, 3, 32, 32)
     folder = tmp_path_factory.mktemp("regnet")
     with quiet_exporter():
@@ -84,7 +76,7 @@ def swinv2_export(tmp_path_factory):
     torch.manual_seed(0)
     config = transformers.Swinv2Config(image_size=32, patch_size=4, embed_dim=32, depths=[1, 1],
                                        num_heads=[2, 4], window_size=4, num_labels=10)
-    model = _Logits(transformers.Swinv2ForImageClassification(config)).eval()
+    model = Logits(transformers.Swinv2ForImageClassification(config)).eval()
     path = tmp_path_factory.mktemp("swinv2") / "w8a8.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lowbit.config import QuantSpec
-from lowbit.numerics import IntRange, quantize
+from lowbit.numerics import IntRange, all_finite, quantize
 from lowbit.registry import QUANTIZERS
 
 Role = Literal["weight", "input", "output"]
@@ -203,6 +203,14 @@ class Quantizer(nn.Module):
 
     def observe(self, x: torch.Tensor) -> None:
         """Record statistics of ``x``."""
+
+    def check_observed(self, x: torch.Tensor) -> None:
+        """Refuse a calibration tensor holding NaN or inf, naming the layer (one sum, see
+        ``numerics.all_finite``): every observer would take it for a range."""
+        if not all_finite(x):
+            where = f"layer {self.layer_name!r}" if self.layer_name else "a layer"
+            raise ValueError(f"the {self.role} of {where} holds NaN or Inf values; "
+                             "check the calibration data and the model's float output")
 
     def freeze(self) -> None:
         """Turn recorded statistics into quantization parameters."""

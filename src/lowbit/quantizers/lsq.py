@@ -41,7 +41,6 @@ from lowbit import distributed, observers
 from lowbit.config import QuantSpec
 from lowbit.numerics import (
     MIN_SCALE,
-    all_finite,
     broadcast_param,
     fake_quantize,
     qparams_from_range,
@@ -250,10 +249,7 @@ class LSQQuantizer(Quantizer):
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Weights: compute the paper's init for ``freeze``; activations: feed the observer."""
-        if not all_finite(x):
-            where = f"layer {self.layer_name!r}" if self.layer_name else "a layer"
-            raise ValueError(f"the {self.role} of {where} holds NaN or Inf values; "
-                             "check the calibration data and the model's float output")
+        self.check_observed(x)
         if self.role == "weight":
             self._pending = self.initial_qparams(x)
         else:

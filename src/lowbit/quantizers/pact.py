@@ -31,7 +31,7 @@ from torch import nn
 
 from lowbit import distributed, observers
 from lowbit.config import QuantSpec
-from lowbit.numerics import MIN_SCALE, all_finite, fake_quantize, fused_fake_quantize
+from lowbit.numerics import MIN_SCALE, fake_quantize, fused_fake_quantize
 from lowbit.quantizers.base import QParams, Quantizer, Role
 from lowbit.registry import QUANTIZERS
 
@@ -123,10 +123,7 @@ class PACTQuantizer(Quantizer):
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Feed ``x`` to the observer (calibration)."""
-        if not all_finite(x):
-            where = f"layer {self.layer_name!r}" if self.layer_name else "a layer"
-            raise ValueError(f"the {self.role} of {where} holds NaN or Inf values; "
-                             "check the calibration data and the model's float output")
+        self.check_observed(x)
         self.observer.update(x.detach().float().reshape(1, -1))
 
     @torch.no_grad()

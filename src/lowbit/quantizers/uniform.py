@@ -17,7 +17,6 @@ import torch
 from lowbit import observers
 from lowbit.config import QuantSpec
 from lowbit.numerics import (
-    all_finite,
     dynamic_qparams,
     fake_quantize,
     fused_fake_quantize,
@@ -133,10 +132,7 @@ class UniformQuantizer(Quantizer):
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Feed ``x`` to the observer (weights: their current value only)."""
-        if not all_finite(x):
-            where = f"layer {self.layer_name!r}" if self.layer_name else "a layer"
-            raise ValueError(f"the {self.role} of {where} holds NaN or Inf values; "
-                             "check the calibration data and the model's float output")
+        self.check_observed(x)
         if self.role == "weight":
             self.observer.reset()
         self.observer.update(to_rows(x.detach().float(), self.axis, self.group_size))

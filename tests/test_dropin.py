@@ -18,7 +18,7 @@ import lowbit
 from lowbit import LayerRule, Plan, QuantConfig, QuantSpec
 from lowbit.deploy import DynamicLinear, IntWeight
 from lowbit.float_modules import public_attributes
-from lowbit.nn import Add, Cat, MatMul, QuantConv1d, QuantLayer, QuantLinear
+from lowbit.nn import Add, Cat, MatMul, Mul, QuantConv1d, QuantLayer, QuantLinear
 from lowbit.registry import LAYERS
 
 W8 = QuantSpec(bits=8, granularity="per_channel")
@@ -68,6 +68,12 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[torch.Tensor,
     "SiLU": (lambda: nn.SiLU(inplace=False), _randn(2, 6), LayerRule(types=["SiLU"], output=A8)),
     "add": (Add, lambda: (torch.randn(2, 6), torch.randn(2, 6)),
             LayerRule(types=["add"], input=A8)),
+    "mul": (Mul, lambda: (torch.randn(2, 6, 3, 3), torch.rand(2, 6, 1, 1)),
+            LayerRule(types=["mul"], input=A8)),
+    "AdaptiveAvgPool1d": (lambda: nn.AdaptiveAvgPool1d(2), _randn(2, 4, 9),
+                          LayerRule(types=["AdaptiveAvgPool1d"], input=A8)),
+    "AdaptiveAvgPool2d": (lambda: nn.AdaptiveAvgPool2d(1), _randn(2, 4, 5, 5),
+                          LayerRule(types=["AdaptiveAvgPool2d"], input=A8, output=A8)),
     "matmul": (MatMul, lambda: (torch.randn(2, 3, 4), torch.randn(2, 4, 5)),
                LayerRule(types=["matmul"], input=A8)),
     "MaxPool1d": (lambda: nn.MaxPool1d(3, 2, 1), _randn(2, 4, 9),

@@ -110,3 +110,104 @@ def test_transformers_silu_activation_is_a_silu():
     lowbit.calibrate(qm, _batches(), progress=False)
     x = torch.randn(2, 3, 12, 12)
     assert nn.functional.cosine_similarity(model(x).flatten(), qm(x).flatten(), dim=0) > 0.99
+
+
+class SqueezeExcite(nn.Module):
+    """Hugging Face EfficientNet's block tail: depthwise conv + SiLU, then squeeze-excite as
+    modules (``AdaptiveAvgPool2d`` → conv → SiLU → conv → Sigmoid) and ``torch.mul``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(3, 16, 1)
+        self.act1 = nn.SiLU()
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.act2 = nn.SiLU()
+        self.squeeze = nn.AdaptiveAvgPool2d(1)
+        self.reduce = nn.Conv2d(16, 4, 1)
+        self.act_se = nn.SiLU()
+        self.grow = nn.Conv2d(4, 16, 1)
+        self.gate = nn.Sigmoid()
+        self.project = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act2(self.dw(self.act1(self.expand(x))))
+        scale = self.gate(self.grow(self.act_se(self.reduce(self.squeeze(x)))))
+        return self.project(torch.mul(x, scale)).mean((2, 3))
+
+
+def test_squeeze_excite_products_and_squeezes_are_placed_between_quantized_layers():
+    entries = {x.name: x for x in lowbit.plan(SqueezeExcite().eval(),
+                                              QuantConfig.preset("w8a8")).layers}
+    assert entries["op_mul"].type == "mul" and entries["op_mul"].input is not None
+    assert entries["squeeze"].type == "AdaptiveAvgPool2d" and entries["squeeze"].input is not None
+
+
+def test_a_product_with_a_float_factor_stays_float():
+    """A transformer MLP's ``act(gate(x)) * up(x)``: the activation reads a Linear's float
+    output, so it is no gate, and the product is not placed (it would add two quantizers on
+    activations the preset leaves float)."""
+
+    class GatedMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate, self.up, self.down = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+            self.act = nn.SiLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.down(self.act(self.gate(x)) * self.up(x))
+
+    quantized = {x.type for x in lowbit.plan(GatedMLP().eval(),
+                                             QuantConfig.preset("w8a8")).quantized}
+    assert quantized == {"Linear"}
+
+
+def test_squeeze_excite_runs_on_integer_kernels_and_reads_the_gate_once(tmp_path):
+    torch.manual_seed(0)
+    model = SqueezeExcite().eval()
+    qm = lowbit.quantize(model, QuantConfig.preset("w8a8"))
+    # The gate leaves its sigmoid's output quantizer already on a uint8 grid: the product reads
+    # it as it is; the depthwise SiLU's product is quantized once for both of its readers.
+    assert qm.op_mul.other_quant is None
+    assert qm.op_mul.input_quant is qm.squeeze.input_quant
+    lowbit.calibrate(qm, _batches(), progress=False)
+    x = torch.randn(2, 3, 12, 12)
+    assert nn.functional.cosine_similarity(model(x).flatten(), qm(x).flatten(), dim=0) > 0.99
+    fresh = lowbit.quantize(model, QuantConfig.preset("w8a8"))
+    fresh.load_state_dict(qm.state_dict())
+    assert torch.equal(fresh.eval()(x), qm.eval()(x))
+
+    path = tmp_path / "se.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = lowbit.export_onnx(lowbit.convert(qm), path, (x,))
+    assert report.parity.codes_identical == 1.0
+    ran = collections.Counter(n.op_type for n in optimized_model(path).graph.node)
+    # Three SiLU products and the squeeze-excite product, all on uint8; no float Mul left.
+    assert ran["QLinearMul"] == 4 and ran["Mul"] == 0, ran
+    assert ran["Conv"] + ran["FusedConv"] + ran["Sigmoid"] == 0, ran
+    assert not [k for k in report.deploy.layers if k.integer is False], report.deploy.layers
+
+
+def test_a_reader_takes_a_quantized_output_as_it_is_unless_its_grid_differs():
+    """One quantizer per tensor: a conv whose output is quantized (it also feeds a float op)
+    and a conv reading it with an input spec of the same kind: the reader does not quantize
+    the tensor again. A reader asking for another grid (signed, symmetric) keeps its own."""
+
+    class Fork(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            return self.b(y) + torch.tanh(y)
+
+    u8 = QuantSpec(bits=8, symmetric=False)
+    w8 = QuantSpec(bits=8, granularity="per_channel")
+    same = QuantConfig(rules=[LayerRule(names=["a"], weight=w8, input=u8, output=u8),
+                              LayerRule(names=["b"], weight=w8, input=u8)])
+    qm = lowbit.quantize(Fork().eval(), same)
+    assert qm.b.input_quant is None and qm.a.output_quant is not None
+    other = QuantConfig(rules=[same.rules[0],
+                               LayerRule(names=["b"], weight=w8, input=QuantSpec(bits=8))])
+    assert lowbit.quantize(Fork().eval(), other).b.input_quant is not None

@@ -14,6 +14,7 @@ helpers, ``x.to(layer.weight.dtype)``) runs unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -493,8 +494,12 @@ class DynamicLinear(nn.Module):
         return TransposedWeight(self)
 
 
+_BINARY_OPS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "add": torch.add, "mul": torch.mul, "matmul": torch.matmul}
+
+
 class DeployBinary(nn.Module):
-    """Deploy form of ``QuantAdd`` / ``QuantMatMul``."""
+    """Deploy form of ``QuantAdd`` / ``QuantMul`` / ``QuantMatMul``."""
 
     def __init__(self, wrapper: Any) -> None:
         super().__init__()
@@ -508,7 +513,7 @@ class DeployBinary(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a, b = _run(self.input_qdq, a), _run(self.other_qdq, b)
-        y = a + b if self.op == "add" else torch.matmul(a, b)
+        y = _BINARY_OPS[self.op](a, b)
         return _run(self.output_qdq, y)
 
     def extra_repr(self) -> str:

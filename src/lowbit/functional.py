@@ -1,10 +1,10 @@
-"""Functional ``a + b`` / ``torch.matmul(a, b)`` / ``torch.cat`` calls, and functional max
+"""Functional ``a + b`` / ``a * b`` / ``torch.matmul(a, b)`` / ``torch.cat`` calls, and functional max
 pools and nearest upsamplings (``F.max_pool2d``, ``F.interpolate``): find them, and turn them
 into modules.
 
 Module swapping cannot see functional ops, so the plan finds their call sites in the model's
 traced dataflow (``lowbit.trace``) and, where a rule gives them quantizers, ``quantize`` rewrites
-the model with ``torch.fx`` so that each call becomes an ``Add`` / ``MatMul`` / ``Cat`` module
+the model with ``torch.fx`` so that each call becomes an ``Add`` / ``Mul`` / ``MatMul`` / ``Cat`` module
 named after its site (``op_add``, ``op_add_1``, ``op_cat``...) that the normal swap then
 quantizes. A functional pool becomes the ``nn.MaxPool1d/2d`` / ``nn.Upsample`` it stands for
 (``op_max_pool2d``, ``op_interpolate``), placed like one written as a module. Models that do not trace with fx can use ``lowbit.nn.Add`` / ``MatMul`` / ``Cat``
@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 
 from torch import fx, nn
 
-from lowbit.nn import Add, Cat, MatMul, keeps_grid
+from lowbit.nn import Add, Cat, MatMul, Mul, keeps_grid
 from lowbit.trace import (
     LeafTracer,
     ModelGraph,
@@ -35,7 +35,7 @@ from lowbit.trace import (
     site_name,
 )
 
-MODULES: dict[str, type[nn.Module]] = {"add": Add, "matmul": MatMul, "cat": Cat}
+MODULES: dict[str, type[nn.Module]] = {"add": Add, "mul": Mul, "matmul": MatMul, "cat": Cat}
 FUNCTIONAL_TYPES = set(MODULES)
 # Functional calls with a grid-keeping module equivalent: the op's name → the module type.
 GRID_KEEPING_FUNCTIONS = {"max_pool1d": "MaxPool1d", "max_pool2d": "MaxPool2d",
@@ -69,7 +69,7 @@ def activation_values(graph: ModelGraph) -> set[int]:
 
 def find_functional(graph: ModelGraph, types: Iterable[str]) -> list[Node]:
     """The call sites of the wanted kinds whose inputs are all activations: two for
-    add/matmul, two or more for cat."""
+    add/mul/matmul, two or more for cat."""
     wanted = set(types) & FUNCTIONAL_TYPES
     tensors = activation_values(graph)
     return [node for node in graph.functions(*wanted)
@@ -87,11 +87,14 @@ def find_grid_keeping_calls(graph: ModelGraph, types: Iterable[str]) -> list[Nod
 
 
 def between_quantized(graph: ModelGraph, node: Node, modules: dict[str, nn.Module],
-                      producers: set[str], readers: set[str]) -> bool:
-    """Whether an input of ``node`` comes from a layer in ``producers`` and its output reaches
-    a layer in ``readers`` (layers with an input quantizer), through pass-through ops only."""
-    return (any(_from_layer(graph, v, modules, producers) for v in node.inputs)
-            and reaches(graph, node, modules, readers, through_adds=True))
+                      producers: set[str], readers: set[str], *, every_input: bool = False
+                      ) -> bool:
+    """Whether an input of ``node`` (each input, with ``every_input``) comes from a layer in
+    ``producers`` and its output reaches a layer in ``readers`` (layers with an input
+    quantizer), through pass-through ops only."""
+    made = (any if not every_input else all)(_from_layer(graph, v, modules, producers)
+                                               for v in node.inputs)
+    return made and reaches(graph, node, modules, readers, through_adds=True)
 
 
 def before_global_pool(graph: ModelGraph, node: Node, modules: dict[str, nn.Module],
@@ -246,16 +249,16 @@ def _rewrite(module: nn.Module, owner: str, names: set[str]) -> None:
         graph = own_forward(module)
     except Exception as err:  # noqa: BLE001 - report any tracing failure the same way
         raise NotImplementedError(
-            f"rules for 'add'/'matmul'/'cat' need a model that torch.fx can trace, and "
+            f"rules for 'add'/'mul'/'matmul'/'cat' need a model that torch.fx can trace, and "
             f"{owner or 'the model'!r} does not ({type(err).__name__}: {err}); use "
-            "lowbit.nn.Add / MatMul / Cat modules in the model instead") from None
+            "lowbit.nn.Add / Mul / MatMul / Cat modules in the model instead") from None
     picked = [(name, op, node) for name, op, node in _own_calls(graph)
               if name in names and _as_module_call(op, node) is not None]
     missing = names - {name for name, _, _ in picked}
     if missing:
         where = f" in {owner!r}" if owner else ""
         raise ValueError(f"the plan names functional op(s) {sorted(missing)}{where}, which the "
-                         "model does not call as a two-tensor add/matmul, a cat of tensors, a "
+                         "model does not call as a two-tensor add/mul/matmul, a cat of tensors, a "
                          "max pool with constant arguments or a nearest upsampling")
     for name, op, node in picked:
         # Read the arguments now: an earlier replacement may have rewired them.
@@ -290,7 +293,7 @@ def _as_module_call(op: str, node: fx.Node) -> tuple[nn.Module, tuple[fx.Node, .
     call has another form (a constant operand, extra keyword arguments)."""
     if op in GRID_KEEPING_FUNCTIONS:
         return _grid_keeping_module(op, node)
-    if op in ("add", "matmul"):
+    if op in ("add", "mul", "matmul"):
         if (not node.kwargs and len(node.args) == 2
                 and all(isinstance(a, fx.Node) for a in node.args)):
             return MODULES[op](), tuple(node.args)  # type: ignore[arg-type]

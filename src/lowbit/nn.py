@@ -2,8 +2,8 @@
 
 ``QuantLinear``, ``QuantConv1d`` and ``QuantConv2d`` subclass their torch layers, so parameter
 names (``weight``, ``bias``), ``isinstance`` checks and optimizers keep working. ``Add``,
-``MatMul`` and ``Cat`` are float modules for functional ops; ``QuantAdd``/``QuantMatMul``/
-``QuantCat`` quantize each of their inputs. Each wrapper is registered under the name rules
+``Mul``, ``MatMul`` and ``Cat`` are float modules for functional ops; ``QuantAdd``/``QuantMul``/
+``QuantMatMul``/``QuantCat`` quantize each of their inputs. Each wrapper is registered under the name rules
 use (``"Conv2d"``, ``"add"``...).
 """
 
@@ -45,6 +45,9 @@ class QuantLayer:
     float_type: type[nn.Module]
     input_axis: int = 1  # channel axis of the layer's activations
     dynamic_input: bool = False  # has a deploy form for run-time quantized inputs
+    # ``output_quant`` quantizes what the layer returns (False for a SiLU, whose output
+    # quantizer is its gate's), so readers of the output may take it as it is (lowbit.share).
+    quantizes_output: bool = True
     # Calibration left the smoothing its input spec asks for off (it lowered the model's
     # fidelity: lowbit.calibrate's smoothing check), so convert does not warn about it.
     smoothing_declined: bool = False
@@ -443,6 +446,14 @@ class Add(nn.Module):
         return a + b
 
 
+class Mul(nn.Module):
+    """``a * b`` of two tensors as a module (a squeeze-excite gate applied to its feature map),
+    so that a rule can give its inputs quantizers."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * b
+
+
 class MatMul(nn.Module):
     """``torch.matmul(a, b)`` as a module, so that a rule can give its inputs quantizers."""
 
@@ -515,6 +526,15 @@ class QuantAdd(_QuantBinary):
 
     def op(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a + b
+
+
+@LAYERS.register("mul")
+class QuantMul(_QuantBinary):
+    float_type = Mul
+    op_name = "mul"
+
+    def op(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * b
 
 
 @LAYERS.register("matmul")
@@ -603,9 +623,16 @@ def keeps_grid(module: nn.Module | None) -> bool:
 # Sigmoid gates: a sigmoid (squeeze-excite) and SiLU's x * sigmoid(x). Quantizing the sigmoid's
 # output lets ONNX Runtime run it as QLinearSigmoid and the product after it as QLinearMul.
 GATE_TYPES = {"Sigmoid", "SiLU"}
-OPT_IN_TYPES = ACTIVATION_TYPES | GRID_KEEPING_TYPES | GATE_TYPES | {"Embedding"}
+# Adaptive average pools (a squeeze-excite squeeze, the pooler before a classifier): an input
+# quantizer lets them read a tensor that other readers take quantized, so that ONNX Runtime can
+# give its producer a quantized output (it runs ``DQ → ReduceMean → Q``, as in its own files).
+# Not ``nn.AvgPool2d``: ORT's QLinearAveragePool, which its QDQ fusion puts there, returns
+# wrong values for a kernel larger than the input with ``ceil_mode`` (EfficientNet's pooler).
+AVERAGE_POOL_TYPES = {"AdaptiveAvgPool1d", "AdaptiveAvgPool2d"}
+OPT_IN_TYPES = (ACTIVATION_TYPES | GRID_KEEPING_TYPES | GATE_TYPES | AVERAGE_POOL_TYPES
+                | {"Embedding"})
 for _float in (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.Upsample,
-               nn.Sigmoid):
+               nn.Sigmoid, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d):
     LAYERS.register(_float.__name__)(
         type(f"Quant{_float.__name__}", (QuantActivation,), {"float_type": _float}))
 
@@ -618,6 +645,7 @@ class QuantSiLU(QuantActivation):
     ``QLinearSigmoid`` and ``QLinearMul`` when ``x`` arrives quantized."""
 
     float_type = nn.SiLU
+    quantizes_output = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _apply(self.input_quant, x)

@@ -34,6 +34,7 @@ from lowbit.functional import (
 )
 from lowbit.fuse import NORMS, find_chains
 from lowbit.nn import (
+    AVERAGE_POOL_TYPES,
     GATE_TYPES,
     GRID_KEEPING_TYPES,
     OPT_IN_TYPES,
@@ -45,6 +46,10 @@ from lowbit.registry import LAYERS
 from lowbit.trace import ModelGraph, trace
 
 CONV_TYPES = {"Conv1d", "Conv2d"}
+# Products of two activations: "between" quantized layers only where *both* factors come from
+# quantized layers (a feature map times its quantized sigmoid gate), not where one is float
+# (a transformer MLP's act(gate) * up, whose act stays float).
+PRODUCTS = {"mul"}
 
 
 def plan(
@@ -87,12 +92,17 @@ def plan(
     fusions = find_chains(model, graph) if config.fuse_bn else []
     wanted = {t for rule in config.rules for t in rule.types} & FUNCTIONAL_TYPES
     rewritable = OwnerTracer(model)  # one fx trace per calling module, for both placements
-    if wanted:
-        layers = _place_functional(model, config, graph, layers, fusions, wanted, rewritable)
+    if wanted - PRODUCTS:
+        layers = _place_functional(model, config, graph, layers, fusions, wanted - PRODUCTS,
+                                   rewritable)
     layers = _place_grid_keeping(model, config, graph, layers, fusions, rewritable)
     if graph is not None and any("feeds_float" in rule.positions for rule in config.rules):
         layers = _place_outputs(model, config, graph, layers, fusions)
     layers = _place_gates(model, config, graph, layers, fusions)
+    if wanted & PRODUCTS:  # after the gates: a squeeze-excite product reads one
+        layers = _place_functional(model, config, graph, layers, fusions, wanted & PRODUCTS,
+                                   rewritable)
+    layers = _place_average_pools(model, config, graph, layers, fusions)
     if graph is None:
         warnings.warn("lowbit could not trace the model (torch.fx failed and there are no "
                       "example_inputs): BatchNorm folds only between neighbours in "
@@ -189,7 +199,8 @@ def _place_functional(model: nn.Module, config: QuantConfig, graph: ModelGraph |
     for site in find_functional(graph, wanted):
         if site.name in placed:  # a module called twice: its sites are planned once
             continue
-        between = between_quantized(graph, site, modules, producers, readers)
+        between = between_quantized(graph, site, modules, producers, readers,
+                                    every_input=site.target in PRODUCTS)
         positions = frozenset({"between"}) if between else frozenset()
         if not between and before_global_pool(graph, site, modules, producers):
             positions, between = frozenset({"before_pool"}), True
@@ -316,6 +327,34 @@ def _place_gates(model: nn.Module, config: QuantConfig, graph: ModelGraph | None
             entry = _resolve(config, layer.name, layer.type, frozenset({"gate"}))
             if not entry.is_float:  # keeping the class it was found as (SiLUActivation)
                 out.append(replace(entry, module_type=layer.module_type))
+    return out
+
+
+def _place_average_pools(model: nn.Module, config: QuantConfig, graph: ModelGraph | None,
+                         layers: list[LayerPlan], fusions: Sequence[Sequence[str]]
+                         ) -> list[LayerPlan]:
+    """Average pools that a rule names: those a rule quantizes as they are keep their entry;
+    the others are re-resolved with position ``"between"`` where they read a quantized layer
+    (a sigmoid gate included) and quantized layers read them, and otherwise dropped from the
+    plan (a pool in a float region is not a float *layer*). Runs last: the gates and products
+    it reads are placed by then."""
+    if not any(x.type in AVERAGE_POOL_TYPES for x in layers):
+        return layers
+    modules = _graph_modules(model, fusions)
+    calls = graph.module_calls() if graph is not None else {}
+    producers = {x.name for x in layers if not x.is_float and x.type not in AVERAGE_POOL_TYPES}
+    readers = {x.name for x in layers if x.input is not None and not x.input.dynamic}
+    out = []
+    for layer in layers:
+        if layer.type not in AVERAGE_POOL_TYPES or not layer.is_float:
+            out.append(layer)
+            continue
+        nodes = calls.get(layer.name, [])
+        if graph is not None and len(nodes) == 1 and between_quantized(
+                graph, nodes[0], modules, producers, readers):
+            entry = _resolve(config, layer.name, layer.type, frozenset({"between"}))
+            if not entry.is_float:
+                out.append(entry)
     return out
 
 

@@ -45,7 +45,14 @@ def for_integer_kernels(weight: QuantSpec, input: QuantSpec) -> list[LayerRule]:
             # a gate in (0, 1) has no outliers to clip) lets ORT run it and the product after
             # it on integers (QLinearSigmoid, QLinearMul), as in its own EfficientNet files.
             LayerRule(types=["Sigmoid", "SiLU"], positions=["gate"],
-                      output=QuantSpec(bits=8, symmetric=False, observer="minmax"))]
+                      output=QuantSpec(bits=8, symmetric=False, observer="minmax")),
+            # A product of two such tensors (a squeeze-excite gate times its feature map): ORT
+            # runs it as QLinearMul, the gate read on its own grid (lowbit.share).
+            LayerRule(types=["mul"], positions=["between"], input=input),
+            # A global pool reading such a product (the squeeze before the gate): its input
+            # shares the product's quantizer, so ORT runs the SiLU's own product as QLinearMul.
+            LayerRule(types=["AdaptiveAvgPool1d", "AdaptiveAvgPool2d"], positions=["between"],
+                      input=input)]
 
 
 def between_ops(input: QuantSpec) -> LayerRule:

@@ -22,7 +22,7 @@ from lowbit.placement import check_example_inputs, plan
 from lowbit.plan import Plan
 from lowbit.quantize_checks import ModuleSnapshot, check_plan_fits
 from lowbit.registry import LAYERS
-from lowbit.share import share_input_quantizers
+from lowbit.share import reuse_output_quantizers, share_input_quantizers
 from lowbit.trace import ModelGraph, trace
 
 PLAN_ATTR = "lowbit_plan"
@@ -149,6 +149,7 @@ def _apply_plan(model: nn.Module, the_plan: Plan, functional: set[str],
             attach_bn(wrapper, norms.pop(layer.name), freeze_bn)
         set_module(model, layer.name, wrapper)
     share_input_quantizers(model, graph)
+    reuse_output_quantizers(model, graph)
     follow_model_device(model)
 
     if reparametrized:

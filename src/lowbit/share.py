@@ -1,4 +1,5 @@
-"""One quantizer per tensor: consumers of the same tensor share their input quantizer.
+"""One quantizer per tensor: consumers of the same tensor share their input quantizer, and
+read a tensor that leaves a layer's output quantizer as it is.
 
 When one tensor feeds two quantized layers (a ReLU output feeding a conv and a residual add;
 the hidden state read by q, k and v; a tensor and the max pool or nearest upsampling of it),
@@ -7,7 +8,11 @@ QuantizeLinear nodes on that tensor, and ONNX Runtime could not fuse the produce
 integer kernel. Who reads what comes from the float model's traced dataflow (``lowbit.trace``;
 module names survive the swap, and functional sites are named as the modules ``quantize``
 inserts for them); consumers whose input specs describe a different grid keep their own
-quantizer. Without a graph, every consumer keeps its own.
+quantizer. A tensor a layer's output quantizer already put on a grid (a sigmoid gate, a conv
+whose output also feeds a float op) is not quantized again by a reader whose input spec
+describes the same kind of grid: the second quantizer would only requantize it onto a slightly
+different scale, and ONNX Runtime would see ``Q → DQ → Q → DQ`` there. Without a graph, every
+consumer keeps its own.
 """
 
 from __future__ import annotations
@@ -79,3 +84,27 @@ def share_input_quantizers(model: nn.Module, graph: ModelGraph | None) -> list[t
                 setattr(layer, slot, first)
             groups.append(tuple(f"{name}.{slot}" for name, _, slot in members))
     return groups
+
+
+def reuse_output_quantizers(model: nn.Module, graph: ModelGraph | None) -> list[str]:
+    """Drop the input quantizers (``"layer.slot"``, returned) of readers of a tensor that a
+    layer's output quantizer already quantizes on a grid of the same kind: they read it as it
+    is. ``graph`` is the dataflow of the float model ``model`` was quantized from."""
+    if graph is None:
+        return []
+    modules = dict(model.named_modules())
+    dropped: list[str] = []
+    for node in graph.nodes:
+        layer = modules.get(node.name)
+        if (not isinstance(layer, QuantLayer) or not layer.quantizes_output
+                or layer.output_quant is None):
+            continue
+        grid = _grid_key(layer.output_quant)
+        for value in node.outputs:
+            for name, reader, pos in _readers(graph, value, modules):
+                slots = reader.input_slots()
+                quantizer = getattr(reader, slots[pos], None) if pos < len(slots) else None
+                if quantizer is not None and _grid_key(quantizer) == grid:
+                    setattr(reader, slots[pos], None)
+                    dropped.append(f"{name}.{slots[pos]}")
+    return dropped

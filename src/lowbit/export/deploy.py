@@ -49,6 +49,7 @@ from lowbit.export.ort_graph import (
 
 FUNCTIONAL_OPS = {  # lowbit functional op → the ORT nodes that may run it
     "add": frozenset({"Add", "Sum", "QLinearAdd"}),
+    "mul": frozenset({"Mul", "QLinearMul"}),
     "cat": frozenset({"Concat", "QLinearConcat"}),
     "matmul": frozenset({"MatMul", "FusedMatMul", "Gemm", "FusedGemm", "QLinearMatMul",
                          "MatMulInteger", "MatMulIntegerToFloat", "QGemm"}),
@@ -59,7 +60,7 @@ FUNCTIONAL_OPS = {  # lowbit functional op → the ORT nodes that may run it
 WEIGHT_KEYS = ("weight.codes", "weight_t", "float_weight", "weight.scale", "weight_scale",
                "int_bias.codes", "float_bias", "bias", "int_bias.scale")
 # Functional layers whose float form is cheap, with the kernel ORT runs them on in integers.
-ELEMENTWISE = {"add": "QLinearAdd", "cat": "QLinearConcat"}
+ELEMENTWISE = {"add": "QLinearAdd", "mul": "QLinearMul", "cat": "QLinearConcat"}
 
 
 def _quantize_op_fix(op: str) -> str:

@@ -233,10 +233,37 @@ def test_forward_is_used_for_calibration():
     assert len(seen) == len(CALIB) and len(r.trials) == 1
 
 
+def test_the_trials_of_a_model_fx_cannot_trace_quantize_with_the_example_inputs():
+    """Given ``example_inputs``, every trial traces the model on them, as ``lowbit.quantize``
+    does: two heads reading one tensor share its quantizer (one quantizer per tensor). Without
+    them, the trials cannot know who reads what, and each head keeps its own."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.body(x))
+            return (self.a(h) + self.b(h)) if x.sum() > -1e9 else self.a(h)  # no fx
+
+    torch.manual_seed(0)
+    model, calib = TwoHeads().eval(), [torch.randn(16, 6) for _ in range(2)]
+    config = QuantConfig(rules=[LayerRule(types=["Linear"], weight=QuantSpec(bits=8),
+                                          input=QuantSpec(bits=8, symmetric=False))])
+    x = torch.randn(4, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = lowbit.autoquant(model, config, calib, lambda m: 0.0, 1.0, example_inputs=(x,))
+        blind = lowbit.autoquant(model, config, calib, lambda m: 0.0, 1.0)
+    assert traced.model.a.input_quant is traced.model.b.input_quant
+    assert blind.model.a.input_quant is not blind.model.b.input_quant
+
+
 def test_the_keep_steps_do_not_warn_about_tracing_a_model_that_fx_cannot_trace():
-    """The search quantizes its trials without example inputs; the keep steps' plan is made the
-    same way, so a model fx cannot trace gets no "pass example_inputs" warning it cannot act on
-    (autoquant's caller never calls quantize or plan)."""
+    """Without example inputs, the search quantizes its trials untraced; the keep steps' plan is
+    made the same way, so a model fx cannot trace gets no "pass example_inputs" warning it
+    cannot act on (autoquant's caller never calls quantize or plan)."""
 
     class Branchy(nn.Module):
         def __init__(self) -> None:

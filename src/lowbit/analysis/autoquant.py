@@ -133,8 +133,10 @@ def autoquant(
     exported, estimated from the config (``analysis/size.py``): a fraction of the float32
     weight bytes if at most 1 (``0.2``), else bytes. Only a trial within it meets the target,
     and the keep steps pass over layers whose kept weight would break it. ``example_inputs``:
-    tensors to export the first and the chosen model with and time them in ONNX Runtime
-    (``speed_vs_first``).
+    the model's positional inputs: every trial quantizes with them (a model torch.fx cannot
+    trace is traced on them, so its trials get the same quantizer placement and sharing as
+    ``lowbit.quantize(..., example_inputs=)`` gives), and the first and the chosen model are
+    exported with them and timed in ONNX Runtime (``speed_vs_first``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -188,7 +190,8 @@ def autoquant(
     cap = None if max_size is None else max_size * full if max_size <= 1 else max_size
     search = Search(model=model, calib_batches=batches, evaluate=evaluate, forward=forward,
                     max_drop=max_drop, deadline=deadline, max_kept=max_kept, max_bytes=cap,
-                    float_bytes=full)
+                    float_bytes=full,
+                    example_inputs=None if example_inputs is None else tuple(example_inputs))
     reference = copy.deepcopy(model).eval()
     search.float_score = search.score(reference, "float", "")
     del reference

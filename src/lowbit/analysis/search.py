@@ -91,6 +91,7 @@ class Search:
     max_kept: int | None = None
     max_bytes: float | None = None  # the size cap on the weights (analysis/size.py), or None
     float_bytes: float = math.nan  # the float model's parameters in float32
+    example_inputs: tuple[Any, ...] | None = None  # traced where fx fails (lowbit.plan)
     float_score: float = math.nan
     trials: list[Trial] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -157,7 +158,7 @@ class Search:
             model = out if isinstance(out, nn.Module) else model
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # kept layers are named in the trial, not a warning
-            qm = lowbit.quantize(model, recipe.config)
+            qm = lowbit.quantize(model, recipe.config, example_inputs=self.example_inputs)
         if needs_calibration(qm):
             correction = "empirical" if recipe.bias_correction else None
             lowbit.calibrate(qm, self.calib_batches, self.forward, progress=False,

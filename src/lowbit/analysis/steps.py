@@ -179,7 +179,8 @@ class KeepSensitive(Step):
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.plan = {p.name: p for p in lowbit.plan(search.model, base.config).layers}
+            self.plan = {p.name: p for p in lowbit.plan(search.model, base.config,
+                                                         search.example_inputs).layers}
 
     def changes(self, name: str) -> bool:
         """Whether keeping ``name`` at this level changes the layer."""

@@ -142,6 +142,17 @@ def test_squeeze_excite_products_and_squeezes_are_placed_between_quantized_layer
     assert entries["squeeze"].type == "AdaptiveAvgPool2d" and entries["squeeze"].input is not None
 
 
+def test_a_pool_reading_an_output_already_quantized_gets_no_entry():
+    """A classifier's pooler after a conv: the conv quantizes its output for the pool's float
+    mean (``feeds_float``), so a pool quantizer would only read it as it is; the plan does not
+    list one (no quantized layer without a quantizer)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4)).eval()
+    plan = lowbit.plan(model, QuantConfig.preset("w8a8"))
+    assert {x.type for x in plan.quantized} == {"Conv2d", "Linear"}
+    assert plan.layers[0].output is not None  # the conv's output, read by the pool's mean
+
+
 def test_a_product_with_a_float_factor_stays_float():
     """A transformer MLP's ``act(gate(x)) * up(x)``: the activation reads a Linear's float
     output, so it is no gate, and the product is not placed (it would add two quantizers on

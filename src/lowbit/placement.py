@@ -335,14 +335,17 @@ def _place_average_pools(model: nn.Module, config: QuantConfig, graph: ModelGrap
                          ) -> list[LayerPlan]:
     """Average pools that a rule names: those a rule quantizes as they are keep their entry;
     the others are re-resolved with position ``"between"`` where they read a quantized layer
-    (a sigmoid gate included) and quantized layers read them, and otherwise dropped from the
-    plan (a pool in a float region is not a float *layer*). Runs last: the gates and products
-    it reads are placed by then."""
+    whose output nobody quantizes yet (a SiLU gate's product, read by a quantized product too)
+    and quantized layers read them, and otherwise dropped from the plan (a pool in a float
+    region, or after a quantized output that it would only read as it is, is not a float
+    *layer*). Runs last: the gates and products it reads are placed by then."""
     if not any(x.type in AVERAGE_POOL_TYPES for x in layers):
         return layers
     modules = _graph_modules(model, fusions)
     calls = graph.module_calls() if graph is not None else {}
     producers = {x.name for x in layers if not x.is_float and x.type not in AVERAGE_POOL_TYPES}
+    quantized_outputs = {x.name for x in layers if x.output is not None
+                         and x.type not in GATE_TYPES}  # a gate's output quantizer: its sigmoid
     readers = {x.name for x in layers if x.input is not None and not x.input.dynamic}
     out = []
     for layer in layers:
@@ -351,7 +354,8 @@ def _place_average_pools(model: nn.Module, config: QuantConfig, graph: ModelGrap
             continue
         nodes = calls.get(layer.name, [])
         if graph is not None and len(nodes) == 1 and between_quantized(
-                graph, nodes[0], modules, producers, readers):
+                graph, nodes[0], modules, producers, readers) and not comes_from(
+                graph, nodes[0], modules, quantized_outputs):
             entry = _resolve(config, layer.name, layer.type, frozenset({"between"}))
             if not entry.is_float:
                 out.append(entry)

@@ -149,7 +149,8 @@ def run_minilm(n_eval: int, n_calib: int, html: Path | None,
         return score
 
     # lowbit.analyze on the preset as given: wall and CPU seconds
-    qm = lowbit.quantize(model, QuantConfig.preset("w8a8-transformer"))
+    qm = lowbit.quantize(model, QuantConfig.preset("w8a8-transformer"),
+                         example_inputs=eval_batches[0])
     t0 = time.perf_counter()
     lowbit.calibrate(qm, as_tuples, progress=False)
     calib_s = time.perf_counter() - t0

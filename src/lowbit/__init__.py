@@ -64,7 +64,7 @@ __all__ = [
     "schedules",
     "set_calibrating",
 ]
-__version__ = "0.8.0"
+__version__ = "0.9.0"
 
 register_quantizer = QUANTIZERS.register
 """Decorator: ``@lowbit.register_quantizer("name")`` on a ``lowbit.Quantizer`` subclass makes

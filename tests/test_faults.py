@@ -5,6 +5,7 @@ for config/plan files) with the call, the exception and a regex its message must
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from collections.abc import Callable
@@ -395,3 +396,28 @@ def test_a_corrupted_metadata_entry_is_named() -> None:
     with pytest.raises(CheckpointMismatchError, match=r"'lowbit_checkpoint' is not lowbit "
                                                       r"metadata"):
         qat("w4a4-lsq").load_state_dict(state)
+
+
+def _with_saved_by(state: dict, version: str | None) -> dict:
+    """``state`` with its metadata's lowbit version replaced (None: removed, as before 0.9.0)."""
+    data = json.loads(bytes(state["lowbit_checkpoint"].numpy()).decode())
+    data.pop("lowbit", None)
+    if version is not None:
+        data["lowbit"] = version
+    return {**state, "lowbit_checkpoint": torch.frombuffer(
+        bytearray(json.dumps(data).encode()), dtype=torch.uint8)}
+
+
+def test_a_mismatch_names_the_lowbit_version_that_saved_the_checkpoint() -> None:
+    """Where quantizers sit can change between versions (0.9.0 drops a reader's quantizer on an
+    output already quantized): a mismatch says which lowbit saved the checkpoint."""
+    state = qat("w4a4-lsq").state_dict()
+    assert json.loads(bytes(state["lowbit_checkpoint"].numpy()).decode())["lowbit"] == \
+        lowbit.__version__
+    with pytest.raises(CheckpointMismatchError) as same:
+        qat("w8a8-qat").load_state_dict(state)
+    assert "saved by" not in str(same.value)
+    for version, who in (("0.8.0", "lowbit 0.8.0"), (None, "a lowbit older than 0.9.0")):
+        with pytest.raises(CheckpointMismatchError,
+                           match=rf"saved by {who}, this is lowbit {lowbit.__version__}"):
+            qat("w8a8-qat").load_state_dict(_with_saved_by(state, version))

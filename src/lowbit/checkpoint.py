@@ -3,8 +3,8 @@
 ``quantize``/``prepare_qat`` attach two hooks to the model they return (``convert`` copies
 them to the deploy model): ``state_dict()`` gains one entry, ``lowbit_checkpoint``, a uint8
 tensor holding JSON (a tensor, so ``torch.load(weights_only=True)`` and safetensors both keep
-it) with the format version and, per quantizer or deploy quantization module, its method,
-bits, signedness and granularity. ``load_state_dict`` compares it with the model's own and
+it) with the format version, the lowbit version that saved it and, per quantizer or deploy
+quantization module, its method, bits, signedness and granularity. ``load_state_dict`` compares it with the model's own and
 raises ``CheckpointMismatchError`` (a ``ValueError``) naming the first differing layer and
 both values, before any tensor is copied: a ``w4a4-lsq`` checkpoint no longer loads silently
 into a ``w8a8-qat`` model, nor a per-channel one into a per-tensor model.
@@ -53,12 +53,16 @@ def describe(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def metadata_tensor(model: nn.Module) -> torch.Tensor:
-    data = {"format": FORMAT, "version": VERSION, "quantizers": describe(model)}
+    from lowbit import __version__
+
+    data = {"format": FORMAT, "version": VERSION, "lowbit": __version__,
+            "quantizers": describe(model)}
     return torch.frombuffer(bytearray(json.dumps(data).encode()), dtype=torch.uint8)
 
 
-def read_metadata(value: Any, where: str) -> dict[str, Any]:
-    """Parse a ``lowbit_checkpoint`` entry; raise ``CheckpointMismatchError`` if unusable."""
+def read_metadata(value: Any, where: str) -> tuple[dict[str, Any], str | None]:
+    """Parse a ``lowbit_checkpoint`` entry into its quantizers and the lowbit version that saved
+    it (None before versions were recorded); raise ``CheckpointMismatchError`` if unusable."""
     try:
         if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
             raise TypeError("not a uint8 tensor")
@@ -75,7 +79,8 @@ def read_metadata(value: Any, where: str) -> dict[str, Any]:
     quantizers = data.get("quantizers")
     if not isinstance(quantizers, dict):
         raise CheckpointMismatchError(f"checkpoint entry {where!r} lists no quantizers")
-    return quantizers
+    saved_by = data.get("lowbit")
+    return quantizers, saved_by if isinstance(saved_by, str) else None
 
 
 def _fmt(entry: dict[str, Any]) -> str:
@@ -88,9 +93,24 @@ def _where(prefix: str, name: str) -> str:
     return f"layer {layer!r} ({part})" if layer else f"{full!r}"
 
 
+def _versions(saved_by: str | None) -> str:
+    """A hint for a mismatch when another lowbit version saved the checkpoint: where a model's
+    quantizers sit can change between versions (see docs/design.md)."""
+    from lowbit import __version__
+
+    if saved_by == __version__:
+        return ""
+    who = f"lowbit {saved_by}" if saved_by else "a lowbit older than 0.9.0"
+    return (f" (the checkpoint was saved by {who}, this is lowbit {__version__}: quantizer "
+            "placement may differ between versions; quantize and load with the version that "
+            "saved it, or re-run calibration here)")
+
+
 def compare(saved: dict[str, Any], mine: dict[str, dict[str, Any]], *, strict: bool,
-            prefix: str = "") -> None:
-    """Raise ``CheckpointMismatchError`` at the first quantizer (model order) that differs."""
+            prefix: str = "", saved_by: str | None = None) -> None:
+    """Raise ``CheckpointMismatchError`` at the first quantizer (model order) that differs;
+    ``saved_by`` (the lowbit version that saved it) adds a hint where it is not this one."""
+    hint = _versions(saved_by)
     for name, entry in mine.items():
         theirs = saved.get(name)
         if theirs is None:
@@ -98,7 +118,7 @@ def compare(saved: dict[str, Any], mine: dict[str, dict[str, Any]], *, strict: b
                 raise CheckpointMismatchError(
                     f"checkpoint does not fit this model: {_where(prefix, name)} is quantized "
                     f"here ({_fmt(entry)}) but not in the checkpoint; load it into a model "
-                    "quantized with the config it was saved from")
+                    "quantized with the config it was saved from" + hint)
             continue
         if not isinstance(theirs, dict):
             raise CheckpointMismatchError(f"checkpoint metadata for {name!r} is malformed")
@@ -109,13 +129,13 @@ def compare(saved: dict[str, Any], mine: dict[str, dict[str, Any]], *, strict: b
                     f"with {field}={theirs.get(field)!r}, this model has {field}="
                     f"{entry[field]!r} (saved: {_fmt(theirs)}; here: {_fmt(entry)}); load it "
                     "into a model quantized with the config it was saved from, or drop the "
-                    f"{KEY!r} entry (lowbit.checkpoint.strip_metadata) to load it anyway")
+                    f"{KEY!r} entry (lowbit.checkpoint.strip_metadata) to load it anyway{hint}")
     if strict:
         extra = [n for n in saved if n not in mine]
         if extra:
             raise CheckpointMismatchError(
                 f"checkpoint does not fit this model: {_where(prefix, extra[0])} is quantized "
-                f"in the checkpoint ({_fmt(saved[extra[0]])}) but not here")
+                f"in the checkpoint ({_fmt(saved[extra[0]])}) but not here{hint}")
 
 
 def _save_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str,
@@ -128,8 +148,8 @@ def _load_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local
                error_msgs: list[str]) -> None:
     if prefix + KEY not in state_dict:
         return  # saved before lowbit wrote metadata: load as before
-    saved = read_metadata(state_dict.pop(prefix + KEY), prefix + KEY)
-    compare(saved, describe(module), strict=strict, prefix=prefix)
+    saved, saved_by = read_metadata(state_dict.pop(prefix + KEY), prefix + KEY)
+    compare(saved, describe(module), strict=strict, prefix=prefix, saved_by=saved_by)
 
 
 def attach_metadata(model: nn.Module) -> None:

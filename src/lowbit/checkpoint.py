@@ -4,9 +4,10 @@
 them to the deploy model): ``state_dict()`` gains one entry, ``lowbit_checkpoint``, a uint8
 tensor holding JSON (a tensor, so ``torch.load(weights_only=True)`` and safetensors both keep
 it) with the format version, the lowbit version that saved it and, per quantizer or deploy
-quantization module, its method, bits, signedness and granularity. ``load_state_dict`` compares it with the model's own and
-raises ``CheckpointMismatchError`` (a ``ValueError``) naming the first differing layer and
-both values, before any tensor is copied: a ``w4a4-lsq`` checkpoint no longer loads silently
+quantization module, its method, bits, signedness and granularity. ``load_state_dict``
+compares it with the model's own and raises ``CheckpointMismatchError`` (a ``ValueError``)
+naming the first differing layer and both values (and the lowbit version that saved it, where
+that is another), before any tensor is copied: a ``w4a4-lsq`` checkpoint no longer loads silently
 into a ``w8a8-qat`` model, nor a per-channel one into a per-tensor model.
 
 Checkpoints without the entry (saved before it existed, or with it removed by
@@ -93,7 +94,7 @@ def _where(prefix: str, name: str) -> str:
     return f"layer {layer!r} ({part})" if layer else f"{full!r}"
 
 
-def _versions(saved_by: str | None) -> str:
+def _version_hint(saved_by: str | None) -> str:
     """A hint for a mismatch when another lowbit version saved the checkpoint: where a model's
     quantizers sit can change between versions (see docs/design.md)."""
     from lowbit import __version__
@@ -110,7 +111,7 @@ def compare(saved: dict[str, Any], mine: dict[str, dict[str, Any]], *, strict: b
             prefix: str = "", saved_by: str | None = None) -> None:
     """Raise ``CheckpointMismatchError`` at the first quantizer (model order) that differs;
     ``saved_by`` (the lowbit version that saved it) adds a hint where it is not this one."""
-    hint = _versions(saved_by)
+    hint = _version_hint(saved_by)
     for name, entry in mine.items():
         theirs = saved.get(name)
         if theirs is None:

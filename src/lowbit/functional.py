@@ -1,14 +1,15 @@
-"""Functional ``a + b`` / ``a * b`` / ``torch.matmul(a, b)`` / ``torch.cat`` calls, and functional max
-pools and nearest upsamplings (``F.max_pool2d``, ``F.interpolate``): find them, and turn them
-into modules.
+"""Functional ``a + b`` / ``a * b`` / ``torch.matmul(a, b)`` / ``torch.cat`` calls, and
+functional max pools and nearest upsamplings (``F.max_pool2d``, ``F.interpolate``): find them,
+and turn them into modules.
 
 Module swapping cannot see functional ops, so the plan finds their call sites in the model's
 traced dataflow (``lowbit.trace``) and, where a rule gives them quantizers, ``quantize`` rewrites
-the model with ``torch.fx`` so that each call becomes an ``Add`` / ``Mul`` / ``MatMul`` / ``Cat`` module
-named after its site (``op_add``, ``op_add_1``, ``op_cat``...) that the normal swap then
-quantizes. A functional pool becomes the ``nn.MaxPool1d/2d`` / ``nn.Upsample`` it stands for
-(``op_max_pool2d``, ``op_interpolate``), placed like one written as a module. Models that do not trace with fx can use ``lowbit.nn.Add`` / ``MatMul`` / ``Cat``
-directly instead.
+the model with ``torch.fx`` so that each call becomes an ``Add`` / ``Mul`` / ``MatMul`` /
+``Cat`` module named after its site (``op_add``, ``op_add_1``, ``op_cat``...) that the normal
+swap then quantizes. A functional pool becomes the ``nn.MaxPool1d/2d`` / ``nn.Upsample`` it
+stands for (``op_max_pool2d``, ``op_interpolate``), placed like one written as a module. Models
+that do not trace with fx can use ``lowbit.nn.Add`` / ``Mul`` / ``MatMul`` / ``Cat`` directly
+instead.
 
 ``between_quantized`` tells which sites sit between quantized layers — an input produced by a
 quantized layer, the output read by one, with only ops ONNX Runtime runs on integers or folds
@@ -92,8 +93,8 @@ def between_quantized(graph: ModelGraph, node: Node, modules: dict[str, nn.Modul
     """Whether an input of ``node`` (each input, with ``every_input``) comes from a layer in
     ``producers`` and its output reaches a layer in ``readers`` (layers with an input
     quantizer), through pass-through ops only."""
-    made = (any if not every_input else all)(_from_layer(graph, v, modules, producers)
-                                               for v in node.inputs)
+    made = (all if every_input else any)(_from_layer(graph, v, modules, producers)
+                                           for v in node.inputs)
     return made and reaches(graph, node, modules, readers, through_adds=True)
 
 

@@ -2,9 +2,9 @@
 
 ``QuantLinear``, ``QuantConv1d`` and ``QuantConv2d`` subclass their torch layers, so parameter
 names (``weight``, ``bias``), ``isinstance`` checks and optimizers keep working. ``Add``,
-``Mul``, ``MatMul`` and ``Cat`` are float modules for functional ops; ``QuantAdd``/``QuantMul``/
-``QuantMatMul``/``QuantCat`` quantize each of their inputs. Each wrapper is registered under the name rules
-use (``"Conv2d"``, ``"add"``...).
+``Mul``, ``MatMul`` and ``Cat`` are float modules for functional ops; ``QuantAdd``/
+``QuantMul``/``QuantMatMul``/``QuantCat`` quantize each of their inputs. Each wrapper is
+registered under the name rules use (``"Conv2d"``, ``"add"``...).
 """
 
 from __future__ import annotations
@@ -626,8 +626,9 @@ GATE_TYPES = {"Sigmoid", "SiLU"}
 # Adaptive average pools (a squeeze-excite squeeze, the pooler before a classifier): an input
 # quantizer lets them read a tensor that other readers take quantized, so that ONNX Runtime can
 # give its producer a quantized output (it runs ``DQ → ReduceMean → Q``, as in its own files).
-# Not ``nn.AvgPool2d``: ORT's QLinearAveragePool, which its QDQ fusion puts there, returns
-# wrong values for a kernel larger than the input with ``ceil_mode`` (EfficientNet's pooler).
+# Not ``nn.AvgPool2d``: with it quantized, ORT fused EfficientNet's pooler (a kernel larger than
+# the input, ``ceil_mode``) into QLinearAveragePool and its output went wrong (cosine 0), as in
+# ORT's own EfficientNet file (docs/design.md).
 AVERAGE_POOL_TYPES = {"AdaptiveAvgPool1d", "AdaptiveAvgPool2d"}
 OPT_IN_TYPES = (ACTIVATION_TYPES | GRID_KEEPING_TYPES | GATE_TYPES | AVERAGE_POOL_TYPES
                 | {"Embedding"})

@@ -4,7 +4,8 @@ It finds the quantizable layers (and the weight-holding modules that stay float,
 resolves each against the rules with its positions (first/last layer), folds BatchNorms found in
 the traced dataflow, and places quantizers where ONNX Runtime needs them: functional adds, cats
 and pools between quantized layers, max pools and upsamplings that keep the grid, the outputs
-of convs that feed a float op, the sigmoid gates after them.
+of convs that feed a float op, the sigmoid gates after them, and the products of two quantized
+tensors and the average pools that read them (squeeze-excite).
 """
 
 from __future__ import annotations
@@ -284,8 +285,8 @@ def _place_outputs(model: nn.Module, config: QuantConfig, graph: ModelGraph,
     """Re-resolve, with position ``"feeds_float"``, each quantized conv whose output a float op
     reads (a float add where ``forward`` could not be rewritten, a LayerNorm, a mean), also
     where quantized layers read it too. ONNX Runtime fuses ``DQ → Conv → Q`` only, so the
-    presets quantize such a conv's output; a layer reading it then requantizes a value already
-    on a grid (nearly the same one), which costs one elementwise step, not a float conv."""
+    presets quantize such a conv's output; a layer reading it with an input spec of the same
+    kind reads it as it is (``share.reuse_output_quantizers``)."""
     modules = _graph_modules(model, fusions)
     readers = {x.name for x in layers if x.input is not None and not x.input.dynamic}
     calls = graph.module_calls()

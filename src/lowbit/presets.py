@@ -28,7 +28,9 @@ def for_integer_kernels(weight: QuantSpec, input: QuantSpec) -> list[LayerRule]:
     residual adds, concatenations, max pools and nearest upsamplings between quantized layers
     get the layers' input spec, and a conv whose output goes to float ops only (a mean, a
     LayerNorm, an add the model's code keeps float) quantizes that output too (ORT fuses
-    ``DQ → Conv → Q``, not a conv with a float output)."""
+    ``DQ → Conv → Q``, not a conv with a float output). Sigmoid gates after such outputs, the
+    products of two quantized tensors and the squeezes that read them complete squeeze-excite
+    blocks (``QLinearSigmoid``, ``QLinearMul``)."""
     return [between_ops(input),
             # The last residual add (or concat) before a global average pool and a classifier:
             # quantized inputs and output give ORT QLinearAdd → QLinearGlobalAveragePool, as its

@@ -20,6 +20,15 @@ def test_note_names_the_first_batch_where_int8_is_faster():
     assert "b2048 2.00x" in second
 
 
+def test_the_batch_1_reason_follows_the_measured_ratio():
+    """A shared machine can time int8 ahead at batch 1: the line must not then say that the
+    overhead outweighs the integer arithmetic."""
+    note = speed_note([_row(1, 0.033, 0.03), _row(512, 5.0, 4.0)])
+    first = note.splitlines()[0]
+    assert first.startswith("int8 at batch 1: 1.10x the speed of fp32") and "outweigh" not in first
+    assert "outweigh" in speed_note([_row(1, 0.02, 0.03)]).splitlines()[0]
+
+
 def test_note_says_so_when_int8_never_wins():
     note = speed_note([_row(1, 0.02, 0.03), _row(512, 5.0, 6.0)])
     assert "not faster at any batch size measured here (b1 0.67x, b512 0.83x)" in note

@@ -21,6 +21,7 @@ from lowbit.nn import GRID_KEEPING_TYPES, QuantLayer, init_weight_quantizer, qua
 from lowbit.placement import check_example_inputs, plan
 from lowbit.plan import Plan
 from lowbit.quantize_checks import ModuleSnapshot, check_plan_fits
+from lowbit.quantizers import scope
 from lowbit.registry import LAYERS
 from lowbit.share import reuse_output_quantizers, share_input_quantizers
 from lowbit.trace import ModelGraph, trace
@@ -162,6 +163,7 @@ def _apply_plan(model: nn.Module, the_plan: Plan, functional: set[str],
         warnings.warn(f"lowbit left {len(floats)} layer(s) in float: {listed}", stacklevel=4)
     setattr(model, PLAN_ATTR, the_plan)
     attach_metadata(model)
+    scope.attach(model)  # a shared quantizer handles each tensor once per call
     distributed.install_check(model)  # ranks of a training job must hold the same model
     return model
 

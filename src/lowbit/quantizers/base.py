@@ -30,6 +30,7 @@ from torch import nn
 
 from lowbit.config import QuantSpec
 from lowbit.numerics import IntRange, all_finite, quantize
+from lowbit.quantizers import scope
 from lowbit.registry import QUANTIZERS
 
 Role = Literal["weight", "input", "output"]
@@ -126,6 +127,15 @@ class Quantizer(nn.Module):
         return self.spec.group_size if self.spec.granularity == "per_group" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A tensor this quantizer already handled in this model call (a second reader of a
+        # shared quantizer): the same result, observed and counted once (quantizers/scope.py).
+        y = scope.recall(self, x)
+        if y is None:
+            y = self._forward(x)
+            scope.remember(self, x, y)
+        return y
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             self.observe(x)
             self._note_range(x)

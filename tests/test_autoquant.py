@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from models import TwoHeads
 from torch import nn
 
 import lowbit
@@ -238,17 +239,13 @@ def test_the_trials_of_a_model_fx_cannot_trace_quantize_with_the_example_inputs(
     does: two heads reading one tensor share its quantizer (one quantizer per tensor). Without
     them, the trials cannot know who reads what, and each head keeps its own."""
 
-    class TwoHeads(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body, self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 3)
-
+    class Branchy(TwoHeads):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = torch.tanh(self.body(x))
             return (self.a(h) + self.b(h)) if x.sum() > -1e9 else self.a(h)  # no fx
 
     torch.manual_seed(0)
-    model, calib = TwoHeads().eval(), [torch.randn(16, 6) for _ in range(2)]
+    model, calib = Branchy().eval(), [torch.randn(16, 6) for _ in range(2)]
     config = QuantConfig(rules=[LayerRule(types=["Linear"], weight=QuantSpec(bits=8),
                                           input=QuantSpec(bits=8, symmetric=False))])
     x = torch.randn(4, 6)

@@ -5,23 +5,12 @@ how many layers read the tensor, and a tensor changed in place is quantized agai
 from __future__ import annotations
 
 import torch
+from models import TwoHeads
 from torch import nn
 
 import lowbit
 from lowbit import LayerRule, QuantConfig, QuantSpec
 from lowbit.quantizers import make_quantizer, scope
-
-
-class TwoHeads(nn.Module):
-    """One hidden state read by two Linears (as q, k and v read one): they share its quantizer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body, self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.body(x))
-        return self.a(h) + self.b(h)
 
 
 def _qat(delay: int) -> nn.Module:

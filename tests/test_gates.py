@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import collections
 import warnings
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -49,6 +51,24 @@ def _batches(n: int = 3) -> list[torch.Tensor]:
     return [torch.randn(4, 3, 12, 12) for _ in range(n)]
 
 
+def _calibrate_round_trip_and_run(model: nn.Module, qm: nn.Module, config: QuantConfig,
+                                  path: Path) -> tuple[Any, collections.Counter]:
+    """Calibrate ``qm``; check it against the float model (cosine > 0.99) and through a state
+    dict (a fresh model computes the same, gates' codes included); export it with 100%
+    identical codes. Returns the export report and the ops ONNX Runtime runs."""
+    lowbit.calibrate(qm, _batches(), progress=False)
+    x = torch.randn(2, 3, 12, 12)
+    assert nn.functional.cosine_similarity(model(x).flatten(), qm(x).flatten(), dim=0) > 0.99
+    fresh = lowbit.quantize(model, config)
+    fresh.load_state_dict(qm.state_dict())
+    assert torch.equal(fresh.eval()(x), qm.eval()(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = lowbit.export_onnx(lowbit.convert(qm), path, (x,))
+    assert report.parity.codes_identical == 1.0
+    return report, collections.Counter(n.op_type for n in optimized_model(path).graph.node)
+
+
 def test_the_presets_quantize_the_gates_that_read_a_quantized_output():
     plan = lowbit.plan(MBConv().eval(), QuantConfig.preset("w8a8"))
     gates = {x.name: x for x in plan.layers if x.type in ("SiLU", "Sigmoid")}
@@ -74,21 +94,7 @@ def test_gated_blocks_run_on_integer_sigmoid_and_mul_and_round_trip(tmp_path):
     config = QuantConfig.preset("w8a8")
     qm = lowbit.quantize(model, config)
     assert isinstance(qm.act1, QuantSiLU) and qm.act1.output_quant is not None
-    lowbit.calibrate(qm, _batches(), progress=False)
-    x = torch.randn(2, 3, 12, 12)
-    cos = nn.functional.cosine_similarity(model(x).flatten(), qm(x).flatten(), dim=0)
-    assert cos > 0.99
-    # The gate's codes survive a state dict: a fresh model computes the same.
-    fresh = lowbit.quantize(model, config)
-    fresh.load_state_dict(qm.state_dict())
-    assert torch.equal(fresh.eval()(x), qm.eval()(x))
-
-    path = tmp_path / "mbconv.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        report = lowbit.export_onnx(lowbit.convert(qm), path, (x,))
-    assert report.parity.codes_identical == 1.0
-    ran = collections.Counter(n.op_type for n in optimized_model(path).graph.node)
+    _, ran = _calibrate_round_trip_and_run(model, qm, config, tmp_path / "mbconv.onnx")
     assert ran["QLinearSigmoid"] == 4 and ran["Sigmoid"] == 0, ran
     # act1's and act2's products feed a quantized conv: both run as QLinearMul.
     assert ran["QLinearMul"] >= 2, ran
@@ -180,19 +186,8 @@ def test_squeeze_excite_runs_on_integer_kernels_and_reads_the_gate_once(tmp_path
     # it as it is; the depthwise SiLU's product is quantized once for both of its readers.
     assert qm.op_mul.other_quant is None
     assert qm.op_mul.input_quant is qm.squeeze.input_quant
-    lowbit.calibrate(qm, _batches(), progress=False)
-    x = torch.randn(2, 3, 12, 12)
-    assert nn.functional.cosine_similarity(model(x).flatten(), qm(x).flatten(), dim=0) > 0.99
-    fresh = lowbit.quantize(model, QuantConfig.preset("w8a8"))
-    fresh.load_state_dict(qm.state_dict())
-    assert torch.equal(fresh.eval()(x), qm.eval()(x))
-
-    path = tmp_path / "se.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        report = lowbit.export_onnx(lowbit.convert(qm), path, (x,))
-    assert report.parity.codes_identical == 1.0
-    ran = collections.Counter(n.op_type for n in optimized_model(path).graph.node)
+    report, ran = _calibrate_round_trip_and_run(model, qm, QuantConfig.preset("w8a8"),
+                                                tmp_path / "se.onnx")
     # Three SiLU products and the squeeze-excite product, all on uint8; no float Mul left.
     assert ran["QLinearMul"] == 4 and ran["Mul"] == 0, ran
     assert ran["Conv"] + ran["FusedConv"] + ran["Sigmoid"] == 0, ran

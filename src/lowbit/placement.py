@@ -11,7 +11,7 @@ tensors and the average pools that read them (squeeze-excite).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -44,7 +44,7 @@ from lowbit.nn import (
 )
 from lowbit.plan import LayerPlan, Plan, holds_weight
 from lowbit.registry import LAYERS
-from lowbit.trace import ModelGraph, trace
+from lowbit.trace import ModelGraph, Node, trace
 
 CONV_TYPES = {"Conv1d", "Conv2d"}
 # Products of two activations: "between" quantized layers only where *both* factors come from
@@ -239,25 +239,12 @@ def _place_grid_keeping(model: nn.Module, config: QuantConfig, graph: ModelGraph
     if not pools and not (wanted and graph is not None):
         return layers
     modules = _graph_modules(model, fusions)
-    calls = graph.module_calls() if graph is not None else {}
+    layers = [x for x in layers if x.type not in GRID_KEEPING_TYPES
+              or keeps_grid(model.get_submodule(x.name))]
     quantized = {x.name for x in layers if not x.is_float and x.type not in GRID_KEEPING_TYPES}
     readers = {x.name for x in layers if x.input is not None and not x.input.dynamic}
-    out = []
-    for layer in layers:
-        if layer.type not in GRID_KEEPING_TYPES:
-            out.append(layer)
-            continue
-        if not keeps_grid(model.get_submodule(layer.name)):
-            continue
-        if not layer.is_float:
-            out.append(layer)
-            continue
-        nodes = calls.get(layer.name, [])
-        if len(nodes) == 1 and between_quantized(graph, nodes[0], modules,  # type: ignore[arg-type]
-                                                 quantized, readers):
-            entry = _resolve(config, layer.name, layer.type, frozenset({"between"}))
-            if not entry.is_float:
-                out.append(entry)
+    out = _place_at(config, graph, layers, GRID_KEEPING_TYPES, "between",
+                    lambda g, node: between_quantized(g, node, modules, quantized, readers))
     if graph is None or not wanted:
         return out
     # In graph order, each placed site feeding the next (a pool after an upsampling).
@@ -315,20 +302,9 @@ def _place_gates(model: nn.Module, config: QuantConfig, graph: ModelGraph | None
     if not any(x.type in GATE_TYPES for x in layers):
         return layers
     modules = _graph_modules(model, fusions)
-    calls = graph.module_calls() if graph is not None else {}
     producers = {x.name for x in layers if x.output is not None and x.type not in GATE_TYPES}
-    out = []
-    for layer in layers:
-        if layer.type not in GATE_TYPES or not layer.is_float:
-            out.append(layer)
-            continue
-        nodes = calls.get(layer.name, [])
-        if graph is not None and len(nodes) == 1 and comes_from(graph, nodes[0], modules,
-                                                                producers):
-            entry = _resolve(config, layer.name, layer.type, frozenset({"gate"}))
-            if not entry.is_float:  # keeping the class it was found as (SiLUActivation)
-                out.append(replace(entry, module_type=layer.module_type))
-    return out
+    return _place_at(config, graph, layers, GATE_TYPES, "gate",
+                     lambda g, node: comes_from(g, node, modules, producers))
 
 
 def _place_average_pools(model: nn.Module, config: QuantConfig, graph: ModelGraph | None,
@@ -343,23 +319,34 @@ def _place_average_pools(model: nn.Module, config: QuantConfig, graph: ModelGrap
     if not any(x.type in AVERAGE_POOL_TYPES for x in layers):
         return layers
     modules = _graph_modules(model, fusions)
-    calls = graph.module_calls() if graph is not None else {}
     producers = {x.name for x in layers if not x.is_float and x.type not in AVERAGE_POOL_TYPES}
     quantized_outputs = {x.name for x in layers if x.output is not None
                          and x.type not in GATE_TYPES}  # a gate's output quantizer: its sigmoid
     readers = {x.name for x in layers if x.input is not None and not x.input.dynamic}
+    return _place_at(config, graph, layers, AVERAGE_POOL_TYPES, "between",
+                     lambda g, node: between_quantized(g, node, modules, producers, readers)
+                     and not comes_from(g, node, modules, quantized_outputs))
+
+
+def _place_at(config: QuantConfig, graph: ModelGraph | None, layers: list[LayerPlan],
+              types: set[str], position: str,
+              where: Callable[[ModelGraph, Node], bool]) -> list[LayerPlan]:
+    """The placement of opt-in module types (pools, gates): entries of ``types`` that a rule
+    quantizes as they are stay; the float ones are re-resolved with ``position`` where the
+    module is called once and ``where(graph, call)`` holds (keeping the class it was found as,
+    e.g. ``SiLUActivation``), and otherwise dropped from the plan: an activation or a pool in
+    a float region is not a float *layer*."""
+    calls = graph.module_calls() if graph is not None else {}
     out = []
     for layer in layers:
-        if layer.type not in AVERAGE_POOL_TYPES or not layer.is_float:
+        if layer.type not in types or not layer.is_float:
             out.append(layer)
             continue
         nodes = calls.get(layer.name, [])
-        if graph is not None and len(nodes) == 1 and between_quantized(
-                graph, nodes[0], modules, producers, readers) and not comes_from(
-                graph, nodes[0], modules, quantized_outputs):
-            entry = _resolve(config, layer.name, layer.type, frozenset({"between"}))
+        if graph is not None and len(nodes) == 1 and where(graph, nodes[0]):
+            entry = _resolve(config, layer.name, layer.type, frozenset({position}))
             if not entry.is_float:
-                out.append(entry)
+                out.append(replace(entry, module_type=layer.module_type))
     return out
 
 

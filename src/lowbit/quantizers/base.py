@@ -127,6 +127,8 @@ class Quantizer(nn.Module):
         return self.spec.group_size if self.spec.granularity == "per_group" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.observing or self.training):
+            return self._forward(x)  # eval changes no state: a second reader just recomputes
         # A tensor this quantizer already handled in this model call (a second reader of a
         # shared quantizer): the same result, observed and counted once (quantizers/scope.py).
         y = scope.recall(self, x)

@@ -7,8 +7,10 @@ since: its version counter says so) returns the first result instead of observin
 training step or fake-quantizing again. An EMA range then blends each tensor in once a batch
 whatever the number of readers, ``quant_delay`` counts model steps, and the work is done once.
 Outside a model call (a quantizer used on its own, a hook calling one) every call counts, as
-before. Results are held by weak reference and forgotten when the call ends, so nothing stays
-alive longer than the readers keep it.
+before. Only observing and training quantizers use the memo: eval changes no state, and there
+the first result is usually freed before the next reader asks. Results are held by weak
+reference and forgotten when the call ends, so nothing stays alive longer than the readers
+keep it.
 """
 
 from __future__ import annotations

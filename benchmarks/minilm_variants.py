@@ -217,8 +217,10 @@ class NotAvailable(Exception):
 
 
 def lowbit_flow(ctx: Ctx, preset: str, config: QuantConfig | None = None,
-                info: dict | None = None) -> Built:
-    """The public flow: quantize → calibrate → convert → export_onnx."""
+                info: dict | None = None,
+                after_calibrate: Callable[[nn.Module, dict], None] | None = None) -> Built:
+    """The public flow: quantize → calibrate (→ ``after_calibrate(qm, info)``, e.g.
+    ``lowbit.tune_scales``) → convert → export_onnx."""
     try:
         cfg = config or QuantConfig.preset(preset)
     except (ValueError, KeyError) as err:
@@ -242,6 +244,10 @@ def lowbit_flow(ctx: Ctx, preset: str, config: QuantConfig | None = None,
     else:
         info["calibrate_skipped"] = ("no static activation quantizer and data-free weight "
                                      "methods only: nothing to calibrate")
+    if after_calibrate is not None:
+        t = time.perf_counter()
+        after_calibrate(qm, info)
+        info["after_calibrate_s"] = time.perf_counter() - t
     t = time.perf_counter()
     dm = lowbit.convert(qm)
     info["convert_s"] = time.perf_counter() - t
@@ -335,13 +341,42 @@ def lowbit_w4_all4(ctx: Ctx) -> Built:
     cfg = QuantConfig(rules=[*QuantConfig.preset(f"w4-g{ALL4_GROUP}-gptq").rules,
                              LayerRule(types=["Embedding"], names=[r"re:.*word_embeddings"],
                                        weight=rows)])
-    texts = ctx.calib_texts + extra_calibration_texts(max(0, ALL4_CALIB - len(ctx.calib_texts)))
-    more = dataclasses.replace(ctx, calib_texts=texts,
-                               calib_batches=tokenize(ctx.tokenizer, texts, BATCH,
-                                                      padding="longest"))
+    more = with_more_calibration(ctx, ALL4_CALIB)
     return lowbit_flow(more, "w4-all4", config=cfg, info={
         "recipe": f"w4-g{ALL4_GROUP}-gptq, uint4 word-embedding rows g{ALL4_GROUP}, "
-                  f"{len(texts)} calibration sentences"})
+                  f"{len(more.calib_texts)} calibration sentences"})
+
+
+def with_more_calibration(ctx: Ctx, n: int) -> Ctx:
+    """``ctx`` calibrating on ``n`` sentences: the shared 200 and the next ones, all disjoint
+    from the evaluation set."""
+    texts = ctx.calib_texts + extra_calibration_texts(max(0, n - len(ctx.calib_texts)))
+    return dataclasses.replace(ctx, calib_texts=texts,
+                               calib_batches=tokenize(ctx.tokenizer, texts, BATCH,
+                                                      padding="longest"))
+
+
+TUNED_CALIB = 1000  # calibration sentences of the tuned variant (GPTQ's Hessians, then tuning)
+
+
+def lowbit_w4_tuned(ctx: Ctx) -> Built:
+    """``w4-g128-gptq`` on 1000 calibration sentences, then ``lowbit.tune_scales`` with its
+    defaults on the same sentences (the last fifth held out to pick the step): every Linear
+    at 4 bits, the codes GPTQ chose, the scales trained on the last hidden state."""
+    def tune(qm: nn.Module, info: dict) -> None:
+        result, caught = captured(lowbit.tune_scales, qm, more.calib_batches, progress=False)
+        info["warnings"] += caught
+        info["tuning"] = {"layers": len(result.layers), "steps": result.steps,
+                          "best_step": result.best_step, "seconds": result.seconds,
+                          "held_out_before": result.held_out_before,
+                          "held_out_after": result.held_out_after, "history": result.history}
+        print(result.summary(), file=sys.stderr, flush=True)
+
+    more = with_more_calibration(ctx, TUNED_CALIB)
+    return lowbit_flow(more, "w4-g128-tuned", config=QuantConfig.preset("w4-g128-gptq"),
+                       after_calibrate=tune, info={
+                           "recipe": f"w4-g128-gptq on {TUNED_CALIB} calibration sentences, "
+                                     "then lowbit.tune_scales (defaults)"})
 
 
 def lowbit_w4_mixed(ctx: Ctx) -> Built:
@@ -400,6 +435,8 @@ LOWBIT_VARIANTS: dict[str, tuple[str, str, Callable[[Ctx], Built]]] = {
 LOWBIT_VARIANTS["w4-g128-adaround"] = ("lowbit w4-g128 + AdaRound", "lowbit", lowbit_w4_adaround)
 LOWBIT_VARIANTS["w4-all4"] = ("lowbit w4-g32-gptq + int4 word-table rows g32, 1000 calibration "
                                "sentences", "lowbit", lowbit_w4_all4)
+LOWBIT_VARIANTS["w4-g128-tuned"] = ("lowbit w4-g128-gptq + tune_scales, 1000 calibration "
+                                    "sentences", "lowbit", lowbit_w4_tuned)
 LOWBIT_VARIANTS["w4-g128-mixed"] = ("lowbit w4-g128-gptq + int4 embedding rows + 8-bit layers "
                                     "found by autoquant(max_size)", "lowbit", lowbit_w4_mixed)
 LOWBIT_VARIANTS["w8a8-transformer-mixed"] = ("lowbit w8a8-transformer + float layers found by "

@@ -195,7 +195,8 @@ def calibrate_observers(rank: int, world: int) -> dict[str, Any]:
 
 
 def calibrate_weight_algorithms(rank: int, world: int) -> dict[str, Any]:
-    """Data-driven weights (SmoothQuant, GPTQ, AWQ, AdaRound) and empirical bias correction."""
+    """Data-driven weights (SmoothQuant, GPTQ, AWQ, AdaRound), empirical bias correction and
+    scale tuning."""
     out: dict[str, Any] = {}
     w4 = QuantSpec(bits=4, granularity="per_group", group_size=8, symmetric=True)
     configs = {
@@ -210,6 +211,11 @@ def calibrate_weight_algorithms(rank: int, world: int) -> dict[str, Any]:
         lowbit.calibrate(qm, calibration_batches(rank, world), progress=False,
                          bias_correction="empirical" if name == "bias_correction" else None)
         out[name] = tensors(qm)
+    qm = lowbit.quantize(mlp(), linear_config(QuantSpec(bits=4), QuantSpec(bits=8)))
+    batches = calibration_batches(rank, world)
+    lowbit.calibrate(qm, batches, progress=False)
+    lowbit.tune_scales(qm, batches, steps=6, lr=1e-2, held_out=0, progress=False)
+    out["scale_tuning"] = tensors(qm)  # gradients averaged: the ranks keep the same scales
     return out
 
 

@@ -198,6 +198,18 @@ def test_quantize_safetensors_dynamic_batch(files, capsys, tmp_path: Path) -> No
     assert "uint8 dynamic" in stdout  # the Linear's input is quantized at run time
 
 
+def test_quantize_with_tuned_scales(files, capsys, tmp_path: Path) -> None:
+    onnx_path = tmp_path / "tiny.w4.onnx"
+    with pytest.warns(UserWarning, match=FLOAT_WARNING):
+        code, stdout, _ = _run(capsys, "quantize", "--model", f"{files['model']}:make",
+                               "--weights", files["safetensors"], "--preset", "w4a8",
+                               "--data", files["data"], "--batch-size", 4, "--tune-scales", 5,
+                               "--out", onnx_path)
+    assert code == 0
+    assert re.search(r"tuned the scales of 2 layer\(s\) for 5 step\(s\)", stdout), stdout
+    assert onnx_path.is_file()
+
+
 # ------------------------------------------------------------------------------ errors
 
 
@@ -235,9 +247,11 @@ def test_bad_model_reference(files, model_ref: str, message: str, capsys, tmp_pa
          r"nothing.yaml' does not exist"),
         (["--data", "{root}/data.npy", "--batch-size", "0"],
          r"--batch-size must be a positive int, got 0"),
+        (["--data", "{root}/data.npy", "--tune-scales", "0"],
+         r"--tune-scales must be a positive number of steps, got 0"),
     ],
     ids=["missing-data", "missing-weights", "bad-config-suffix", "missing-config",
-         "batch-size-0"],
+         "batch-size-0", "tune-scales-0"],
 )
 def test_quantize_input_errors(files, extra: list[str], message: str, capsys,
                                tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ for quantization-aware training); everything in between is driven by one ``Quant
 
 from lowbit import algorithms, distributed, observers, quantizers, schedules  # noqa: F401
 from lowbit import nn as _nn  # noqa: F401  (registers the layer types)
-from lowbit.algorithms import equalize
+from lowbit.algorithms import ScaleTuning, equalize, tune_scales
 from lowbit.analysis import (
     AnalysisReport,
     AutoQuantResult,
@@ -45,6 +45,7 @@ __all__ = [
     "Plan",
     "QuantConfig",
     "QuantSpec",
+    "ScaleTuning",
     "SensitivityReport",
     "SmoothingWarning",
     "analyze",
@@ -63,6 +64,7 @@ __all__ = [
     "register_quantizer",
     "schedules",
     "set_calibrating",
+    "tune_scales",
 ]
 __version__ = "0.9.0"
 

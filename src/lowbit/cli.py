@@ -279,6 +279,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be a positive int, got {args.batch_size}")
     if args.max_length < 2:
         raise ValueError(f"--max-length must be an int >= 2, got {args.max_length}")
+    if args.tune_scales is not None and args.tune_scales < 1:
+        raise ValueError(f"--tune-scales must be a positive number of steps, got "
+                         f"{args.tune_scales}")
     loaded = load_model(args)
     for note in loaded.notes:
         print(note)
@@ -290,6 +293,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     first = batches[0] if isinstance(batches[0], (tuple, list)) else (batches[0],)
     qm = lowbit.quantize(loaded.model, config, example_inputs=given)
     lowbit.calibrate(qm, batches, max_batches=args.max_batches)
+    if args.tune_scales is not None:
+        tuned = lowbit.tune_scales(qm, batches[:args.max_batches], steps=args.tune_scales)
+        print(tuned.summary())
     dm = lowbit.convert(qm)
     input_names = given_names or loaded.input_names
     shapes = None
@@ -450,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokenizer truncation length for .txt data (default: %(default)s)")
     quant.add_argument("--max-batches", type=int, default=None,
                        help="use at most this many calibration batches")
+    quant.add_argument("--tune-scales", type=int, default=None, metavar="STEPS",
+                       help="after calibration, train the weight scales for this many steps "
+                       "on the same data, codes fixed (lowbit.tune_scales; 300 is a start)")
     quant.add_argument("--out", default="model.int8.onnx", help="ONNX file (default: %(default)s)")
     quant.add_argument("--weight-dtype", default="auto", choices=["auto", "int8", "uint8"],
                        help="storage of 8-bit weights (default: %(default)s, see docs)")

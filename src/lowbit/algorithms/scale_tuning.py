@@ -1,0 +1,330 @@
+"""End-to-end scale tuning: keep every weight's integer codes, train its scales on the model's
+output (docs/algorithms.md §15).
+
+GPTQ, AdaRound and round-to-nearest choose codes one layer at a time, each against its own
+output. What is left is an error that adds up through the model. With the codes fixed, the
+dequantized weight ``(q - z)·s`` is linear in the scale, so the scales (one per channel or
+group, trained in log space so they stay positive) and the layers' float biases can be fitted
+by gradient descent to the float model's *final* output (EfficientQAT's E2E-QP, Chen et al.
+2024): the loss is the relative squared error of the first output tensor, padding positions
+left out. Nothing about the deployed graph changes: the same codes, the same zero points, new
+scales in the same places, pinned like GPTQ's (``UniformQuantizer.pin_qparams``).
+
+The last ``held_out`` share of the batches is never trained on: it is scored before tuning
+and every ``eval_every`` steps, and the scales and biases of the best score are the ones
+kept (the starting ones when no step beats them), so a learning rate that is too high or too
+many steps cost time, never accuracy on data the tuning did not see.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit import distributed
+from lowbit.fidelity import AttentionMasks, first_tensor, float_function
+from lowbit.guard import layer_errors
+from lowbit.nn import QuantLayer, replace_weight
+from lowbit.numerics import broadcast_param, quantize
+from lowbit.quantizers.base import QParams
+from lowbit.quantizers.uniform import UniformQuantizer
+
+Forward = Callable[[nn.Module, Any], Any]
+# ``lr`` is the step for 4-bit scales; a b-bit scale gets lr·2^(4-b): one Adam step then moves
+# the largest code of every grid by about the same fraction of its own step.
+REFERENCE_BITS = 4
+
+
+@dataclass
+class ScaleTuning:
+    """What ``tune_scales`` did: the layers whose scales it trained, the steps it ran and the
+    step whose scales it kept (0: the starting ones), and the held-out relative error
+    before and after (the training batches' own when nothing is held out)."""
+
+    layers: list[str]
+    steps: int
+    best_step: int
+    held_out_before: float
+    held_out_after: float
+    seconds: float
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out error)
+
+    def summary(self) -> str:
+        return (f"tuned the scales of {len(self.layers)} layer(s) for {self.steps} step(s) in "
+                f"{self.seconds:.1f} s; held-out relative error {self.held_out_before:.3e} -> "
+                f"{self.held_out_after:.3e} (kept step {self.best_step})")
+
+
+class _TunedWeight(nn.Module):
+    """Sits in a layer's ``weight_quant`` slot while tuning: the layer's fixed codes times a
+    trainable gain on each scale. ``qparams()`` gives the tuned scale, so a bias on the int32
+    grid ``s_x·s_w`` (``QuantLayer.bias_step``) follows it as the exported one will."""
+
+    folds_bn = True  # ``bias_step``: take the weight scale from ``qparams()``, not the weight
+    steps: torch.Tensor  # (q - z), integers
+    scale: torch.Tensor  # the calibrated scale the gains multiply
+
+    def __init__(self, quantizer: UniformQuantizer, weight: torch.Tensor) -> None:
+        super().__init__()
+        q = quantizer
+        self.quantizer, self.axis, self.group_size = q, q.axis, q.group_size
+        with torch.no_grad():
+            codes = quantize(weight.float(), q.scale, q.zero_point, q.grid, q.axis,
+                             q.group_size)
+            z = broadcast_param(q.zero_point, weight, q.axis, q.group_size).float()
+        self.register_buffer("steps", codes - z)
+        self.register_buffer("scale", q.scale.detach().float().clone())
+        self.log_gain = nn.Parameter(torch.zeros_like(self.scale))
+        self.dtype = weight.dtype
+
+    def tuned_scale(self) -> torch.Tensor:
+        return self.scale * self.log_gain.exp()
+
+    def is_ready(self) -> bool:
+        return True
+
+    def qparams(self) -> QParams:
+        q = self.quantizer
+        return QParams(self.tuned_scale().detach().reshape(q.scale.shape), q.zero_point, q.grid,
+                       q.axis, q.group_size)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        s = broadcast_param(self.tuned_scale(), self.steps, self.axis, self.group_size)
+        return (self.steps * s).to(self.dtype)
+
+    @torch.no_grad()
+    def commit(self, layer: Any) -> None:
+        """Pin the tuned scales and write the weight they dequantize to, so the quantizer
+        gives back the same codes (``round((q - z)·s / s) = q - z``)."""
+        scale = self.tuned_scale().reshape(self.quantizer.scale.shape)
+        self.quantizer.pin_qparams(scale, self.quantizer.zero_point)
+        replace_weight(layer, self.forward(layer.weight))
+
+
+def tunable_layers(model: nn.Module) -> dict[str, Any]:
+    """The quant layers whose weight scales ``tune_scales`` trains: a calibrated static uniform
+    weight quantizer reading the layer's own weight (not a BatchNorm-folded one, whose codes
+    belong to weight·γ/σ that QAT still moves)."""
+    found = {}
+    for name, layer in model.named_modules():
+        q = getattr(layer, "weight_quant", None)
+        if (isinstance(layer, QuantLayer) and isinstance(q, UniformQuantizer)
+                and q.role == "weight" and not q.spec.dynamic and q.is_ready()
+                and isinstance(getattr(layer, "weight", None), nn.Parameter)
+                and getattr(layer, "bn", None) is None):
+            found[name] = layer
+    return found
+
+
+def _check_arguments(model: Any, batches: Any, forward: Any, steps: Any, lr: Any,
+                     biases: Any, held_out: Any, eval_every: Any) -> list[Any]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if forward is not None and not callable(forward):
+        raise TypeError(f"`forward` must be callable, got {type(forward).__name__}")
+    if isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Iterable):
+        raise TypeError(f"`batches` must be an iterable of batches, got "
+                        f"{type(batches).__name__}")
+    for name, value in (("steps", steps), ("eval_every", eval_every)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise ValueError(f"`lr` must be a positive finite number, got {lr!r}")
+    if not isinstance(biases, bool):
+        raise TypeError(f"`biases` must be a bool, got {type(biases).__name__} {biases!r}")
+    if isinstance(held_out, bool) or not isinstance(held_out, (int, float)) \
+            or not 0 <= held_out < 1:
+        raise ValueError(f"`held_out` must be a fraction in [0, 1), got {held_out!r}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("`batches` is empty: scale tuning needs at least one batch")
+    return batches
+
+
+def _output(out: Any) -> torch.Tensor:
+    y = first_tensor(out)
+    if y is None:
+        raise TypeError("scale tuning compares the model's first output tensor with the float "
+                        "model's, and this forward returned none; pass a `forward` that "
+                        "returns a tensor")
+    return y.float()
+
+
+def _relative_error(out: Any, ref: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    y = _real_tokens(_output(out), mask)
+    return ((y - ref) ** 2).sum() / ref.pow(2).sum().clamp_min(1e-30)
+
+
+def _real_tokens(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``y`` with the positions of padding tokens zeroed (``mask``: (batch, seq), as
+    ``fidelity.compared`` does, but keeping the gradient)."""
+    if mask is not None and y.dim() >= 3 and tuple(y.shape[:2]) == tuple(mask.shape):
+        y = y * (mask.to(y.device) != 0).reshape(*mask.shape, *[1] * (y.dim() - 2))
+    return y
+
+
+def tune_scales(
+    model: nn.Module,
+    batches: Iterable[Any],
+    forward: Forward | None = None,
+    *,
+    steps: int = 300,
+    lr: float = 1e-3,
+    biases: bool = True,
+    held_out: float = 0.2,
+    eval_every: int | None = None,
+    progress: bool = True,
+) -> ScaleTuning:
+    """Train the scales of every calibrated weight quantizer (at ``lr`` for 4-bit weights,
+    ``lr·2^(4-bits)`` for others; and, with ``biases``, the float biases of those layers at
+    ``lr / 10``) so the model's first output matches its float
+    function on ``batches``; the codes stay as calibration chose them. Call it after
+    ``lowbit.calibrate`` and before ``convert``.
+
+    ``steps`` Adam steps, one batch each, cycling through the training batches (all but the
+    last ``held_out`` share, at least one batch held out when there are two or more);
+    the held-out batches are scored every ``eval_every`` steps (default: once per pass over
+    the training batches, at most 10 times per run) and the best scales are kept. Activation
+    ranges stay frozen and quantized in the loop (straight-through gradients). Under
+    ``torch.distributed`` the gradients and scores are averaged over the ranks, so every rank
+    keeps the same scales.
+    """
+    from lowbit.calibrate import _eval_state, _require_quantized, default_forward
+
+    batches = _check_arguments(model, batches, forward, steps, lr, biases, held_out, eval_every)
+    activations = _require_quantized(model)
+    unready = [q.layer_name for q in activations if not q.spec.dynamic and not q.is_ready()]
+    if unready:
+        raise ValueError(f"`model` is not calibrated (no activation range for {unready[:5]}); "
+                         "run lowbit.calibrate(model, batches) before tune_scales")
+    layers = tunable_layers(model)
+    if not layers:
+        raise ValueError("`model` has no layer whose weight scales can be tuned: that needs a "
+                         "calibrated static uniform weight quantizer (not dynamic, binary, LSQ "
+                         "or on a BatchNorm-folded conv)")
+    run = forward or default_forward
+    n_held = 0 if held_out == 0 or len(batches) < 2 else max(1, round(len(batches) * held_out))
+    train, scored = batches[:len(batches) - n_held], batches[len(batches) - n_held:] or batches
+    group = distributed.active_group()
+    if eval_every is None:  # the same on every rank: each scoring is a collective
+        passes = float(len(train))
+        if group is not None:
+            device = distributed.device_for(group)
+            passes = float(distributed.reduce_max(torch.tensor(passes, device=device), group))
+        eval_every = max(int(passes), -(-steps // 10))
+    start = time.perf_counter()
+
+    with _eval_state(model), AttentionMasks(model) as masks:
+        with float_function(model):
+            refs = {id(b): _reference(model, b, run, masks) for b in (*train, *scored)}
+        tuned = {name: _TunedWeight(layer.weight_quant, layer.weight)
+                 for name, layer in layers.items()}
+        params = [t.log_gain for t in tuned.values()]
+        bias_params = [layer.bias for layer in layers.values()
+                       if biases and isinstance(getattr(layer, "bias", None), nn.Parameter)]
+        saved_bias = [b.detach().clone() for b in bias_params]
+        grads = {p: p.requires_grad for p in model.parameters()}
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for p in (*params, *bias_params):
+                p.requires_grad_(True)
+            for name, layer in layers.items():
+                layer.weight_quant = tuned[name]
+            result = _train(model, run, masks, train, scored, refs, params, bias_params,
+                            [t.quantizer.spec.bits for t in tuned.values()], steps=steps, lr=lr, eval_every=eval_every, group=group,
+                            progress=progress)
+        finally:
+            for name, layer in layers.items():
+                layer.weight_quant = tuned[name].quantizer
+            for p, flag in grads.items():
+                p.requires_grad_(flag)
+        best_step, history, best_state = result
+        with torch.no_grad():
+            if best_state is None:  # nothing beat the start: leave the model as it was
+                for b, value in zip(bias_params, saved_bias):
+                    b.copy_(value)
+            else:
+                for p, value in zip((*params, *bias_params), best_state):
+                    p.copy_(value)
+                for name, layer in layers.items():
+                    tuned[name].commit(layer)
+    before = history[0][1]
+    after = min(score for _, score in history)
+    return ScaleTuning(list(layers), steps, best_step, before, after,
+                       time.perf_counter() - start, history)
+
+
+def _reference(model: nn.Module, batch: Any, run: Forward, masks: AttentionMasks
+               ) -> torch.Tensor:
+    with layer_errors(model, "scale tuning's float pass"):
+        out = _output(run(model, batch))
+    return _real_tokens(out.detach(), masks.mask)
+
+
+def _train(model: nn.Module, run: Forward, masks: AttentionMasks, train: list[Any],
+           scored: list[Any], refs: dict[int, torch.Tensor], params: Sequence[torch.Tensor],
+           bias_params: Sequence[torch.Tensor], param_bits: list[int], *, steps: int, lr: float, eval_every: int,
+           group: Any, progress: bool) -> tuple[int, list[tuple[int, float]], list | None]:
+    """Adam over the training batches; returns the best step, the held-out history and the
+    best step's parameter values (None when the start was best)."""
+    by_bits: dict[int, list[torch.Tensor]] = {}
+    for p, bits in zip(params, param_bits):
+        by_bits.setdefault(bits, []).append(p)
+    groups = [{"params": ps, "lr": lr * 2.0 ** (REFERENCE_BITS - bits)}
+              for bits, ps in by_bits.items()]
+    if bias_params:
+        groups.append({"params": bias_params, "lr": lr / 10})
+    opt = torch.optim.Adam(groups)
+    trained = [*params, *bias_params]
+
+    def held_out_error() -> float:
+        total = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for batch in scored:
+                err = _relative_error(run(model, batch), refs[id(batch)], masks.mask)
+                total += torch.tensor([float(err), 1.0], dtype=torch.float64)
+        if group is not None:
+            (total,) = distributed.reduce_sum([total.to(distributed.device_for(group))], group)
+        return float(total[0] / total[1])
+
+    best = held_out_error()
+    history, best_step, best_state = [(0, best)], 0, None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="tuning scales", unit="step", leave=False)
+    for step in range(1, steps + 1):
+        batch = train[(step - 1) % len(train)]
+        with torch.enable_grad(), layer_errors(model, f"scale tuning step {step}"):
+            loss = _relative_error(run(model, batch), refs[id(batch)], masks.mask)
+            opt.zero_grad(set_to_none=False)
+            loss.backward()
+        if group is not None:
+            ranks = distributed.world_size(group)
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in trained]
+            for p, g in zip(trained, distributed.reduce_sum(grads, group)):
+                p.grad = g / ranks
+        opt.step()
+        if bar is not None:
+            bar.update()
+        if step % eval_every == 0 or step == steps:
+            score = held_out_error()
+            history.append((step, score))
+            if score < best:
+                best, best_step = score, step
+                best_state = [p.detach().clone() for p in trained]
+    if bar is not None:
+        bar.close()
+    return best_step, history, best_state
+
+
+__all__ = ["ScaleTuning", "tunable_layers", "tune_scales"]

@@ -1,5 +1,6 @@
-"""Does accuracy come back without training? Cross-layer equalization (CLE), bias correction
-and AdaRound on the digits CNN at W4A8 and on a MobileNetV2-style net at per-tensor W8A8.
+"""Does accuracy come back without training? Cross-layer equalization (CLE), bias correction,
+AdaRound and scale tuning on the digits CNN at W4A8 and on a MobileNetV2-style net at
+per-tensor W8A8.
 
 For each training seed (20 epochs on scikit-learn's digits), every variant is quantized from
 the same trained model, calibrated on the first 512 training images (batches of 64),
@@ -8,13 +9,15 @@ gives ONNX Runtime accuracy and the SQNR of its logits against the FP32 torch lo
 
 * digits CNN (``lowbit.demo.DigitsCNN``), W4A8: 4-bit per-channel symmetric weights, uint8
   min-max inputs; round to nearest, ``equalize`` (CLE + high-bias absorption), bias correction
-  (empirical; analytical after CLE), AdaRound (500 iterations a layer, batch 256), and
-  torch.ao's fake-quant W4A8 (per-channel weights on -8..7, histogram activations);
+  (empirical; analytical after CLE), bias correction then ``tune_scales`` (defaults: 300
+  steps on the calibration batches, the last fifth held out), AdaRound (500 iterations a
+  layer, batch 256), and torch.ao's fake-quant W4A8 (per-channel weights on -8..7, histogram
+  activations);
 * ``MobileNetish`` (conv stem, three inverted-residual-style blocks of 1x1 expand → 3x3
   depthwise → 1x1 project without skip connections, ReLU as DFQ used, a 1x1 head), W8A8 with
   per-channel weights (the reference) and per-tensor weights: round to nearest, CLE, CLE +
-  bias correction, and torch.ao eager fake-quant per-tensor W8A8 (min-max weights,
-  histogram activations).
+  bias correction (then ``tune_scales``), and torch.ao eager fake-quant per-tensor W8A8
+  (min-max weights, histogram activations).
 
 Run from the repository root::
 
@@ -103,13 +106,16 @@ def config(bits: int, granularity: str, algorithm: str = "rtn") -> QuantConfig:
 
 
 def lowbit_row(name: str, model: nn.Module, cfg: QuantConfig, data: Digits, ref: torch.Tensor,
-               workdir: Path, *, cle: bool = False, bias_correction: str | None = None) -> Row:
+               workdir: Path, *, cle: bool = False, bias_correction: str | None = None,
+               tune: bool = False) -> Row:
     start = time.perf_counter()
     with quiet():
         m = lowbit.equalize(model) if cle else model
         qm = lowbit.quantize(m, cfg)
         lowbit.calibrate(qm, calib_batches(data), progress=False,
                          bias_correction=bias_correction)
+        if tune:
+            lowbit.tune_scales(qm, calib_batches(data), progress=False)
         seconds = time.perf_counter() - start
         dm = lowbit.convert(qm)
         path = workdir / "model.onnx"
@@ -163,6 +169,8 @@ def run_seed(seed: int, data: Digits, say: Callable[[str], None]) -> dict[str, l
                            bias_correction="empirical"),
                 lowbit_row("W4A8 CLE + bias corr. (analytical)", cnn, w4, data, ref, work,
                            cle=True, bias_correction="analytical"),
+                lowbit_row("W4A8 bias corr. + tuned scales", cnn, w4, data, ref, work,
+                           bias_correction="empirical", tune=True),
                 lowbit_row("W4A8 AdaRound", cnn, config(4, "per_channel", "adaround"), data,
                            ref, work),
                 lowbit_row("W4A8 CLE + AdaRound", cnn, config(4, "per_channel", "adaround"),
@@ -183,6 +191,8 @@ def run_seed(seed: int, data: Digits, say: Callable[[str], None]) -> dict[str, l
                            work, cle=True, bias_correction="empirical"),
                 lowbit_row("W8A8 per-tensor CLE + bias corr. (analytical)", net, pt, data, ref,
                            work, cle=True, bias_correction="analytical"),
+                lowbit_row("W8A8 per-tensor CLE + bias corr. + tuned scales", net, pt, data,
+                           ref, work, cle=True, bias_correction="empirical", tune=True),
                 torch_ao_per_tensor_w8a8(net, data, ref)]
         out["mobilenetish_w8a8"] = [{**r, "seed": seed} for r in rows]
         say(f"seed {seed}: MobileNet-style net done")

@@ -75,7 +75,7 @@ def test_an_unreachable_target_is_reported_with_every_step_tried(unreachable):
     with torch.no_grad():
         assert neg_mse(r.model) == pytest.approx(r.score)
     assert all(t.seconds > 0 and t.drop == pytest.approx(-t.score) for t in r.trials)
-    for name in ("equalize", "bias-correction", "adaround"):  # run, or skipped with a note
+    for name in ("equalize", "bias-correction", "adaround", "tune-scales"):  # run, or noted
         assert name in steps or any(n.startswith(f"{name}: ") for n in r.notes)
     assert "NOT met" in r.summary()
     # keeping all but one layer in float is the most the float step tries
@@ -98,6 +98,22 @@ def test_stops_at_the_first_trial_that_meets_a_reachable_target(unreachable):
     # a target the config as given meets: one trial, nothing else tried
     easy = run(max_drop=-first.score + 1e-9)
     assert [t.step for t in easy.trials] == ["as-given"] and easy.met
+
+
+def test_tuned_scales_are_a_step_whose_model_is_returned_as_scored():
+    r = run(steps=["as-given", "tune-scales"])
+    first, tuned = r.trials
+    assert tuned.step == "tune-scales" and tuned.recipe.tune_scales
+    assert "scales tuned" in tuned.recipe.describe()
+    assert tuned.score > first.score  # closer to the float model on the evaluation data
+    assert r.recipe.tune_scales
+    with torch.no_grad():
+        assert neg_mse(r.model) == pytest.approx(r.score)
+    binary = QuantConfig(rules=[LayerRule(types=["Conv2d", "Linear"],
+                                          weight=QuantSpec(bits=1, method="binary"))])
+    r = run(config=binary, steps=["as-given", "tune-scales"])
+    assert [t.step for t in r.trials] == ["as-given"]
+    assert "tune-scales: no uniform weight grid to tune" in r.notes
 
 
 def test_keep_steps_find_the_fewest_sensitive_layers():

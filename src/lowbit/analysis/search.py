@@ -40,6 +40,7 @@ class Recipe:
     equalize: bool = False  # lowbit.equalize(model) before quantize
     bias_correction: bool = False  # lowbit.calibrate(..., bias_correction="empirical")
     kept: tuple[str, ...] = ()  # layers the config keeps at higher precision (by the search)
+    tune_scales: bool = False  # lowbit.tune_scales(model, batches) after calibrate
 
     def but(self, **changes: Any) -> Recipe:
         return replace(self, **changes)
@@ -50,6 +51,8 @@ class Recipe:
             parts.append("equalized")
         if self.bias_correction:
             parts.append("bias-corrected")
+        if self.tune_scales:
+            parts.append("scales tuned")
         if self.kept:
             parts.append(f"{len(self.kept)} layer(s) kept")
         return ", ".join(parts) or "config only"
@@ -163,6 +166,8 @@ class Search:
             correction = "empirical" if recipe.bias_correction else None
             lowbit.calibrate(qm, self.calib_batches, self.forward, progress=False,
                              bias_correction=correction)
+        if recipe.tune_scales:
+            lowbit.tune_scales(qm, self.calib_batches, self.forward, progress=False)
         return qm.eval()
 
     def attempt(self, step: str, label: str, recipe: Recipe, *,

@@ -22,7 +22,7 @@ AUTOQUANT_STEPS: Registry = Registry("autoquant step")
 
 # Cheapest first: calibration choices, then recovery algorithms, then giving up bits.
 DEFAULT_STEPS = ("as-given", "observers", "equalize", "bias-correction", "adaround",
-                 "keep-8bit", "keep-float")
+                 "tune-scales", "keep-8bit", "keep-float")
 
 
 class Step:
@@ -159,6 +159,30 @@ class AdaRound(Step):
             search.notes.append("adaround: no weight below 8 bits to round")
             return
         search.attempt(self.name, "adaround weights", recipe.but(config=config))
+
+
+@AUTOQUANT_STEPS.register("tune-scales")
+class TuneScales(Step):
+    """``lowbit.tune_scales`` after calibration: the codes stay, every weight scale is trained
+    on the model's output (defaults: 300 steps, a fifth of the batches held out)."""
+
+    name = "tune-scales"
+
+    def missing(self) -> str | None:
+        import lowbit
+
+        return None if hasattr(lowbit, "tune_scales") else "lowbit.tune_scales is not available"
+
+    def run(self, search: Search) -> None:
+        recipe = _current(search)
+        if recipe.tune_scales:
+            return
+        specs = [rule.weight for rule in recipe.config.rules if rule.weight is not None]
+        if not any(s.method == "ste" and not s.dynamic for s in specs):
+            search.notes.append("tune-scales: no uniform weight grid to tune")
+            return
+        search.attempt(self.name, "weight scales tuned end to end",
+                       recipe.but(tune_scales=True))
 
 
 class KeepSensitive(Step):

@@ -364,7 +364,8 @@ def lowbit_w4_tuned(ctx: Ctx) -> Built:
     defaults on the same sentences (the last fifth held out to pick the step): every Linear
     at 4 bits, the codes GPTQ chose, the scales trained on the last hidden state."""
     def tune(qm: nn.Module, info: dict) -> None:
-        result, caught = captured(lowbit.tune_scales, qm, more.calib_batches, progress=False)
+        result, caught = captured(lowbit.tune_scales, qm, ctx.model, more.calib_batches,
+                                   progress=False)
         info["warnings"] += caught
         info["tuning"] = {"layers": len(result.layers), "steps": result.steps,
                           "best_step": result.best_step, "seconds": result.seconds,

@@ -115,7 +115,7 @@ def lowbit_row(name: str, model: nn.Module, cfg: QuantConfig, data: Digits, ref:
         lowbit.calibrate(qm, calib_batches(data), progress=False,
                          bias_correction=bias_correction)
         if tune:
-            lowbit.tune_scales(qm, calib_batches(data), progress=False)
+            lowbit.tune_scales(qm, model, calib_batches(data), progress=False)
         seconds = time.perf_counter() - start
         dm = lowbit.convert(qm)
         path = workdir / "model.onnx"

@@ -214,7 +214,7 @@ def calibrate_weight_algorithms(rank: int, world: int) -> dict[str, Any]:
     qm = lowbit.quantize(mlp(), linear_config(QuantSpec(bits=4), QuantSpec(bits=8)))
     batches = calibration_batches(rank, world)
     lowbit.calibrate(qm, batches, progress=False)
-    lowbit.tune_scales(qm, batches, steps=6, lr=1e-2, held_out=0, progress=False)
+    lowbit.tune_scales(qm, mlp(), batches, steps=6, lr=1e-2, held_out=0, progress=False)
     out["scale_tuning"] = tensors(qm)  # gradients averaged: the ranks keep the same scales
     return out
 

@@ -46,18 +46,20 @@ def _codes(qm: nn.Module) -> dict[str, torch.Tensor]:
 
 
 WEIGHT_ONLY = QuantConfig(rules=[LayerRule(types=["Linear"], weight=W4_GROUPS)])
+GPTQ = QuantConfig(rules=[LayerRule(types=["Linear"], weight=QuantSpec(
+    bits=4, symmetric=False, granularity="per_group", group_size=16, algorithm="gptq"))])
 W4A8 = QuantConfig(rules=[LayerRule(types=["Linear"], weight=QuantSpec(bits=4),
                                     input=QuantSpec(bits=8, symmetric=False))])
 
 
-@pytest.mark.parametrize("config", [WEIGHT_ONLY, W4A8], ids=["w4-groups", "w4a8"])
+@pytest.mark.parametrize("config", [WEIGHT_ONLY, W4A8, GPTQ], ids=["w4-groups", "w4a8", "gptq"])
 def test_tuning_keeps_the_codes_and_lowers_the_error_on_unseen_data(config):
     model, qm = _calibrated(config)
     unseen = _batches(4, seed=7)
     codes = _codes(qm)
     scales = {n: layer.weight_quant.scale.clone() for n, layer in tunable_layers(qm).items()}
     before = _error(qm, model, unseen)
-    result = lowbit.tune_scales(qm, _batches(), steps=120, lr=1e-2, progress=False)
+    result = lowbit.tune_scales(qm, model, _batches(), steps=120, lr=1e-2, progress=False)
     assert result.best_step > 0 and result.held_out_after < result.held_out_before
     assert _error(qm, model, unseen) < 0.9 * before
     for name, layer in tunable_layers(qm).items():
@@ -74,7 +76,7 @@ def test_tuned_scales_survive_convert_export_and_a_state_dict_round_trip(preset,
     config = W4A8 if preset == "w4a8" else QuantConfig.preset(preset)
     model, qm = _calibrated(config)
     codes = _codes(qm)
-    lowbit.tune_scales(qm, _batches(), steps=60, lr=1e-2, held_out=0, progress=False)
+    lowbit.tune_scales(qm, model, _batches(), steps=60, lr=1e-2, held_out=0, progress=False)
     assert all(torch.equal(c, _codes(qm)[name]) for name, c in codes.items())
     x = _batches(1, seed=9)[0]
     with torch.no_grad():
@@ -106,7 +108,7 @@ def test_an_hf_encoder_tunes_on_padded_batches_and_exports():
     with pytest.warns(UserWarning, match="Embedding"):  # tables stay float here
         qm = lowbit.quantize(model, WEIGHT_ONLY)
     lowbit.calibrate(qm, batches, progress=False)
-    result = lowbit.tune_scales(qm, batches, steps=40, lr=1e-2, progress=False)
+    result = lowbit.tune_scales(qm, model, batches, steps=40, lr=1e-2, progress=False)
     assert result.held_out_after < result.held_out_before
     assert any(".attention.self.query" in name for name in result.layers)
     dm = lowbit.convert(qm)
@@ -119,7 +121,8 @@ def test_an_hf_encoder_tunes_on_padded_batches_and_exports():
 def test_too_high_a_learning_rate_never_leaves_the_model_worse():
     model, qm = _calibrated(W4A8)
     state = {k: v.clone() for k, v in qm.state_dict().items()}
-    result = lowbit.tune_scales(qm, _batches(), steps=20, lr=5.0, eval_every=5, progress=False)
+    result = lowbit.tune_scales(qm, model, _batches(), steps=20, lr=5.0, eval_every=5,
+                                progress=False)
     assert result.held_out_after <= result.held_out_before
     if result.best_step == 0:  # nothing beat the start: the model is as it was
         for key, value in qm.state_dict().items():
@@ -131,7 +134,7 @@ def test_the_model_is_left_whole_when_a_batch_fails():
     state = {k: v.clone() for k, v in qm.state_dict().items()}
     flags = {n: p.requires_grad for n, p in qm.named_parameters()}
     with pytest.raises(ValueError, match="0"):
-        lowbit.tune_scales(qm, [*_batches(4), torch.randn(64, 5)], steps=10, held_out=0,
+        lowbit.tune_scales(qm, model, [*_batches(4), torch.randn(64, 5)], steps=10, held_out=0,
                            progress=False)
     assert all(isinstance(layer.weight_quant, Quantizer) for layer in tunable_layers(qm).values())
     assert {n: p.requires_grad for n, p in qm.named_parameters()} == flags
@@ -152,21 +155,25 @@ def test_the_model_is_left_whole_when_a_batch_fails():
 def test_bad_arguments_name_the_argument(kwargs, error, words):
     _, qm = _calibrated(W4A8)
     with pytest.raises(error, match=words):
-        lowbit.tune_scales(qm, _batches(2), progress=False, **kwargs)
+        lowbit.tune_scales(qm, _mlp(), _batches(2), progress=False, **kwargs)
 
 
 def test_bad_batches_and_models_are_clear_errors():
-    _, qm = _calibrated(W4A8)
+    model, qm = _calibrated(W4A8)
     with pytest.raises(TypeError, match="`batches`"):
-        lowbit.tune_scales(qm, torch.randn(4, 32))
+        lowbit.tune_scales(qm, model, torch.randn(4, 32))
     with pytest.raises(ValueError, match="empty"):
-        lowbit.tune_scales(qm, [])
+        lowbit.tune_scales(qm, model, [])
     with pytest.raises(ValueError, match="no lowbit quantizers"):
-        lowbit.tune_scales(_mlp(), _batches(2))
+        lowbit.tune_scales(_mlp(), model, _batches(2))
+    with pytest.raises(TypeError, match="`reference` must be the float torch.nn.Module"):
+        lowbit.tune_scales(qm, _batches(2), _batches(2))
+    with pytest.raises(ValueError, match="`reference` .* got a quantized one"):
+        lowbit.tune_scales(qm, qm, _batches(2))
     uncalibrated = lowbit.quantize(_mlp(), W4A8)
     with pytest.raises(ValueError, match="not calibrated"):
-        lowbit.tune_scales(uncalibrated, _batches(2))
+        lowbit.tune_scales(uncalibrated, model, _batches(2))
     binary = lowbit.quantize(_mlp(), QuantConfig(rules=[LayerRule(
         types=["Linear"], weight=QuantSpec(bits=1, method="binary"))]))
     with pytest.raises(ValueError, match="no layer whose weight scales"):
-        lowbit.tune_scales(binary, _batches(2))
+        lowbit.tune_scales(binary, model, _batches(2))

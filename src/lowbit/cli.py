@@ -294,7 +294,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     qm = lowbit.quantize(loaded.model, config, example_inputs=given)
     lowbit.calibrate(qm, batches, max_batches=args.max_batches)
     if args.tune_scales is not None:
-        tuned = lowbit.tune_scales(qm, batches[:args.max_batches], steps=args.tune_scales)
+        tuned = lowbit.tune_scales(qm, loaded.model, batches[:args.max_batches],
+                                   steps=args.tune_scales)
         print(tuned.summary())
     dm = lowbit.convert(qm)
     input_names = given_names or loaded.input_names

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lowbit import distributed
-from lowbit.fidelity import AttentionMasks, first_tensor, float_function
+from lowbit.fidelity import AttentionMasks, first_tensor
 from lowbit.guard import layer_errors
 from lowbit.nn import QuantLayer, replace_weight
 from lowbit.numerics import broadcast_param, quantize
@@ -148,6 +148,16 @@ def _check_arguments(model: Any, batches: Any, forward: Any, steps: Any, lr: Any
     return batches
 
 
+def _check_reference(reference: Any) -> None:
+    if not isinstance(reference, nn.Module):
+        raise TypeError(f"`reference` must be the float torch.nn.Module the model was quantized "
+                        f"from, got {type(reference).__name__}")
+    if any(isinstance(m, QuantLayer) for m in reference.modules()):
+        raise ValueError("`reference` must be the float model the model was quantized from, "
+                         "got a quantized one (lowbit.quantize returns a copy: pass the model "
+                         "you gave it)")
+
+
 def _output(out: Any) -> torch.Tensor:
     y = first_tensor(out)
     if y is None:
@@ -172,6 +182,7 @@ def _real_tokens(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 def tune_scales(
     model: nn.Module,
+    reference: nn.Module,
     batches: Iterable[Any],
     forward: Forward | None = None,
     *,
@@ -182,11 +193,15 @@ def tune_scales(
     eval_every: int | None = None,
     progress: bool = True,
 ) -> ScaleTuning:
-    """Train the scales of every calibrated weight quantizer (at ``lr`` for 4-bit weights,
-    ``lr·2^(4-bits)`` for others; and, with ``biases``, the float biases of those layers at
-    ``lr / 10``) so the model's first output matches its float
-    function on ``batches``; the codes stay as calibration chose them. Call it after
+    """Train the scales of every calibrated weight quantizer of ``model`` (at ``lr`` for 4-bit
+    weights, ``lr·2^(4-bits)`` for others; and, with ``biases``, the float biases of those
+    layers at ``lr / 10``) so its first output matches ``reference``'s, the float model it was
+    quantized from, on ``batches``; the codes stay as calibration chose them. Call it after
     ``lowbit.calibrate`` and before ``convert``.
+
+    The float model is needed, not just ``model`` with its quantizers off: GPTQ, AWQ, AdaRound
+    and bias correction write their results into the quantized model's weights and biases, so
+    its own float function has already lost what they could not keep.
 
     ``steps`` Adam steps, one batch each, cycling through the training batches (all but the
     last ``held_out`` share, at least one batch held out when there are two or more);
@@ -199,6 +214,7 @@ def tune_scales(
     from lowbit.calibrate import _eval_state, _require_quantized, default_forward
 
     batches = _check_arguments(model, batches, forward, steps, lr, biases, held_out, eval_every)
+    _check_reference(reference)
     activations = _require_quantized(model)
     unready = [q.layer_name for q in activations if not q.spec.dynamic and not q.is_ready()]
     if unready:
@@ -221,9 +237,9 @@ def tune_scales(
         eval_every = max(int(passes), -(-steps // 10))
     start = time.perf_counter()
 
+    with _eval_state(reference), AttentionMasks(reference) as masks:
+        refs = {id(b): _reference(reference, b, run, masks) for b in (*train, *scored)}
     with _eval_state(model), AttentionMasks(model) as masks:
-        with float_function(model):
-            refs = {id(b): _reference(model, b, run, masks) for b in (*train, *scored)}
         tuned = {name: _TunedWeight(layer.weight_quant, layer.weight)
                  for name, layer in layers.items()}
         params = [t.log_gain for t in tuned.values()]
@@ -238,8 +254,9 @@ def tune_scales(
                 p.requires_grad_(True)
             for name, layer in layers.items():
                 layer.weight_quant = tuned[name]
-            result = _train(model, run, masks, train, scored, refs, params, bias_params,
-                            [t.quantizer.spec.bits for t in tuned.values()], steps=steps, lr=lr, eval_every=eval_every, group=group,
+            bits = [t.quantizer.spec.bits for t in tuned.values()]
+            result = _train(model, run, masks, train, scored, refs, params, bias_params, bits,
+                            steps=steps, lr=lr, eval_every=eval_every, group=group,
                             progress=progress)
         finally:
             for name, layer in layers.items():

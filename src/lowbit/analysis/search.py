@@ -167,7 +167,8 @@ class Search:
             lowbit.calibrate(qm, self.calib_batches, self.forward, progress=False,
                              bias_correction=correction)
         if recipe.tune_scales:
-            lowbit.tune_scales(qm, self.calib_batches, self.forward, progress=False)
+            lowbit.tune_scales(qm, self.model, self.calib_batches, self.forward,
+                               progress=False)
         return qm.eval()
 
     def attempt(self, step: str, label: str, recipe: Recipe, *,

@@ -332,17 +332,20 @@ ALL4_GROUP = 32  # Linear groups and embedding row groups of the all-4-bit varia
 ALL4_CALIB = 1000  # calibration sentences: the shared 200 and 800 more (GPTQ's Hessians)
 
 
-def lowbit_w4_all4(ctx: Ctx) -> Built:
-    """Every Linear and the word table at 4 bits: ``w4-g32-gptq`` with uint4 word-embedding
-    rows in groups of 32 (the position and token-type tables, 0.9% of the weights, stay int8),
-    calibrated on 1000 sentences (the shared 200 and the next 800, all disjoint from the
-    evaluation set)."""
+def all4_config() -> QuantConfig:
+    """``w4-g32-gptq`` with uint4 word-embedding rows in groups of 32 (the position and
+    token-type tables, 0.9% of the weights, stay int8)."""
     rows = QuantSpec(bits=4, symmetric=False, granularity="per_group", group_size=ALL4_GROUP)
-    cfg = QuantConfig(rules=[*QuantConfig.preset(f"w4-g{ALL4_GROUP}-gptq").rules,
-                             LayerRule(types=["Embedding"], names=[r"re:.*word_embeddings"],
-                                       weight=rows)])
+    return QuantConfig(rules=[*QuantConfig.preset(f"w4-g{ALL4_GROUP}-gptq").rules,
+                              LayerRule(types=["Embedding"], names=[r"re:.*word_embeddings"],
+                                        weight=rows)])
+
+
+def lowbit_w4_all4(ctx: Ctx) -> Built:
+    """Every Linear and the word table at 4 bits (``all4_config``), calibrated on 1000
+    sentences (the shared 200 and the next 800, all disjoint from the evaluation set)."""
     more = with_more_calibration(ctx, ALL4_CALIB)
-    return lowbit_flow(more, "w4-all4", config=cfg, info={
+    return lowbit_flow(more, "w4-all4", config=all4_config(), info={
         "recipe": f"w4-g{ALL4_GROUP}-gptq, uint4 word-embedding rows g{ALL4_GROUP}, "
                   f"{len(more.calib_texts)} calibration sentences"})
 
@@ -359,10 +362,10 @@ def with_more_calibration(ctx: Ctx, n: int) -> Ctx:
 TUNED_CALIB = 1000  # calibration sentences of the tuned variant (GPTQ's Hessians, then tuning)
 
 
-def lowbit_w4_tuned(ctx: Ctx) -> Built:
-    """``w4-g128-gptq`` on 1000 calibration sentences, then ``lowbit.tune_scales`` with its
-    defaults on the same sentences (the last fifth held out to pick the step): every Linear
-    at 4 bits, the codes GPTQ chose, the scales trained on the last hidden state."""
+def tuned(ctx: Ctx, name: str, config: QuantConfig, recipe: str) -> Built:
+    """``config`` calibrated on ``TUNED_CALIB`` sentences, then ``lowbit.tune_scales`` with
+    its defaults on the same sentences (the last fifth held out to pick the step): the codes
+    the weight algorithm chose, the scales trained on the last hidden state."""
     def tune(qm: nn.Module, info: dict) -> None:
         result, caught = captured(lowbit.tune_scales, qm, ctx.model, more.calib_batches,
                                    progress=False)
@@ -374,10 +377,20 @@ def lowbit_w4_tuned(ctx: Ctx) -> Built:
         print(result.summary(), file=sys.stderr, flush=True)
 
     more = with_more_calibration(ctx, TUNED_CALIB)
-    return lowbit_flow(more, "w4-g128-tuned", config=QuantConfig.preset("w4-g128-gptq"),
-                       after_calibrate=tune, info={
-                           "recipe": f"w4-g128-gptq on {TUNED_CALIB} calibration sentences, "
-                                     "then lowbit.tune_scales (defaults)"})
+    return lowbit_flow(more, name, config=config, after_calibrate=tune, info={
+        "recipe": f"{recipe} on {TUNED_CALIB} calibration sentences, then lowbit.tune_scales "
+                  "(defaults)"})
+
+
+def lowbit_w4_tuned(ctx: Ctx) -> Built:
+    """Every Linear at 4 bits, groups of 128 (``w4-g128-gptq``), scales tuned."""
+    return tuned(ctx, "w4-g128-tuned", QuantConfig.preset("w4-g128-gptq"), "w4-g128-gptq")
+
+
+def lowbit_w4_all4_tuned(ctx: Ctx) -> Built:
+    """``w4-all4`` (g32 Linears, uint4 word-table rows), scales tuned."""
+    return tuned(ctx, "w4-all4-tuned", all4_config(),
+                 f"w4-g{ALL4_GROUP}-gptq, uint4 word-embedding rows g{ALL4_GROUP}")
 
 
 def lowbit_w4_mixed(ctx: Ctx) -> Built:
@@ -438,6 +451,8 @@ LOWBIT_VARIANTS["w4-all4"] = ("lowbit w4-g32-gptq + int4 word-table rows g32, 10
                                "sentences", "lowbit", lowbit_w4_all4)
 LOWBIT_VARIANTS["w4-g128-tuned"] = ("lowbit w4-g128-gptq + tune_scales, 1000 calibration "
                                     "sentences", "lowbit", lowbit_w4_tuned)
+LOWBIT_VARIANTS["w4-all4-tuned"] = ("lowbit w4-all4 + tune_scales, 1000 calibration sentences",
+                                    "lowbit", lowbit_w4_all4_tuned)
 LOWBIT_VARIANTS["w4-g128-mixed"] = ("lowbit w4-g128-gptq + int4 embedding rows + 8-bit layers "
                                     "found by autoquant(max_size)", "lowbit", lowbit_w4_mixed)
 LOWBIT_VARIANTS["w8a8-transformer-mixed"] = ("lowbit w8a8-transformer + float layers found by "

@@ -19,6 +19,7 @@ from torch import nn
 
 import lowbit
 from lowbit import LayerRule, QuantConfig, QuantSpec
+from lowbit.analysis.analyze import RoundedWeightsWarning
 from lowbit.cli import main
 from lowbit.numerics import IntRange, fake_quantize, qparams_from_range
 
@@ -189,6 +190,20 @@ def test_never_calibrated_model_is_a_clear_error():
         lowbit.analyze(qm, BATCHES)
     with pytest.raises(ValueError, match="no lowbit quant layers"):
         lowbit.analyze(tiny_net(), BATCHES)
+
+
+def test_weights_calibration_rounded_are_named_in_a_warning():
+    """Scale tuning (like GPTQ) writes the rounded weight back: the float pass runs it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = lowbit.quantize(tiny_net(), w4a8())
+        lowbit.calibrate(qm, BATCHES, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RoundedWeightsWarning)
+        lowbit.analyze(qm, BATCHES)  # round to nearest: the float weights are still there
+    lowbit.tune_scales(qm, tiny_net(), BATCHES, steps=10, lr=1e-2, held_out=0, progress=False)
+    with pytest.warns(RoundedWeightsWarning, match=r"3 layer\(s\) .*: 0, 2, 5; .*'rtn'"):
+        lowbit.analyze(qm, BATCHES)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -46,6 +46,10 @@ from lowbit.quantizers.uniform import reusing_weights
 Forward = Callable[[nn.Module, Any], Any]
 
 
+class RoundedWeightsWarning(UserWarning):
+    """``analyze`` got layers whose float weights calibration replaced by their rounded value."""
+
+
 @dataclass
 class _Track:
     """What the hooks collect for one layer."""
@@ -126,6 +130,16 @@ def analyze(
 
     start = time.perf_counter()
     layers = quant_layers(qm)
+    rounded = [name for name, layer in layers.items()
+               if bool(getattr(getattr(layer, "weight_quant", None), "pinned", False))]
+    if rounded:
+        warnings.warn(
+            f"{len(rounded)} layer(s) hold weights that calibration already put on their grid "
+            f"(GPTQ, AWQ, AdaRound or tune_scales): {', '.join(rounded[:4])}"
+            f"{' ...' if len(rounded) > 4 else ''}; the float pass runs those weights, so their "
+            "SQNR leaves weight rounding out. To rank layers, analyze a copy quantized with "
+            "round-to-nearest weights (algorithm='rtn'), as autoquant does",
+            RoundedWeightsWarning, stacklevel=2)
     tracks = {name: _Track(layer) for name, layer in layers.items()}
     generator = torch.Generator().manual_seed(seed)
     # Each layer's quantizers, kept while the float pass bypasses them (filled below, inside

@@ -248,15 +248,15 @@ class KeepSensitive(Step):
     def ranking(self, search: Search, base: Recipe) -> list[str]:
         from lowbit.analysis.analyze import analyze
 
-        # GPTQ, AWQ and AdaRound replace a layer's weight by its rounded value, so the analysis'
-        # float pass would run the rounded weights too and see no weight error (SQNR inf):
-        # rank on the same grids with round-to-nearest weights instead.
+        # GPTQ, AWQ, AdaRound and scale tuning replace a layer's weight by its rounded value,
+        # so the analysis' float pass would run the rounded weights too and see no weight error
+        # (SQNR inf): rank on the same grids with round-to-nearest weights instead.
         rtn = _map_specs(base.config, ("weight",), _round_to_nearest)
-        if rtn != base.config:
+        if rtn != base.config or base.tune_scales:
             search.notes.append(f"{self.name}: ranked on round-to-nearest weights (the weight "
                                 "algorithms replace the float weights the analysis compares "
                                 "against)")
-            base = base.but(config=rtn)
+            base = base.but(config=rtn, tune_scales=False)
         best = search.best
         model = search.best_model if best is not None and best.recipe == base else None
         if model is None:

@@ -74,3 +74,34 @@ def test_outside_a_model_call_every_call_counts_and_a_changed_tensor_is_quantize
     scope.attach(model)
     first, second = model(torch.randn(4, 6))
     assert not torch.equal(first, second)
+
+
+def test_readers_that_smooth_their_shared_input_still_observe_it_once_per_call():
+    """SmoothQuant gives q, k and v one factor for their shared input; each multiplies by it,
+    and the shared quantizer must still see one tensor a call."""
+    torch.manual_seed(3)
+    batches = [torch.randn(16, 6) for _ in range(4)]
+    spec = QuantSpec(bits=8, symmetric=False, observer="ema", smoothing=0.5)
+    config = QuantConfig(rules=[LayerRule(types=["Linear"], weight=QuantSpec(bits=8),
+                                          input=spec)])
+    qm = lowbit.quantize(TwoHeads(), config)
+    lowbit.calibrate(qm, batches, progress=False, smoothing_check=False)
+    shared = qm.a.input_quant
+    assert shared is qm.b.input_quant
+    assert qm.a.input_smoothing is not None and torch.equal(qm.a.input_smoothing,
+                                                            qm.b.input_smoothing)
+    seen: list[torch.Tensor] = []
+    shared.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    lowbit.set_calibrating(qm, True)
+    with torch.no_grad():
+        for x in batches:
+            qm(x)
+    lowbit.set_calibrating(qm, False)
+    assert len(seen) == 2 * len(batches)  # both readers call it ...
+    assert all(seen[i] is seen[i + 1] for i in range(0, len(seen), 2))  # ... on one tensor
+    lone = make_quantizer(spec, role="input", channel_axis=-1)
+    lone.observing = True
+    for x in seen[::2]:
+        lone(x)
+    assert torch.allclose(shared.observer.lo, lone.observer.lo)
+    assert torch.allclose(shared.observer.hi, lone.observer.hi)

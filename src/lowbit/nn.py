@@ -25,7 +25,7 @@ from lowbit.float_modules import (
     weight_of,
 )
 from lowbit.numerics import broadcast_param, round_ste
-from lowbit.quantizers import Quantizer, make_quantizer
+from lowbit.quantizers import Quantizer, make_quantizer, scope
 from lowbit.registry import LAYERS
 
 
@@ -126,7 +126,14 @@ class QuantLayer:
     def _smooth(self, x: torch.Tensor) -> torch.Tensor:
         module: Any = self
         s = module.input_smoothing
-        return x if s is None else x * broadcast_param(s, x, self.input_axis)
+        if s is None:
+            return x
+        q = module.input_quant
+        if q is None or not (q.observing or q.training):
+            return x * broadcast_param(s, x, self.input_axis)
+        # Readers of one tensor with one factor get one smoothed tensor (quantizers/scope.py),
+        # so their shared input quantizer observes and counts it once per model call.
+        return scope.smoothed(x, s, lambda: x * broadcast_param(s, x, self.input_axis))
 
     def refresh_weight_range(self) -> None:
         """Call after replacing the weight outside training (loading float parameters):

@@ -44,6 +44,25 @@ def remember(quantizer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         memo[id(quantizer)] = (weakref.ref(x), x._version, weakref.ref(y))
 
 
+def smoothed(x: torch.Tensor, factor: torch.Tensor, compute: Any) -> torch.Tensor:
+    """``compute()`` (``x`` times a SmoothQuant ``factor``), or, in this model call, the tensor
+    it gave the previous reader of the same ``x`` with an equal factor (q, k and v smooth
+    their shared input by one ``s`` each, three new tensors a call): the shared input quantizer
+    then sees one tensor and its memo above holds. One slot, held strongly until the next
+    smoothed read or the end of the call (an observer passes its input through, so nothing else
+    would keep the first reader's tensor alive for the second)."""
+    memo = getattr(_local, "memo", None)
+    if memo is None:
+        return compute()  # type: ignore[no-any-return]
+    seen = memo.get("smoothed")
+    if (seen is not None and seen[0]() is x and seen[1] == x._version
+            and (seen[2] is factor or torch.equal(seen[2], factor))):
+        return seen[3]  # type: ignore[no-any-return]
+    y = compute()
+    memo["smoothed"] = (weakref.ref(x), x._version, factor, y)
+    return y  # type: ignore[no-any-return]
+
+
 def _enter(module: nn.Module, args: Any) -> None:
     depth = getattr(_local, "depth", 0)
     _local.depth = depth + 1

@@ -60,11 +60,12 @@ Variants (``--variants`` takes the keys; ``anchors`` and ``lowbit`` name groups)
   ``lowbit.autoquant(max_size=0.195, steps=["as-given", "keep-8bit"])`` keeps at 8 bits,
   scored on the calibration sentences only (mean cosine >= 0.993); its search builds and
   scores one GPTQ model per trial (minutes). ``w4-all4``: every Linear and the word table at
-  4 bits (``w4-g32-gptq``, uint4 word rows in groups of 32), GPTQ's statistics from 1000
-  calibration sentences (the shared 200 and the next 800, disjoint from the evaluation set).
-  ``w4-g128-tuned``: ``w4-g128-gptq`` on those 1000 sentences, then ``lowbit.tune_scales``
-  with its defaults (300 steps; the codes stay GPTQ's, the scales and biases are trained on the
-  last hidden state, the last fifth of the sentences held out to pick the step);
+  4 bits (``w4-g32-gptq``, uint4 word rows in groups of 32), GPTQ's statistics from
+  ``--more-calib`` calibration sentences (default 1000: the shared 200 and the next 800,
+  disjoint from the evaluation set). ``w4-g128-tuned``: ``w4-g128-gptq`` on those sentences,
+  then ``lowbit.tune_scales`` with its defaults (300 steps; the codes stay GPTQ's, the scales
+  and biases are trained on the last hidden state, the last fifth of the sentences held out
+  to pick the step);
   ``w4-all4-tuned``: ``w4-all4`` then ``tune_scales`` the same way.
 
 Per variant: throughput (sentences/s over the evaluation set: the model call alone) and its
@@ -428,6 +429,10 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{N_EVAL}; --quick {QUICK_EVAL})")
     ap.add_argument("--calib", type=int, default=None, help=f"calibration sentences (default "
                     f"{N_CALIB}; --quick {QUICK_CALIB})")
+    ap.add_argument("--more-calib", type=int, default=1000, metavar="N",
+                    help="calibration sentences of w4-all4 and the tuned variants: the shared "
+                         "ones and the next, disjoint from the evaluation set (default "
+                         "%(default)s)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-ort-preprocess", action="store_true",
                     help="give ORT's quantizers the FP32 file without quant_pre_process")
@@ -490,7 +495,8 @@ def main(argv: list[str] | None = None) -> dict:
     ctx = Ctx(model=model, tokenizer=tokenizer, calib_texts=calib, calib_batches=calib_batches,
               example=(calib_batches[0]["input_ids"], calib_batches[0]["attention_mask"]),
               verify=[(b["input_ids"], b["attention_mask"]) for b in calib_batches[1:2]],
-              work=work, threads=args.threads, ort_preprocess=not args.no_ort_preprocess)
+              work=work, threads=args.threads, ort_preprocess=not args.no_ort_preprocess,
+              more_calib=args.more_calib)
 
     # ---- build every variant; one that fails is reported, not fatal
     t_built0 = time.perf_counter()

@@ -149,6 +149,7 @@ class Ctx:
     ort_pre: Path | None = None
     ort_pre_s: float = 0.0
     ort_preprocess: bool = True
+    more_calib: int = 1000  # calibration sentences of the variants that take more than 200
 
 
 @dataclass

@@ -329,7 +329,6 @@ def w4_mixed_config() -> QuantConfig:
 
 
 ALL4_GROUP = 32  # Linear groups and embedding row groups of the all-4-bit variant
-ALL4_CALIB = 1000  # calibration sentences: the shared 200 and 800 more (GPTQ's Hessians)
 
 
 def all4_config() -> QuantConfig:
@@ -342,9 +341,10 @@ def all4_config() -> QuantConfig:
 
 
 def lowbit_w4_all4(ctx: Ctx) -> Built:
-    """Every Linear and the word table at 4 bits (``all4_config``), calibrated on 1000
-    sentences (the shared 200 and the next 800, all disjoint from the evaluation set)."""
-    more = with_more_calibration(ctx, ALL4_CALIB)
+    """Every Linear and the word table at 4 bits (``all4_config``), calibrated on
+    ``ctx.more_calib`` sentences (default 1000: the shared 200 and the next 800, all disjoint
+    from the evaluation set)."""
+    more = with_more_calibration(ctx, ctx.more_calib)
     return lowbit_flow(more, "w4-all4", config=all4_config(), info={
         "recipe": f"w4-g{ALL4_GROUP}-gptq, uint4 word-embedding rows g{ALL4_GROUP}, "
                   f"{len(more.calib_texts)} calibration sentences"})
@@ -359,11 +359,8 @@ def with_more_calibration(ctx: Ctx, n: int) -> Ctx:
                                                       padding="longest"))
 
 
-TUNED_CALIB = 1000  # calibration sentences of the tuned variant (GPTQ's Hessians, then tuning)
-
-
 def tuned(ctx: Ctx, name: str, config: QuantConfig, recipe: str) -> Built:
-    """``config`` calibrated on ``TUNED_CALIB`` sentences, then ``lowbit.tune_scales`` with
+    """``config`` calibrated on ``ctx.more_calib`` sentences, then ``lowbit.tune_scales`` with
     its defaults on the same sentences (the last fifth held out to pick the step): the codes
     the weight algorithm chose, the scales trained on the last hidden state."""
     def tune(qm: nn.Module, info: dict) -> None:
@@ -376,10 +373,10 @@ def tuned(ctx: Ctx, name: str, config: QuantConfig, recipe: str) -> Built:
                           "held_out_after": result.held_out_after, "history": result.history}
         print(result.summary(), file=sys.stderr, flush=True)
 
-    more = with_more_calibration(ctx, TUNED_CALIB)
+    more = with_more_calibration(ctx, ctx.more_calib)
     return lowbit_flow(more, name, config=config, after_calibrate=tune, info={
-        "recipe": f"{recipe} on {TUNED_CALIB} calibration sentences, then lowbit.tune_scales "
-                  "(defaults)"})
+        "recipe": f"{recipe} on {ctx.more_calib} calibration sentences, then "
+                  "lowbit.tune_scales (defaults)"})
 
 
 def lowbit_w4_tuned(ctx: Ctx) -> Built:
@@ -447,11 +444,11 @@ ANCHOR_VARIANTS: dict[str, tuple[str, str, Callable[[Ctx], Built]]] = {
 LOWBIT_VARIANTS: dict[str, tuple[str, str, Callable[[Ctx], Built]]] = {
     name: (f"lowbit {name}", "lowbit", lowbit_preset(name)) for name in LOWBIT_PRESETS}
 LOWBIT_VARIANTS["w4-g128-adaround"] = ("lowbit w4-g128 + AdaRound", "lowbit", lowbit_w4_adaround)
-LOWBIT_VARIANTS["w4-all4"] = ("lowbit w4-g32-gptq + int4 word-table rows g32, 1000 calibration "
+LOWBIT_VARIANTS["w4-all4"] = ("lowbit w4-g32-gptq + int4 word-table rows g32, --more-calib "
                                "sentences", "lowbit", lowbit_w4_all4)
-LOWBIT_VARIANTS["w4-g128-tuned"] = ("lowbit w4-g128-gptq + tune_scales, 1000 calibration "
+LOWBIT_VARIANTS["w4-g128-tuned"] = ("lowbit w4-g128-gptq + tune_scales, --more-calib "
                                     "sentences", "lowbit", lowbit_w4_tuned)
-LOWBIT_VARIANTS["w4-all4-tuned"] = ("lowbit w4-all4 + tune_scales, 1000 calibration sentences",
+LOWBIT_VARIANTS["w4-all4-tuned"] = ("lowbit w4-all4 + tune_scales, --more-calib sentences",
                                     "lowbit", lowbit_w4_all4_tuned)
 LOWBIT_VARIANTS["w4-g128-mixed"] = ("lowbit w4-g128-gptq + int4 embedding rows + 8-bit layers "
                                     "found by autoquant(max_size)", "lowbit", lowbit_w4_mixed)

@@ -118,6 +118,20 @@ def test_an_hf_encoder_tunes_on_padded_batches_and_exports():
     assert torch.equal(a, b)
 
 
+def test_references_too_large_to_keep_are_recomputed_to_the_same_result(monkeypatch):
+    from lowbit.algorithms import scale_tuning
+
+    results = []
+    for limit in (scale_tuning.REFERENCE_CACHE_BYTES, 0):
+        monkeypatch.setattr(scale_tuning, "REFERENCE_CACHE_BYTES", limit)
+        model, qm = _calibrated(W4A8)
+        result = lowbit.tune_scales(qm, model, _batches(), steps=20, lr=1e-2, progress=False)
+        results.append((result.history, qm.state_dict()))
+    (history, state), (history_again, state_again) = results
+    assert history == history_again
+    assert all(torch.equal(state[k], state_again[k]) for k in state)
+
+
 def test_too_high_a_learning_rate_never_leaves_the_model_worse():
     model, qm = _calibrated(W4A8)
     state = {k: v.clone() for k, v in qm.state_dict().items()}
@@ -145,6 +159,7 @@ def test_the_model_is_left_whole_when_a_batch_fails():
 @pytest.mark.parametrize("kwargs, error, words", [
     ({"steps": 0}, ValueError, "`steps`"),
     ({"steps": 2.5}, ValueError, "`steps`"),
+    ({"steps": None}, ValueError, "`steps`"),
     ({"lr": -1.0}, ValueError, "`lr`"),
     ({"lr": float("nan")}, ValueError, "`lr`"),
     ({"held_out": 1.0}, ValueError, "`held_out`"),

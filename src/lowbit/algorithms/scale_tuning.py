@@ -39,6 +39,7 @@ Forward = Callable[[nn.Module, Any], Any]
 # ``lr`` is the step for 4-bit scales; a b-bit scale gets lr·2^(4-b): one Adam step then moves
 # the largest code of every grid by about the same fraction of its own step.
 REFERENCE_BITS = 4
+REFERENCE_CACHE_BYTES = 256 << 20  # float outputs kept between steps; recomputed beyond
 
 
 @dataclass
@@ -67,7 +68,7 @@ class _TunedWeight(nn.Module):
     grid ``s_x·s_w`` (``QuantLayer.bias_step``) follows it as the exported one will."""
 
     folds_bn = True  # ``bias_step``: take the weight scale from ``qparams()``, not the weight
-    steps: torch.Tensor  # (q - z), integers
+    levels: torch.Tensor  # q - z: the codes as integers around the zero point
     scale: torch.Tensor  # the calibrated scale the gains multiply
 
     def __init__(self, quantizer: UniformQuantizer, weight: torch.Tensor) -> None:
@@ -78,7 +79,7 @@ class _TunedWeight(nn.Module):
             codes = quantize(weight.float(), q.scale, q.zero_point, q.grid, q.axis,
                              q.group_size)
             z = broadcast_param(q.zero_point, weight, q.axis, q.group_size).float()
-        self.register_buffer("steps", codes - z)
+        self.register_buffer("levels", codes - z)
         self.register_buffer("scale", q.scale.detach().float().clone())
         self.log_gain = nn.Parameter(torch.zeros_like(self.scale))
         self.dtype = weight.dtype
@@ -95,8 +96,8 @@ class _TunedWeight(nn.Module):
                        q.axis, q.group_size)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        s = broadcast_param(self.tuned_scale(), self.steps, self.axis, self.group_size)
-        return (self.steps * s).to(self.dtype)
+        s = broadcast_param(self.tuned_scale(), self.levels, self.axis, self.group_size)
+        return (self.levels * s).to(self.dtype)
 
     @torch.no_grad()
     def commit(self, layer: Any) -> None:
@@ -132,8 +133,8 @@ def _check_arguments(model: Any, batches: Any, forward: Any, steps: Any, lr: Any
         raise TypeError(f"`batches` must be an iterable of batches, got "
                         f"{type(batches).__name__}")
     for name, value in (("steps", steps), ("eval_every", eval_every)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < 1):
+        if (value is not None or name == "steps") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"`{name}` must be a positive int, got {value!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
         raise ValueError(f"`lr` must be a positive finite number, got {lr!r}")
@@ -237,8 +238,7 @@ def tune_scales(
         eval_every = max(int(passes), -(-steps // 10))
     start = time.perf_counter()
 
-    with _eval_state(reference), AttentionMasks(reference) as masks:
-        refs = {id(b): _reference(reference, b, run, masks) for b in (*train, *scored)}
+    refs = _References(reference, run, [*train, *scored])
     with _eval_state(model), AttentionMasks(model) as masks:
         tuned = {name: _TunedWeight(layer.weight_quant, layer.weight)
                  for name, layer in layers.items()}
@@ -279,15 +279,38 @@ def tune_scales(
                        time.perf_counter() - start, history)
 
 
-def _reference(model: nn.Module, batch: Any, run: Forward, masks: AttentionMasks
-               ) -> torch.Tensor:
-    with layer_errors(model, "scale tuning's float pass"):
-        out = _output(run(model, batch))
-    return _real_tokens(out.detach(), masks.mask)
+class _References:
+    """The float model's first output for each batch (padding zeroed): computed once and kept
+    while they fit in ``REFERENCE_CACHE_BYTES`` (a sentence encoder's hidden states), else
+    recomputed at each use (an LM's logits over a large vocabulary would not fit)."""
+
+    def __init__(self, model: nn.Module, run: Forward, batches: list[Any]) -> None:
+        self.model, self.run = model, run
+        self.cache: dict[int, torch.Tensor] | None = {}
+        first = self._compute(batches[0])
+        if first.element_size() * first.numel() * len(batches) > REFERENCE_CACHE_BYTES:
+            self.cache = None
+        else:
+            self.cache[id(batches[0])] = first
+            for batch in batches[1:]:
+                self.cache[id(batch)] = self._compute(batch)
+
+    def __getitem__(self, batch: Any) -> torch.Tensor:
+        if self.cache is None:
+            return self._compute(batch)
+        return self.cache[id(batch)]
+
+    def _compute(self, batch: Any) -> torch.Tensor:
+        from lowbit.calibrate import _eval_state
+
+        with _eval_state(self.model), AttentionMasks(self.model) as masks:
+            with layer_errors(self.model, "scale tuning's float pass"):
+                out = _output(self.run(self.model, batch))
+            return _real_tokens(out.detach(), masks.mask)
 
 
 def _train(model: nn.Module, run: Forward, masks: AttentionMasks, train: list[Any],
-           scored: list[Any], refs: dict[int, torch.Tensor], params: Sequence[torch.Tensor],
+           scored: list[Any], refs: _References, params: Sequence[torch.Tensor],
            bias_params: Sequence[torch.Tensor], param_bits: list[int], *, steps: int, lr: float, eval_every: int,
            group: Any, progress: bool) -> tuple[int, list[tuple[int, float]], list | None]:
     """Adam over the training batches; returns the best step, the held-out history and the
@@ -306,7 +329,7 @@ def _train(model: nn.Module, run: Forward, masks: AttentionMasks, train: list[An
         total = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
             for batch in scored:
-                err = _relative_error(run(model, batch), refs[id(batch)], masks.mask)
+                err = _relative_error(run(model, batch), refs[batch], masks.mask)
                 total += torch.tensor([float(err), 1.0], dtype=torch.float64)
         if group is not None:
             (total,) = distributed.reduce_sum([total.to(distributed.device_for(group))], group)
@@ -322,7 +345,7 @@ def _train(model: nn.Module, run: Forward, masks: AttentionMasks, train: list[An
     for step in range(1, steps + 1):
         batch = train[(step - 1) % len(train)]
         with torch.enable_grad(), layer_errors(model, f"scale tuning step {step}"):
-            loss = _relative_error(run(model, batch), refs[id(batch)], masks.mask)
+            loss = _relative_error(run(model, batch), refs[batch], masks.mask)
             opt.zero_grad(set_to_none=False)
             loss.backward()
         if group is not None:

@@ -118,6 +118,27 @@ def test_an_hf_encoder_tunes_on_padded_batches_and_exports():
     assert torch.equal(a, b)
 
 
+def test_a_causal_lm_with_tied_embeddings_tunes_on_its_logits():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4,
+                                     n_positions=64, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 300, (4, 16), generator=g)} for _ in range(6)]
+    rule = LayerRule(types=["Linear", "Embedding"], weight=W4_GROUPS)
+    qm = lowbit.quantize(model, QuantConfig(rules=[rule]))
+    lowbit.calibrate(qm, batches, progress=False)
+    codes = _codes(qm)
+    result = lowbit.tune_scales(qm, model, batches, steps=30, lr=1e-2, progress=False)
+    assert result.held_out_after < result.held_out_before
+    assert {"lm_head", "transformer.wte"} <= set(result.layers)  # tied: each its own scales
+    assert all(torch.equal(c, _codes(qm)[name]) for name, c in codes.items())
+    dm = lowbit.convert(qm)
+    with torch.no_grad():
+        assert torch.equal(qm(**batches[0]).logits, dm(**batches[0]).logits)
+
+
 def test_references_too_large_to_keep_are_recomputed_to_the_same_result(monkeypatch):
     from lowbit.algorithms import scale_tuning
 

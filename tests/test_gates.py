@@ -217,3 +217,58 @@ def test_a_reader_takes_a_quantized_output_as_it_is_unless_its_grid_differs():
     other = QuantConfig(rules=[same.rules[0],
                                LayerRule(names=["b"], weight=w8, input=QuantSpec(bits=8))])
     assert lowbit.quantize(Fork().eval(), other).b.input_quant is not None
+
+
+class PooledHead(nn.Module):
+    """Hugging Face EfficientNet's top: conv + SiLU, then ``AvgPool2d(kernel, ceil_mode=True)``
+    with a kernel larger than the map (the pooler), then the classifier."""
+
+    def __init__(self, kernel: int = 40) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.act = nn.SiLU()
+        self.pool = nn.AvgPool2d(kernel, ceil_mode=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.act(self.conv(x))).flatten(1))
+
+
+def test_a_pooler_whose_window_runs_past_the_map_runs_on_integers_and_right(tmp_path):
+    """ORT's QLinearAveragePool divides by the whole kernel under count_include_pad=1; the
+    export writes 0 (the same function with zero pads), and the output stays right."""
+    torch.manual_seed(0)
+    model = PooledHead().eval()
+    config = QuantConfig.preset("w8a8")
+    qm = lowbit.quantize(model, config)
+    assert type(qm.pool).__name__ == "QuantAvgPool2d"
+    report, ops = _calibrate_round_trip_and_run(model, qm, config, tmp_path / "pooled.onnx")
+    assert ops["QLinearAveragePool"] == 1 and ops["QLinearMul"] == 1
+    import onnxruntime as ort
+
+    x = torch.randn(2, 3, 12, 12)
+    session = ort.InferenceSession(str(tmp_path / "pooled.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    assert nn.functional.cosine_similarity(got.flatten(), model(x).flatten(), dim=0) > 0.99
+
+
+def test_average_pools_without_padding_stop_counting_past_their_input():
+    from onnx import helper
+
+    from lowbit.export.pads import exclude_overhang_from_average_pools
+
+    def pool(name: str, **attrs: Any) -> Any:
+        return helper.make_node("AveragePool", ["x"], [name], name=name, kernel_shape=[3, 3],
+                                **attrs)
+
+    graph = helper.make_graph(
+        [pool("plain", count_include_pad=1), pool("padded", count_include_pad=1,
+                                                   pads=[1, 1, 1, 1]),
+         pool("zero_pads", count_include_pad=1, pads=[0, 0, 0, 0]), pool("already_0")],
+        "g", [], [])
+    proto = helper.make_model(graph)
+    assert exclude_overhang_from_average_pools(proto) == ["plain", "zero_pads"]
+    include = {n.name: next((a.i for a in n.attribute if a.name == "count_include_pad"), 0)
+               for n in proto.graph.node}
+    assert include == {"plain": 0, "padded": 1, "zero_pads": 0, "already_0": 0}

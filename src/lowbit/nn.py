@@ -630,17 +630,19 @@ def keeps_grid(module: nn.Module | None) -> bool:
 # Sigmoid gates: a sigmoid (squeeze-excite) and SiLU's x * sigmoid(x). Quantizing the sigmoid's
 # output lets ONNX Runtime run it as QLinearSigmoid and the product after it as QLinearMul.
 GATE_TYPES = {"Sigmoid", "SiLU"}
-# Adaptive average pools (a squeeze-excite squeeze, the pooler before a classifier): an input
-# quantizer lets them read a tensor that other readers take quantized, so that ONNX Runtime can
-# give its producer a quantized output (it runs ``DQ → ReduceMean → Q``, as in its own files).
-# Not ``nn.AvgPool2d``: with it quantized, ORT fused EfficientNet's pooler (a kernel larger than
-# the input, ``ceil_mode``) into QLinearAveragePool and its output went wrong (cosine 0), as in
-# ORT's own EfficientNet file (docs/design.md).
-AVERAGE_POOL_TYPES = {"AdaptiveAvgPool1d", "AdaptiveAvgPool2d"}
+# Average pools (a squeeze-excite squeeze, the pooler before a classifier): an input quantizer
+# lets them read a tensor that other readers take quantized, so that ONNX Runtime can give its
+# producer a quantized output (it runs ``DQ → ReduceMean → Q`` or ``QLinearAveragePool``, as
+# in its own files). A fixed-kernel pool whose window runs past its input (EfficientNet's
+# pooler: ``AvgPool2d(2560, ceil_mode=True)`` on a 7x7 map) needs the export's
+# ``count_include_pad=0`` (``export/pads.py``): ORT's QLinearAveragePool would divide by the
+# whole kernel.
+AVERAGE_POOL_TYPES = {"AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AvgPool1d", "AvgPool2d"}
 OPT_IN_TYPES = (ACTIVATION_TYPES | GRID_KEEPING_TYPES | GATE_TYPES | AVERAGE_POOL_TYPES
                 | {"Embedding"})
 for _float in (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.Upsample,
-               nn.Sigmoid, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d):
+               nn.Sigmoid, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d,
+               nn.AvgPool2d):
     LAYERS.register(_float.__name__)(
         type(f"Quant{_float.__name__}", (QuantActivation,), {"float_type": _float}))
 

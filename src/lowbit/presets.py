@@ -51,10 +51,11 @@ def for_integer_kernels(weight: QuantSpec, input: QuantSpec) -> list[LayerRule]:
             # A product of two such tensors (a squeeze-excite gate times its feature map): ORT
             # runs it as QLinearMul, the gate read on its own grid (lowbit.share).
             LayerRule(types=["mul"], positions=["between"], input=input),
-            # A global pool reading such a product (the squeeze before the gate): its input
-            # shares the product's quantizer, so ORT runs the SiLU's own product as QLinearMul.
-            LayerRule(types=["AdaptiveAvgPool1d", "AdaptiveAvgPool2d"], positions=["between"],
-                      input=input)]
+            # A pool reading such a product (the squeeze before the gate, a classifier's
+            # pooler): its input shares the product's quantizer, so ORT runs the SiLU's own
+            # product as QLinearMul.
+            LayerRule(types=["AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AvgPool1d", "AvgPool2d"],
+                      positions=["between"], input=input)]
 
 
 def between_ops(input: QuantSpec) -> LayerRule:

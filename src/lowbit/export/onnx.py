@@ -39,7 +39,7 @@ from lowbit.export.exporters import (
 from lowbit.export.files import export_step_error, side_paths, stamp_file_set
 from lowbit.export.fold import fold_quantized_constants
 from lowbit.export.int4 import Int4Format, resolve_int4_format, rewrite_int4_weights
-from lowbit.export.pads import fold_pads_into_convs
+from lowbit.export.pads import exclude_overhang_from_average_pools, fold_pads_into_convs
 from lowbit.export.params import packed_weights_bytes, quant_params_json
 from lowbit.export.report import ExportReport
 from lowbit.export.verify import verify
@@ -158,6 +158,7 @@ def export_onnx(
         proto = strip_metadata(onnx.load(str(tmp)))
         folded = fold_quantized_constants(proto)  # see lowbit.export.fold
         fold_pads_into_convs(proto)  # see lowbit.export.pads
+        exclude_overhang_from_average_pools(proto)  # the same there
         packed = rewrite_int4_weights(proto, model, int4_storage)
         onnx.checker.check_model(proto)
         step = "writing the side files"

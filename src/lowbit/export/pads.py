@@ -1,4 +1,6 @@
-"""Fold zero padding that sits before a quantized convolution into the convolution.
+"""Zero padding in the exported graph: fold a ``Pad`` before a quantized convolution into the
+convolution, and keep average pools from counting what lies past their input
+(``exclude_overhang_from_average_pools``, at the end).
 
 Hugging Face's MobileNet and EfficientNet convs pad "same" as TensorFlow does, with ``F.pad`` (or
 ``nn.ZeroPad2d``) before an unpadded conv. In the file that is ``Pad → QuantizeLinear →
@@ -123,3 +125,28 @@ def _set_ints(node: Any, name: str, values: list[int]) -> None:
         if attr.name == name:
             node.attribute.remove(attr)
     node.attribute.append(helper.make_attribute(name, values))
+
+
+def exclude_overhang_from_average_pools(proto: Any) -> list[str]:
+    """Write ``count_include_pad=0`` on every ``AveragePool`` without padding (returns their
+    names).
+
+    torch exports ``nn.AvgPool2d``'s default ``count_include_pad=True``. With zero pads the
+    setting only decides whether a window that ``ceil_mode`` lets run past the input counts
+    the overhang in its divisor: torch and ONNX Runtime's float kernel do not, so 0 is the
+    same function. ONNX Runtime's ``QLinearAveragePool`` (what it fuses a quantized pool into)
+    does count it with 1: Hugging Face EfficientNet's pooler, ``AvgPool2d(2560,
+    ceil_mode=True)`` on a 7x7 map, divided by 2560² and output the zero point everywhere.
+    """
+    changed = []
+    for node in proto.graph.node:
+        if node.op_type != "AveragePool":
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        pads = list(attrs["pads"].ints) if "pads" in attrs else []
+        auto_pad = attrs["auto_pad"].s.decode() if "auto_pad" in attrs else "NOTSET"
+        include = attrs["count_include_pad"].i if "count_include_pad" in attrs else 0
+        if include and not any(pads) and auto_pad in ("NOTSET", "VALID"):
+            attrs["count_include_pad"].i = 0
+            changed.append(node.name)
+    return changed

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,10 +254,10 @@ def tune_scales(
                 p.requires_grad_(True)
             for name, layer in layers.items():
                 layer.weight_quant = tuned[name]
-            bits = [t.quantizer.spec.bits for t in tuned.values()]
-            result = _train(model, run, masks, train, scored, refs, params, bias_params, bits,
-                            steps=steps, lr=lr, eval_every=eval_every, group=group,
-                            progress=progress)
+            loop = _Loop(model, run, masks, refs, group)
+            result = loop.train(_optimizer(list(tuned.values()), bias_params, lr),
+                                [*params, *bias_params], train, scored, steps=steps,
+                                eval_every=eval_every, progress=progress)
         finally:
             for name, layer in layers.items():
                 layer.weight_quant = tuned[name].quantizer
@@ -309,62 +309,83 @@ class _References:
             return _real_tokens(out.detach(), masks.mask)
 
 
-def _train(model: nn.Module, run: Forward, masks: AttentionMasks, train: list[Any],
-           scored: list[Any], refs: _References, params: Sequence[torch.Tensor],
-           bias_params: Sequence[torch.Tensor], param_bits: list[int], *, steps: int, lr: float, eval_every: int,
-           group: Any, progress: bool) -> tuple[int, list[tuple[int, float]], list | None]:
-    """Adam over the training batches; returns the best step, the held-out history and the
-    best step's parameter values (None when the start was best)."""
-    by_bits: dict[int, list[torch.Tensor]] = {}
-    for p, bits in zip(params, param_bits):
-        by_bits.setdefault(bits, []).append(p)
-    groups = [{"params": ps, "lr": lr * 2.0 ** (REFERENCE_BITS - bits)}
-              for bits, ps in by_bits.items()]
-    if bias_params:
-        groups.append({"params": bias_params, "lr": lr / 10})
-    opt = torch.optim.Adam(groups)
-    trained = [*params, *bias_params]
+@dataclass
+class _Loop:
+    """One tuning run: the model with its tuned weights in place, how a batch runs, the float
+    references, and the process group the ranks reduce over (None: one process)."""
 
-    def held_out_error() -> float:
+    model: nn.Module
+    run: Forward
+    masks: AttentionMasks
+    refs: _References
+    group: Any
+
+    def error(self, batch: Any) -> torch.Tensor:
+        return _relative_error(self.run(self.model, batch), self.refs[batch], self.masks.mask)
+
+    def held_out_error(self, scored: list[Any]) -> float:
+        """Mean relative error over ``scored`` (over every rank's)."""
         total = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
             for batch in scored:
-                err = _relative_error(run(model, batch), refs[batch], masks.mask)
-                total += torch.tensor([float(err), 1.0], dtype=torch.float64)
-        if group is not None:
-            (total,) = distributed.reduce_sum([total.to(distributed.device_for(group))], group)
+                total += torch.tensor([float(self.error(batch)), 1.0], dtype=torch.float64)
+        if self.group is not None:
+            device = distributed.device_for(self.group)
+            (total,) = distributed.reduce_sum([total.to(device)], self.group)
         return float(total[0] / total[1])
 
-    best = held_out_error()
-    history, best_step, best_state = [(0, best)], 0, None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    def average_gradients(self, trained: list[torch.Tensor]) -> None:
+        if self.group is None:
+            return
+        ranks = distributed.world_size(self.group)
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in trained]
+        for p, g in zip(trained, distributed.reduce_sum(grads, self.group)):
+            p.grad = g / ranks
 
-        bar = tqdm(total=steps, desc="tuning scales", unit="step", leave=False)
-    for step in range(1, steps + 1):
-        batch = train[(step - 1) % len(train)]
-        with torch.enable_grad(), layer_errors(model, f"scale tuning step {step}"):
-            loss = _relative_error(run(model, batch), refs[batch], masks.mask)
-            opt.zero_grad(set_to_none=False)
-            loss.backward()
-        if group is not None:
-            ranks = distributed.world_size(group)
-            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in trained]
-            for p, g in zip(trained, distributed.reduce_sum(grads, group)):
-                p.grad = g / ranks
-        opt.step()
+    def train(self, opt: torch.optim.Optimizer, trained: list[torch.Tensor], train: list[Any],
+              scored: list[Any], *, steps: int, eval_every: int, progress: bool
+              ) -> tuple[int, list[tuple[int, float]], list[torch.Tensor] | None]:
+        """``steps`` Adam steps over ``train``; returns the best step, the held-out history
+        and the best step's parameter values (None when the start was best)."""
+        best = self.held_out_error(scored)
+        history, best_step, best_state = [(0, best)], 0, None
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, desc="tuning scales", unit="step", leave=False)
+        for step in range(1, steps + 1):
+            batch = train[(step - 1) % len(train)]
+            with torch.enable_grad(), layer_errors(self.model, f"scale tuning step {step}"):
+                loss = self.error(batch)
+                opt.zero_grad(set_to_none=False)
+                loss.backward()
+            self.average_gradients(trained)
+            opt.step()
+            if bar is not None:
+                bar.update()
+            if step % eval_every == 0 or step == steps:
+                score = self.held_out_error(scored)
+                history.append((step, score))
+                if score < best:
+                    best, best_step = score, step
+                    best_state = [p.detach().clone() for p in trained]
         if bar is not None:
-            bar.update()
-        if step % eval_every == 0 or step == steps:
-            score = held_out_error()
-            history.append((step, score))
-            if score < best:
-                best, best_step = score, step
-                best_state = [p.detach().clone() for p in trained]
-    if bar is not None:
-        bar.close()
-    return best_step, history, best_state
+            bar.close()
+        return best_step, history, best_state
+
+
+def _optimizer(tuned: list[_TunedWeight], biases: list[torch.Tensor],
+               lr: float) -> torch.optim.Optimizer:
+    """Adam with one group per weight bit width (``lr·2^(4-bits)``) and the biases at lr/10."""
+    by_bits: dict[int, list[torch.Tensor]] = {}
+    for t in tuned:
+        by_bits.setdefault(t.quantizer.spec.bits, []).append(t.log_gain)
+    groups: list[dict[str, Any]] = [{"params": ps, "lr": lr * 2.0 ** (REFERENCE_BITS - bits)}
+                                    for bits, ps in by_bits.items()]
+    if biases:
+        groups.append({"params": biases, "lr": lr / 10})
+    return torch.optim.Adam(groups)
 
 
 __all__ = ["ScaleTuning", "tunable_layers", "tune_scales"]

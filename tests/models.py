@@ -60,3 +60,16 @@ class TwoHeads(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.body(x))
         return self.a(h) + self.b(h)
+
+
+def tiny_bert(vocab_size: int, hidden_size: int, heads: int, intermediate_size: int) -> nn.Module:
+    """A random-init two-layer ``BertModel`` (seed 0) in eval mode; skips without transformers."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=vocab_size, hidden_size=hidden_size,
+                                     num_hidden_layers=2, num_attention_heads=heads,
+                                     intermediate_size=intermediate_size,
+                                     max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()

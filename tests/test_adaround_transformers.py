@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from models import tiny_bert
 from torch import nn
 
 import lowbit
@@ -137,12 +138,7 @@ def test_conv_inputs_of_other_shapes_are_left_out_with_a_warning_naming_the_laye
 
 
 def test_random_init_bert_with_ragged_batches() -> None:
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=64,
-                                  max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval()
+    model = tiny_bert(vocab_size=120, hidden_size=32, heads=2, intermediate_size=64)
     g = torch.Generator().manual_seed(0)
     batches = []
     for n in (7, 13, 10):

@@ -81,6 +81,15 @@ def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def _quantize_tiny(capsys: pytest.CaptureFixture, files: dict[str, Any], weights: str,
+                   *argv: Any) -> tuple[int, str, str]:
+    """``lowbit quantize`` on the tiny model with ``files[weights]`` and its .npy data; its
+    unused ConvTranspose2d is the one layer left in float, and the warning says so."""
+    with pytest.warns(UserWarning, match=FLOAT_WARNING):
+        return _run(capsys, "quantize", "--model", f"{files['model']}:make",
+                    "--weights", files[weights], "--data", files["data"], *argv)
+
+
 # ------------------------------------------------------------------------------ help
 
 
@@ -154,10 +163,8 @@ def test_quantize_with_an_edited_plan_then_report(files, capsys, tmp_path: Path)
     lowbit.Plan.from_dict(data).to_file(plan_path)
 
     onnx_path = tmp_path / "tiny.onnx"
-    with pytest.warns(UserWarning, match=FLOAT_WARNING):
-        code, stdout, _ = _run(capsys, "quantize", "--model", f"{files['model']}:make",
-                               "--weights", files["pt"], "--plan", plan_path,
-                               "--data", files["data"], "--batch-size", 4, "--out", onnx_path)
+    code, stdout, _ = _quantize_tiny(capsys, files, "pt", "--plan", plan_path,
+                                     "--batch-size", 4, "--out", onnx_path)
     assert code == 0
     assert onnx_path.is_file() and "ORT parity" in stdout
     params = json.loads((tmp_path / "tiny.quant_params.json").read_text())
@@ -181,11 +188,9 @@ def test_quantize_with_an_edited_plan_then_report(files, capsys, tmp_path: Path)
 
 def test_quantize_safetensors_dynamic_batch(files, capsys, tmp_path: Path) -> None:
     onnx_path = tmp_path / "tiny.w8.onnx"
-    with pytest.warns(UserWarning, match=FLOAT_WARNING):
-        code, _, _ = _run(capsys, "quantize", "--model", f"{files['model']}:make",
-                          "--weights", files["safetensors"], "--preset", "w8",
-                          "--data", files["data"], "--batch-size", 5, "--max-batches", 1,
-                          "--dynamic-batch", "--out", onnx_path)
+    code, _, _ = _quantize_tiny(capsys, files, "safetensors", "--preset", "w8",
+                                "--batch-size", 5, "--max-batches", 1, "--dynamic-batch",
+                                "--out", onnx_path)
     assert code == 0
     assert onnx_path.is_file()
     x = np.load(files["data"])[:7]  # a batch size the export never saw
@@ -200,11 +205,8 @@ def test_quantize_safetensors_dynamic_batch(files, capsys, tmp_path: Path) -> No
 
 def test_quantize_with_tuned_scales(files, capsys, tmp_path: Path) -> None:
     onnx_path = tmp_path / "tiny.w4.onnx"
-    with pytest.warns(UserWarning, match=FLOAT_WARNING):
-        code, stdout, _ = _run(capsys, "quantize", "--model", f"{files['model']}:make",
-                               "--weights", files["safetensors"], "--preset", "w4a8",
-                               "--data", files["data"], "--batch-size", 4, "--tune-scales", 5,
-                               "--out", onnx_path)
+    code, stdout, _ = _quantize_tiny(capsys, files, "safetensors", "--preset", "w4a8",
+                                     "--batch-size", 4, "--tune-scales", 5, "--out", onnx_path)
     assert code == 0
     assert re.search(r"tuned the scales of 2 layer\(s\) for 5 step\(s\)", stdout), stdout
     assert onnx_path.is_file()

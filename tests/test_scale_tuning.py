@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import tiny_bert
 from torch import nn
 
 import lowbit
@@ -92,12 +93,7 @@ def test_tuned_scales_survive_convert_export_and_a_state_dict_round_trip(preset,
 
 
 def test_an_hf_encoder_tunes_on_padded_batches_and_exports():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=128,
-                                     max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.BertModel(config).eval()
+    model = tiny_bert(vocab_size=200, hidden_size=64, heads=4, intermediate_size=128)
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(8):

@@ -240,12 +240,11 @@ def speed_note(rows: list[SpeedRow]) -> str:
     first line's reason follows the measured ratio (a shared machine can time int8 ahead)."""
     first = rows[0]
     ratio = first["fp32_ms"] / first["int8_ms"]
-    why = ("ONNX Runtime's per-node cost and the Quantize/Dequantize/layout nodes int8 adds "
-           "outweigh the cheaper integer arithmetic" if ratio < 1 else
-           "ONNX Runtime's per-node cost and the Quantize/Dequantize/layout nodes int8 adds "
-           "take about what the cheaper integer arithmetic saves")
+    verdict = ("outweigh the cheaper integer arithmetic" if ratio < 1 else
+               "take about what the cheaper integer arithmetic saves")
     lines = [f"int8 at batch {first['batch']}: {ratio:.2f}x the speed of fp32 - a "
-             f"25k-parameter net does ~0.6 M multiply-adds per image, so {why}."]
+             f"25k-parameter net does ~0.6 M multiply-adds per image, so ONNX Runtime's "
+             f"per-node cost and the Quantize/Dequantize/layout nodes int8 adds {verdict}."]
     faster = next((r for r in rows if r["int8_ms"] < r["fp32_ms"]), None)
     sweep = ", ".join(f"b{r['batch']} {r['fp32_ms'] / r['int8_ms']:.2f}x" for r in rows)
     if faster is not None:

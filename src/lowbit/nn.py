@@ -128,12 +128,16 @@ class QuantLayer:
         s = module.input_smoothing
         if s is None:
             return x
+
+        def smooth() -> torch.Tensor:
+            return x * broadcast_param(s, x, self.input_axis)
+
         q = module.input_quant
         if q is None or not (q.observing or q.training):
-            return x * broadcast_param(s, x, self.input_axis)
+            return smooth()
         # Readers of one tensor with one factor get one smoothed tensor (quantizers/scope.py),
         # so their shared input quantizer observes and counts it once per model call.
-        return scope.smoothed(x, s, lambda: x * broadcast_param(s, x, self.input_axis))
+        return scope.smoothed(x, s, smooth)
 
     def refresh_weight_range(self) -> None:
         """Call after replacing the weight outside training (loading float parameters):

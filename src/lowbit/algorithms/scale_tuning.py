@@ -238,8 +238,11 @@ def tune_scales(
         eval_every = max(int(passes), -(-steps // 10))
     start = time.perf_counter()
 
-    refs = _References(reference, run, [*train, *scored])
-    with _eval_state(model), AttentionMasks(model) as masks:
+    # Both models stay in eval mode with their mask hooks on for the whole run: an LM's
+    # references are recomputed every step, and neither needs setting up again each time.
+    with _eval_state(reference), AttentionMasks(reference) as reference_masks, \
+            _eval_state(model), AttentionMasks(model) as masks:
+        refs = _References(reference, run, reference_masks, [*train, *scored])
         tuned = {name: _TunedWeight(layer.weight_quant, layer.weight)
                  for name, layer in layers.items()}
         params = [t.log_gain for t in tuned.values()]
@@ -284,8 +287,9 @@ class _References:
     while they fit in ``REFERENCE_CACHE_BYTES`` (a sentence encoder's hidden states), else
     recomputed at each use (an LM's logits over a large vocabulary would not fit)."""
 
-    def __init__(self, model: nn.Module, run: Forward, batches: list[Any]) -> None:
-        self.model, self.run = model, run
+    def __init__(self, model: nn.Module, run: Forward, masks: AttentionMasks,
+                 batches: list[Any]) -> None:
+        self.model, self.run, self.masks = model, run, masks
         self.cache: dict[int, torch.Tensor] | None = {}
         first = self._compute(batches[0])
         if first.element_size() * first.numel() * len(batches) > REFERENCE_CACHE_BYTES:
@@ -301,12 +305,11 @@ class _References:
         return self.cache[id(batch)]
 
     def _compute(self, batch: Any) -> torch.Tensor:
-        from lowbit.calibrate import _eval_state
-
-        with _eval_state(self.model), AttentionMasks(self.model) as masks:
-            with layer_errors(self.model, "scale tuning's float pass"):
-                out = _output(self.run(self.model, batch))
-            return _real_tokens(out.detach(), masks.mask)
+        """The reference's output (the model is in eval mode and ``masks`` open: see
+        ``tune_scales``)."""
+        with torch.no_grad(), layer_errors(self.model, "scale tuning's float pass"):
+            out = _output(self.run(self.model, batch))
+        return _real_tokens(out.detach(), self.masks.mask)
 
 
 @dataclass

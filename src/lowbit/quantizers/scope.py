@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,7 +45,8 @@ def remember(quantizer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         memo[id(quantizer)] = (weakref.ref(x), x._version, weakref.ref(y))
 
 
-def smoothed(x: torch.Tensor, factor: torch.Tensor, compute: Any) -> torch.Tensor:
+def smoothed(x: torch.Tensor, factor: torch.Tensor,
+             compute: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``compute()`` (``x`` times a SmoothQuant ``factor``), or, in this model call, the tensor
     it gave the previous reader of the same ``x`` with an equal factor (q, k and v smooth
     their shared input by one ``s`` each, three new tensors a call): the shared input quantizer
@@ -53,14 +55,14 @@ def smoothed(x: torch.Tensor, factor: torch.Tensor, compute: Any) -> torch.Tenso
     would keep the first reader's tensor alive for the second)."""
     memo = getattr(_local, "memo", None)
     if memo is None:
-        return compute()  # type: ignore[no-any-return]
+        return compute()
     seen = memo.get("smoothed")
     if (seen is not None and seen[0]() is x and seen[1] == x._version
             and (seen[2] is factor or torch.equal(seen[2], factor))):
         return seen[3]  # type: ignore[no-any-return]
     y = compute()
     memo["smoothed"] = (weakref.ref(x), x._version, factor, y)
-    return y  # type: ignore[no-any-return]
+    return y
 
 
 def _enter(module: nn.Module, args: Any) -> None:

@@ -317,8 +317,9 @@ def test_disagreement_that_grows_with_depth_is_explained_as_drift():
     from lowbit.export.onnx import _disagreement_hint
     from lowbit.export.verify import Parity
 
-    drift = Parity(codes_identical=0.91, first_identical=1.0, codes_max_diff=39)
-    assert "falls with depth" in _disagreement_hint(drift, "int8", False)
+    drift = Parity(codes_identical=0.91, first_identical=1.0, codes_max_diff=39,
+                   local_identical=1.0, local_total=1000)
+    assert "carried on layer to layer" in _disagreement_hint(drift, "int8", False)
     wrong_from_the_start = Parity(codes_identical=0.74, first_identical=0.74, codes_max_diff=60)
     hint = _disagreement_hint(wrong_from_the_start, "int8", True)
     assert "int4_format='matmulnbits'" in hint

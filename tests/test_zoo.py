@@ -39,7 +39,7 @@ CASES: dict[tuple[str, str], dict[str, Any]] = {
     ("bert", "w8a8-transformer"): {},
     ("gpt2", "w8a8-transformer"): {},  # codes drifted (98.2%) while it was smoothed
 }
-TARGETS = ("exports", "no_silent_float", "codes", "cosine")
+TARGETS = ("exports", "no_silent_float", "codes", "local_codes", "cosine")
 
 
 def _params() -> list[Any]:
@@ -79,6 +79,8 @@ def test_zoo_row(folder: str, model: str, preset: str, check: str) -> None:
         assert row["silently_float"] == [], row["silently_float"]
     elif check == "codes":
         assert row["codes_identical"] is not None and row["codes_identical"] >= 0.999, row
+    elif check == "local_codes":  # fed ORT's own input codes, each layer computes the same
+        assert row["local_identical"] is not None and row["local_identical"] >= 0.9999, row
     elif check == "cosine":
         assert row["cosine"] is not None and row["cosine"] >= 0.99, row.get("cosine")
     elif check == "bn_folded":
@@ -139,8 +141,10 @@ def test_targets_judge_each_row() -> None:
     row = {"export": "ok", "preset": "w8a8", "silently_float": [], "codes_identical": 0.9995,
            "cosine": 0.985, "speed_b1": 1.2, "speed_b8": 0.9}
     assert zoo.targets(row, cnn) == {"exports": True, "no_silent_float": True, "codes": True,
-                                     "cosine": False, "cnn_speed": False}
+                                     "local_codes": None, "cosine": False, "cnn_speed": False}
+    row = {**row, "codes_identical": 0.98, "local_identical": 0.99999}  # drift, kernels agree
+    assert zoo.targets(row, cnn)["codes"] is False and zoo.targets(row, cnn)["local_codes"]
     row = {"export": "export: ValueError: x", "preset": "w4-g128"}
     assert zoo.targets(row, zoo_models.BY_NAME["bert"]) == {
-        "exports": False, "no_silent_float": None, "codes": None, "cosine": None,
-        "cnn_speed": None}
+        "exports": False, "no_silent_float": None, "codes": None, "local_codes": None,
+        "cosine": None, "cnn_speed": None}

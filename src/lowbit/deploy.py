@@ -23,7 +23,7 @@ from torch import nn
 
 from lowbit.nn import check_input_count, fold_scale
 from lowbit.numerics import broadcast_param, quantize
-from lowbit.ops import binarize, dequantize_linear, dynamic_linear, quantize_linear
+from lowbit.ops import binarize, dequantize_linear, dynamic_linear, integer_linear, quantize_linear
 from lowbit.quantizers import QParams, Quantizer
 
 
@@ -478,9 +478,23 @@ class DynamicLinear(nn.Module):
         self.register_buffer("input_smoothing", _smoothing(wrapper))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _smooth(x, self.input_smoothing, -1)
         bias = self.zero_bias if self.bias is None else self.bias
-        y = dynamic_linear(x, self.weight_t, self.weight_scale, self.weight_zero_point, bias)
+        y = dynamic_linear(self.smoothed(x), self.weight_t, self.weight_scale,
+                           self.weight_zero_point, bias)
+        return self._finish(y)
+
+    def smoothed(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as ``DynamicQuantizeLinear`` sees it (after SmoothQuant's Mul, if any)."""
+        return _smooth(x, self.input_smoothing, -1)
+
+    def from_codes(self, codes: torch.Tensor, scale: torch.Tensor,
+                   zero_point: torch.Tensor) -> torch.Tensor:
+        """The output for given input codes (another runtime's, when checking parity)."""
+        bias = self.zero_bias if self.bias is None else self.bias
+        return self._finish(integer_linear(codes, scale, zero_point, self.weight_t,
+                                           self.weight_scale, self.weight_zero_point, bias))
+
+    def _finish(self, y: torch.Tensor) -> torch.Tensor:
         if self.activation is not None:
             y = self.activation(y)
         return _run(self.output_qdq, y)

@@ -80,6 +80,15 @@ def dynamic_linear(
     int32 sum), so the result equals ONNX Runtime's.
     """
     xq, x_scale, x_zero_point = dynamic_quantize(x)
+    return integer_linear(xq, x_scale, x_zero_point, weight_t, w_scale, w_zero_point, bias)
+
+
+def integer_linear(
+    xq: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor, weight_t: torch.Tensor,
+    w_scale: torch.Tensor, w_zero_point: torch.Tensor, bias: torch.Tensor,
+) -> torch.Tensor:
+    """``MatMulInteger(xq, weight_t) → ·(x_scale·w_scale) + bias`` on given input codes: the
+    second half of ``dynamic_linear``, exact in float64 as ONNX Runtime's int32 sums are."""
     acc = (xq.double() - x_zero_point.double()) @ dequantize(weight_t, torch.ones(()),
                                                              w_zero_point).double()
     return acc.float() * (x_scale * w_scale) + bias

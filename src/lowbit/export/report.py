@@ -89,6 +89,12 @@ class ExportReport:
         if p.worst_layers:
             worst = ", ".join(f"{n} {100 * s:.2f}%" for n, s in p.worst_layers)
             lines.append(f"               codes differing most: {worst}")
+        if p.local_identical is not None:
+            lines.append(f"               each layer fed ORT's own input codes: "
+                         f"{100 * p.local_identical:.4f}% identical ({p.local_total} codes)")
+            if p.local_worst:
+                worst = ", ".join(f"{n} {100 * s:.3f}%" for n, s in p.local_worst)
+                lines.append(f"               there differing most: {worst}")
         if p.unmatched:
             lines.append(f"               not compared: {', '.join(p.unmatched)}")
         if self.folded:

@@ -4,7 +4,9 @@ Three figures: (1) the largest difference between ONNX Runtime's outputs (the sh
 its fused integer kernels) and the torch model's, in LSBs; (2) the share of identical integer
 codes over every quantized activation — read from a copy of the file whose QuantizeLinear /
 DynamicQuantizeLinear outputs are exposed as graph outputs, matched to the torch quantizers by
-their scale initializer names; (3) whether each weight's codes, scale and zero point, read back
+their scale initializer names — once as the two run (drift carried layer to layer included) and
+once with every torch quantizer passing on ONNX Runtime's codes instead of its own (the *local*
+share: a kernel's own disagreement, which tells a wrong kernel from tie drift); (3) whether each weight's codes, scale and zero point, read back
 from the file (int8/uint8 or packed INT4/UINT4 initializers, ``MatMulNBits`` blobs), equal the
 deploy model's exactly.
 """
@@ -22,6 +24,7 @@ from torch import nn
 
 from lowbit.deploy import DynamicLinear, IntWeight, QuantizeDequantize
 from lowbit.numerics import dynamic_quantize
+from lowbit.ops import dequantize_linear
 
 
 @dataclass
@@ -38,6 +41,11 @@ class Parity:
     unmatched: list[str] = field(default_factory=list)
     worst_layers: list[tuple[str, float]] = field(default_factory=list)  # (name, share differing)
     first_identical: float | None = None  # share identical at the first quantized tensor
+    # With every layer fed ONNX Runtime's own input codes: what differs is a kernel's own
+    # arithmetic, not drift carried from upstream (None: nothing to compare).
+    local_identical: float | None = None
+    local_total: int = 0
+    local_worst: list[tuple[str, float]] = field(default_factory=list)
     weights_compared: int = 0  # IntWeight tensors found in the file and read back
     weights_differing: list[str] = field(default_factory=list)  # codes/scale/zp not identical
 
@@ -72,12 +80,20 @@ def feed(sess: Any, inputs: Sequence[Any]) -> dict[str, np.ndarray]:
 
 
 class _CodeRecorder:
-    """Forward hooks that record the integer codes each torch quantizer produces."""
+    """Forward hooks that record the integer codes each torch quantizer produces.
 
-    def __init__(self, model: nn.Module) -> None:
+    Given ``forced`` (ONNX Runtime's values per quantizer, in call order), each quantizer also
+    compares its own codes with ONNX Runtime's and passes ONNX Runtime's on: every layer then
+    reads the runtime's input, so what still differs is the layer's own arithmetic, not drift
+    carried from upstream."""
+
+    def __init__(self, model: nn.Module,
+                 forced: dict[str, list[tuple[np.ndarray, ...]]] | None = None) -> None:
         self.codes: dict[str, list[np.ndarray]] = {}
         # Kept alive (not ids, which Python reuses) so model outputs can be matched by identity.
         self.outputs: list[tuple[torch.Tensor, float]] = []
+        self.forced = forced
+        self.local: dict[str, list[int]] = {}  # key -> [differing, total], forced pass only
         self.handles = []
         for name, m in model.named_modules():
             if isinstance(m, QuantizeDequantize):
@@ -86,52 +102,92 @@ class _CodeRecorder:
                 self.handles.append(m.register_forward_hook(self._dynamic_hook(name)))
 
     def _qdq_hook(self, name: str):  # noqa: ANN202
-        def hook(m: QuantizeDequantize, args: tuple, out: torch.Tensor) -> None:
-            self.codes.setdefault(f"{name}.scale", []).append(m.codes(args[0]).numpy())
+        key = f"{name}.scale"
+
+        def hook(m: QuantizeDequantize, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            codes = m.codes(args[0]).numpy()
+            self.codes.setdefault(key, []).append(codes)
             if m.scale.dim() == 0:
                 self.outputs.append((out, float(m.scale)))
+            theirs = self._runtime_values(key, codes)
+            if theirs is None:
+                return None
+            return dequantize_linear(torch.from_numpy(theirs[0]), m.scale, m.zero_point, m.axis,
+                                     0)
         return hook
 
     def _dynamic_hook(self, name: str):  # noqa: ANN202
-        def hook(m: DynamicLinear, args: tuple, out: torch.Tensor) -> None:
-            codes = dynamic_quantize(args[0])[0].to(torch.uint8)
-            self.codes.setdefault(f"{name}.weight_t", []).append(codes.numpy())
+        key = f"{name}.weight_t"
+
+        def hook(m: DynamicLinear, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            codes = dynamic_quantize(m.smoothed(args[0]))[0].to(torch.uint8).numpy()
+            self.codes.setdefault(key, []).append(codes)
+            theirs = self._runtime_values(key, codes)
+            if theirs is None or len(theirs) < 3:
+                return None
+            return m.from_codes(*(torch.from_numpy(np.asarray(t)) for t in theirs[:3]))
         return hook
+
+    def _runtime_values(self, key: str, codes: np.ndarray) -> tuple[np.ndarray, ...] | None:
+        """ONNX Runtime's values for this call of ``key`` (forced pass), counted against ours."""
+        if self.forced is None:
+            return None
+        calls = self.codes[key]
+        queue = self.forced.get(key, [])
+        if len(calls) > len(queue) or queue[len(calls) - 1][0].shape != codes.shape:
+            return None
+        theirs = queue[len(calls) - 1]
+        stats = self.local.setdefault(key, [0, 0])
+        stats[0] += int((theirs[0] != codes).sum())
+        stats[1] += codes.size
+        return theirs
 
     def close(self) -> None:
         for h in self.handles:
             h.remove()
 
 
-def _debug_model(path: Path) -> tuple[Any, dict[str, str]]:
-    """A copy of the model exposing each quantizer's codes; ``{output: torch key}``."""
+@dataclass
+class _Tap:
+    """A quantizer's tensors the debug copy exposes: its codes (and, for
+    ``DynamicQuantizeLinear``, the scale and zero point it computed), under its torch key."""
+
+    key: str
+    outputs: tuple[str, ...]
+
+
+def _debug_model(path: Path) -> tuple[Any, list[_Tap]]:
+    """A copy of the model exposing each quantizer's codes, and its taps in graph order."""
     import onnx
 
     model = onnx.load(str(path))
-    keys: dict[str, str] = {}
+    taps: list[_Tap] = []
     consumers: dict[str, list[Any]] = {}
     for node in model.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     existing = {o.name for o in model.graph.output}
     for node in model.graph.node:
+        outputs = [node.output[0]]
         if node.op_type == "QuantizeLinear":
             key = node.input[1]
+            users = consumers.get(node.output[0], [])
+            if len(users) == 1 and users[0].op_type == "Clip":
+                outputs = [users[0].output[0]]  # a grid narrower than its storage: after Clip
         elif node.op_type == "DynamicQuantizeLinear":
             users = [n for n in consumers.get(node.output[0], []) if n.op_type == "MatMulInteger"]
             if not users:
                 continue
             key = users[0].input[1]
+            outputs = list(node.output[:3])
         else:
             continue
-        out = node.output[0]
-        users = consumers.get(out, [])
-        if node.op_type == "QuantizeLinear" and len(users) == 1 and users[0].op_type == "Clip":
-            out = users[0].output[0]  # a grid narrower than its storage: the codes after Clip
-        keys[out] = key
-        if out not in existing:
-            model.graph.output.append(onnx.ValueInfoProto(name=out))
-    return model, keys
+        taps.append(_Tap(key, tuple(outputs)))
+        for out in outputs:
+            if out not in existing:
+                existing.add(out)
+                model.graph.output.append(onnx.ValueInfoProto(name=out))
+    return model, taps
 
 
 def stored_weight(proto: Any, name: str,
@@ -208,12 +264,13 @@ def verify(model: nn.Module, path: Path, input_sets: Sequence[Sequence[Any]],
     parity.weights_compared, parity.weights_differing = check_weights(model,
                                                                        onnx.load(str(path)))
     shipped = session(path, threads)
-    debug_proto, keys = _debug_model(path)
-    debug = session(path, threads, model=debug_proto) if keys else None
+    debug_proto, taps = _debug_model(path)
+    debug = session(path, threads, model=debug_proto) if taps else None
     debug_names = [o.name for o in debug.get_outputs()] if debug else []
 
     same = total = 0
     per_key: dict[str, list[int]] = {}
+    per_key_local: dict[str, list[int]] = {}
     max_lsb = 0.0
     units = set()
     for inputs in input_sets:
@@ -238,8 +295,20 @@ def verify(model: nn.Module, path: Path, input_sets: Sequence[Sequence[Any]],
         if debug is None:
             continue
         outs = dict(zip(debug_names, debug.run(None, feed(debug, inputs))))
+        runtime: dict[str, list[tuple[np.ndarray, ...]]] = {}
+        for tap in taps:
+            runtime.setdefault(tap.key, []).append(tuple(outs[o] for o in tap.outputs))
+        forced = _CodeRecorder(model, forced=runtime)
+        try:
+            model(*inputs)
+        finally:
+            forced.close()
+        for key, (d, n) in forced.local.items():
+            stats = per_key_local.setdefault(key, [0, 0])
+            stats[0] += d
+            stats[1] += n
         seen: dict[str, int] = {}
-        for out_name, key in keys.items():
+        for out_name, key in ((t.outputs[0], t.key) for t in taps):
             torch_codes = recorder.codes.get(key)
             if not torch_codes:
                 if key not in parity.unmatched:
@@ -267,10 +336,20 @@ def verify(model: nn.Module, path: Path, input_sets: Sequence[Sequence[Any]],
     parity.codes_identical = same / total if total else None
     parity.output_max_lsb = max_lsb
     parity.lsb_unit = "; ".join(sorted(units))
-    ranked = sorted(((k.rsplit(".", 1)[0], d / n) for k, (d, n) in per_key.items() if d), key=lambda
-                    kv: -kv[1])
-    parity.worst_layers = ranked[:5]
+    parity.worst_layers = _worst(per_key)
+    local_differing = sum(d for d, _ in per_key_local.values())
+    parity.local_total = sum(n for _, n in per_key_local.values())
+    if parity.local_total:
+        parity.local_identical = 1 - local_differing / parity.local_total
+    parity.local_worst = _worst(per_key_local)
     if per_key:  # graph order: where a disagreement starts tells a drift from a wrong kernel
         d, n = next(iter(per_key.values()))
         parity.first_identical = 1 - d / n if n else None
     return parity
+
+
+def _worst(per_key: dict[str, list[int]], top: int = 5) -> list[tuple[str, float]]:
+    """The layers whose codes differ most, as ``(layer, share differing)``."""
+    ranked = sorted(((k.rsplit(".", 1)[0], d / n) for k, (d, n) in per_key.items() if d),
+                    key=lambda kv: -kv[1])
+    return ranked[:top]

@@ -79,3 +79,28 @@ def test_the_export_warning_tells_drift_from_a_wrong_kernel():
                    local_total=1000, local_worst=[("stage3.conv", 0.2)])
     hint = _disagreement_hint(wrong, "uint8", False)
     assert "stage3.conv differs in 20.00% of its codes" in hint
+
+
+class _TwoReaders(nn.Module):
+    """Two Linears read one input: the exported file quantizes it once for both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(16, 16)
+        self.k = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.q(x)) * self.k(x))
+
+
+def test_every_reader_of_a_shared_dynamic_quantizer_is_compared(tmp_path, quiet):
+    from lowbit.deploy import DynamicLinear
+    from lowbit.export.verify import _debug_model
+
+    dm, x, report = _exported(_TwoReaders(), QuantConfig.preset("w8"), (8, 16), tmp_path)
+    dynamic = sum(isinstance(m, DynamicLinear) for m in dm.modules())
+    _, taps = _debug_model(report.onnx_path)
+    assert len(taps) < dynamic  # the file shares q's and k's DynamicQuantizeLinear
+    assert report.parity.tensors_compared == dynamic == 3
+    assert report.parity.local_identical == 1.0 and not report.parity.unmatched

@@ -152,7 +152,7 @@ class _Tap:
     """A quantizer's tensors the debug copy exposes: its codes (and, for
     ``DynamicQuantizeLinear``, the scale and zero point it computed), under its torch key."""
 
-    key: str
+    keys: tuple[str, ...]  # one per reader: a DynamicQuantizeLinear may feed several MatMuls
     outputs: tuple[str, ...]
 
 
@@ -170,7 +170,7 @@ def _debug_model(path: Path) -> tuple[Any, list[_Tap]]:
     for node in model.graph.node:
         outputs = [node.output[0]]
         if node.op_type == "QuantizeLinear":
-            key = node.input[1]
+            keys = [node.input[1]]
             users = consumers.get(node.output[0], [])
             if len(users) == 1 and users[0].op_type == "Clip":
                 outputs = [users[0].output[0]]  # a grid narrower than its storage: after Clip
@@ -178,11 +178,11 @@ def _debug_model(path: Path) -> tuple[Any, list[_Tap]]:
             users = [n for n in consumers.get(node.output[0], []) if n.op_type == "MatMulInteger"]
             if not users:
                 continue
-            key = users[0].input[1]
+            keys = [n.input[1] for n in users]  # q, k and v share one after export's CSE
             outputs = list(node.output[:3])
         else:
             continue
-        taps.append(_Tap(key, tuple(outputs)))
+        taps.append(_Tap(tuple(keys), tuple(outputs)))
         for out in outputs:
             if out not in existing:
                 existing.add(out)
@@ -297,7 +297,8 @@ def verify(model: nn.Module, path: Path, input_sets: Sequence[Sequence[Any]],
         outs = dict(zip(debug_names, debug.run(None, feed(debug, inputs))))
         runtime: dict[str, list[tuple[np.ndarray, ...]]] = {}
         for tap in taps:
-            runtime.setdefault(tap.key, []).append(tuple(outs[o] for o in tap.outputs))
+            for key in tap.keys:
+                runtime.setdefault(key, []).append(tuple(outs[o] for o in tap.outputs))
         forced = _CodeRecorder(model, forced=runtime)
         try:
             model(*inputs)
@@ -308,7 +309,7 @@ def verify(model: nn.Module, path: Path, input_sets: Sequence[Sequence[Any]],
             stats[0] += d
             stats[1] += n
         seen: dict[str, int] = {}
-        for out_name, key in ((t.outputs[0], t.key) for t in taps):
+        for out_name, key in ((t.outputs[0], k) for t in taps for k in t.keys):
             torch_codes = recorder.codes.get(key)
             if not torch_codes:
                 if key not in parity.unmatched:

@@ -160,6 +160,20 @@ def test_too_high_a_learning_rate_never_leaves_the_model_worse():
             assert torch.equal(value, state[key]), key
 
 
+def test_the_held_out_share_is_counted_in_samples():
+    from lowbit.algorithms.scale_tuning import split_held_out
+
+    ragged = [torch.randn(64, 5) for _ in range(6)] + [torch.randn(8, 5)]
+    train, scored = split_held_out(ragged, 0.2)  # 20% of 392 samples: the last 64 + 8 = 72
+    assert [len(b) for b in scored] == [64, 8] and len(train) == 5
+    tokens = [{"input_ids": torch.ones(n, 7, dtype=torch.long)} for n in (16, 16, 16, 16, 4)]
+    assert [b["input_ids"].shape[0] for b in split_held_out(tokens, 0.2)[1]] == [16, 4]
+    even = [torch.randn(4, 5) for _ in range(10)]
+    assert len(split_held_out(even, 0.2)[1]) == 2 and len(split_held_out(even, 0.01)[1]) == 1
+    assert split_held_out(even[:1], 0.5) == (even[:1], even[:1])  # one batch: scored as trained
+    assert split_held_out(even, 0) == (even, even)
+
+
 def test_the_model_is_left_whole_when_a_batch_fails():
     model, qm = _calibrated(W4A8)
     state = {k: v.clone() for k, v in qm.state_dict().items()}

@@ -10,7 +10,7 @@ by gradient descent to the float model's *final* output (EfficientQAT's E2E-QP, 
 left out. Nothing about the deployed graph changes: the same codes, the same zero points, new
 scales in the same places, pinned like GPTQ's (``UniformQuantizer.pin_qparams``).
 
-The last ``held_out`` share of the batches is never trained on: it is scored before tuning
+The last batches, about a ``held_out`` share of the samples, are never trained on: it is scored before tuning
 and every ``eval_every`` steps, and the scales and biases of the best score are the ones
 kept (the starting ones when no step beats them), so a learning rate that is too high or too
 many steps cost time, never accuracy on data the tuning did not see.
@@ -181,6 +181,30 @@ def _real_tokens(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return y
 
 
+def split_held_out(batches: list[Any], held_out: float) -> tuple[list[Any], list[Any]]:
+    """``(train, scored)``: the last batches whose samples come closest to a ``held_out`` share
+    of all samples are scored, the rest trained on; at least one batch each when there are two
+    or more (all batches both ways otherwise, or when ``held_out`` is 0). Counted in samples,
+    not batches: a short last batch (the remainder of a dataset) is not a fifth of it."""
+    if held_out == 0 or len(batches) < 2:
+        return batches, batches
+    sizes = [_samples(b) for b in batches]
+    target = held_out * sum(sizes)
+    tails = [sum(sizes[len(sizes) - k:]) for k in range(1, len(sizes))]
+    k = 1 + min(range(len(tails)), key=lambda i: abs(tails[i] - target))
+    return batches[:-k], batches[-k:]
+
+
+def _samples(batch: Any) -> int:
+    """The samples in a batch: the first dimension of its first tensor (1 when it has none)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    items = batch.values() if isinstance(batch, dict) else (
+        batch if isinstance(batch, (list, tuple)) else ())
+    return next((_samples(x) for x in items
+                 if isinstance(x, (torch.Tensor, list, tuple, dict))), 1)
+
+
 def tune_scales(
     model: nn.Module,
     reference: nn.Module,
@@ -205,7 +229,8 @@ def tune_scales(
     its own float function has already lost what they could not keep.
 
     ``steps`` Adam steps, one batch each, cycling through the training batches (all but the
-    last ``held_out`` share, at least one batch held out when there are two or more);
+    last batches that hold closest to a ``held_out`` share of the samples, at least one batch
+    held out when there are two or more);
     the held-out batches are scored every ``eval_every`` steps (default: once per pass over
     the training batches, at most 10 times per run) and the best scales are kept. Activation
     ranges stay frozen and quantized in the loop (straight-through gradients). Under
@@ -227,8 +252,7 @@ def tune_scales(
                          "calibrated static uniform weight quantizer (not dynamic, binary, LSQ "
                          "or on a BatchNorm-folded conv)")
     run = forward or default_forward
-    n_held = 0 if held_out == 0 or len(batches) < 2 else max(1, round(len(batches) * held_out))
-    train, scored = batches[:len(batches) - n_held], batches[len(batches) - n_held:] or batches
+    train, scored = split_held_out(batches, held_out)
     group = distributed.active_group()
     if eval_every is None:  # the same on every rank: each scoring is a collective
         passes = float(len(train))

@@ -46,7 +46,7 @@ def test_a_disagreeing_layer_is_named_and_the_layers_after_it_agree_locally(tmp_
                           nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
     cfg = QuantConfig(rules=[LayerRule(types=["Conv2d"], weight=W8, input=A8)])
     dm, x, report = _exported(model, cfg, (2, 3, 12, 12), tmp_path)
-    assert report.parity.local_identical == 1.0
+    assert report.parity.local_identical == 1.0 and report.parity.local_max_diff == 0
     assert report.parity.local_total == report.parity.codes_total > 0
 
     dm[1].delta.fill_(0.37 * float(dm[2].input_qdq.scale))  # torch now differs after conv 0
@@ -73,12 +73,15 @@ def test_the_export_warning_tells_drift_from_a_wrong_kernel():
     drift = Parity(codes_identical=0.91, codes_max_diff=39, local_identical=0.999996,
                    local_total=4_500_000, local_worst=[("stage3.conv", 1e-5)])
     hint = _disagreement_hint(drift, "int8", False)
-    assert "every layer agrees (18 of 4500000 codes differ" in hint
+    assert "every layer agrees (18 of 4500000 codes differ, none by more than one" in hint
     assert "carried on layer to layer" in hint
     wrong = Parity(codes_identical=0.91, codes_max_diff=39, local_identical=0.95,
-                   local_total=1000, local_worst=[("stage3.conv", 0.2)])
+                   local_total=1000, local_max_diff=1, local_worst=[("stage3.conv", 0.2)])
     hint = _disagreement_hint(wrong, "uint8", False)
     assert "stage3.conv differs in 20.00% of its codes" in hint
+    rare_but_far = Parity(codes_identical=0.91, codes_max_diff=39, local_identical=0.9999,
+                          local_total=10_000, local_max_diff=12, local_worst=[("fc", 1e-4)])
+    assert "fc differs" in _disagreement_hint(rare_but_far, "uint8", False)
 
 
 class _TwoReaders(nn.Module):

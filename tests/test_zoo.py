@@ -80,7 +80,8 @@ def test_zoo_row(folder: str, model: str, preset: str, check: str) -> None:
     elif check == "codes":
         assert row["codes_identical"] is not None and row["codes_identical"] >= 0.999, row
     elif check == "local_codes":  # fed ORT's own input codes, each layer computes the same
-        assert row["local_identical"] is not None and row["local_identical"] >= 0.9999, row
+        assert row["local_identical"] is not None and row["local_identical"] >= 0.999, row
+        assert row["local_max_diff"] <= 1, row
     elif check == "cosine":
         assert row["cosine"] is not None and row["cosine"] >= 0.99, row.get("cosine")
     elif check == "bn_folded":
@@ -142,8 +143,10 @@ def test_targets_judge_each_row() -> None:
            "cosine": 0.985, "speed_b1": 1.2, "speed_b8": 0.9}
     assert zoo.targets(row, cnn) == {"exports": True, "no_silent_float": True, "codes": True,
                                      "local_codes": None, "cosine": False, "cnn_speed": False}
-    row = {**row, "codes_identical": 0.98, "local_identical": 0.99999}  # drift, kernels agree
+    row = {**row, "codes_identical": 0.98, "local_identical": 0.99999,
+           "local_max_diff": 1}  # drift; the kernels agree
     assert zoo.targets(row, cnn)["codes"] is False and zoo.targets(row, cnn)["local_codes"]
+    assert zoo.targets({**row, "local_max_diff": 5}, cnn)["local_codes"] is False
     row = {"export": "export: ValueError: x", "preset": "w4-g128"}
     assert zoo.targets(row, zoo_models.BY_NAME["bert"]) == {
         "exports": False, "no_silent_float": None, "codes": None, "local_codes": None,

@@ -45,6 +45,7 @@ class Parity:
     # arithmetic, not drift carried from upstream (None: nothing to compare).
     local_identical: float | None = None
     local_total: int = 0
+    local_max_diff: int = 0
     local_worst: list[tuple[str, float]] = field(default_factory=list)
     weights_compared: int = 0  # IntWeight tensors found in the file and read back
     weights_differing: list[str] = field(default_factory=list)  # codes/scale/zp not identical
@@ -94,6 +95,7 @@ class _CodeRecorder:
         self.outputs: list[tuple[torch.Tensor, float]] = []
         self.forced = forced
         self.local: dict[str, list[int]] = {}  # key -> [differing, total], forced pass only
+        self.local_max_diff = 0
         self.handles = []
         for name, m in model.named_modules():
             if isinstance(m, QuantizeDequantize):
@@ -139,6 +141,9 @@ class _CodeRecorder:
         theirs = queue[len(calls) - 1]
         stats = self.local.setdefault(key, [0, 0])
         stats[0] += int((theirs[0] != codes).sum())
+        if codes.size:
+            gap = np.abs(theirs[0].astype(np.int32) - codes.astype(np.int32)).max()
+            self.local_max_diff = max(self.local_max_diff, int(gap))
         stats[1] += codes.size
         return theirs
 
@@ -304,6 +309,7 @@ def verify(model: nn.Module, path: Path, input_sets: Sequence[Sequence[Any]],
             model(*inputs)
         finally:
             forced.close()
+        parity.local_max_diff = max(parity.local_max_diff, forced.local_max_diff)
         for key, (d, n) in forced.local.items():
             stats = per_key_local.setdefault(key, [0, 0])
             stats[0] += d

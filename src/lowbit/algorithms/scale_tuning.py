@@ -10,9 +10,9 @@ by gradient descent to the float model's *final* output (EfficientQAT's E2E-QP, 
 left out. Nothing about the deployed graph changes: the same codes, the same zero points, new
 scales in the same places, pinned like GPTQ's (``UniformQuantizer.pin_qparams``).
 
-The last batches, about a ``held_out`` share of the samples, are never trained on: it is scored before tuning
-and every ``eval_every`` steps, and the scales and biases of the best score are the ones
-kept (the starting ones when no step beats them), so a learning rate that is too high or too
+The last batches, about a ``held_out`` share of the samples, are never trained on: they are
+scored before tuning and every ``eval_every`` steps, and the scales and biases of the best
+score are the ones kept (the starting ones when no step beats them), so a learning rate that is too high or too
 many steps cost time, never accuracy on data the tuning did not see.
 """
 

@@ -4,11 +4,11 @@ Three figures: (1) the largest difference between ONNX Runtime's outputs (the sh
 its fused integer kernels) and the torch model's, in LSBs; (2) the share of identical integer
 codes over every quantized activation — read from a copy of the file whose QuantizeLinear /
 DynamicQuantizeLinear outputs are exposed as graph outputs, matched to the torch quantizers by
-their scale initializer names — once as the two run (drift carried layer to layer included) and
-once with every torch quantizer passing on ONNX Runtime's codes instead of its own (the *local*
-share: a kernel's own disagreement, which tells a wrong kernel from tie drift); (3) whether each weight's codes, scale and zero point, read back
-from the file (int8/uint8 or packed INT4/UINT4 initializers, ``MatMulNBits`` blobs), equal the
-deploy model's exactly.
+their scale initializer names — once as the two runtimes run (ties flipped upstream carried on)
+and once with every torch quantizer passing on ONNX Runtime's codes instead of its own (the
+*local* share: a layer's own disagreement, which tells a wrong kernel from drift); (3) whether
+each weight's codes, scale and zero point, read back from the file (int8/uint8 or packed
+INT4/UINT4 initializers, ``MatMulNBits`` blobs), equal the deploy model's exactly.
 """
 
 from __future__ import annotations
@@ -300,15 +300,7 @@ def verify(model: nn.Module, path: Path, input_sets: Sequence[Sequence[Any]],
         if debug is None:
             continue
         outs = dict(zip(debug_names, debug.run(None, feed(debug, inputs))))
-        runtime: dict[str, list[tuple[np.ndarray, ...]]] = {}
-        for tap in taps:
-            for key in tap.keys:
-                runtime.setdefault(key, []).append(tuple(outs[o] for o in tap.outputs))
-        forced = _CodeRecorder(model, forced=runtime)
-        try:
-            model(*inputs)
-        finally:
-            forced.close()
+        forced = _forced_pass(model, inputs, taps, outs)
         parity.local_max_diff = max(parity.local_max_diff, forced.local_max_diff)
         for key, (d, n) in forced.local.items():
             stats = per_key_local.setdefault(key, [0, 0])
@@ -353,6 +345,22 @@ def verify(model: nn.Module, path: Path, input_sets: Sequence[Sequence[Any]],
         d, n = next(iter(per_key.values()))
         parity.first_identical = 1 - d / n if n else None
     return parity
+
+
+def _forced_pass(model: nn.Module, inputs: Sequence[Any], taps: list[_Tap],
+                 outs: dict[str, np.ndarray]) -> _CodeRecorder:
+    """Run ``model`` with every quantizer passing on ONNX Runtime's values (``outs`` of the
+    debug copy) instead of its own; the recorder holds the local agreement."""
+    runtime: dict[str, list[tuple[np.ndarray, ...]]] = {}
+    for tap in taps:
+        for key in tap.keys:
+            runtime.setdefault(key, []).append(tuple(outs[o] for o in tap.outputs))
+    forced = _CodeRecorder(model, forced=runtime)
+    try:
+        model(*inputs)
+    finally:
+        forced.close()
+    return forced
 
 
 def _worst(per_key: dict[str, list[int]], top: int = 5) -> list[tuple[str, float]]:

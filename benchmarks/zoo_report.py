@@ -57,12 +57,15 @@ def _ort_int8(r: dict[str, Any]) -> str:
 
 
 def _floor(r: dict[str, Any]) -> str:
-    """The rounding-noise floor next to a cosine that misses the target (``zoo.rounding_floor``):
-    where the floor is lower still, no 8-bit rounding reaches the target on that model."""
+    """The rounding-noise floor next to a cosine that misses the target (``zoo.rounding_floor``,
+    median and range of the noise draws): where the floor is lower still, no 8-bit rounding
+    reaches the target on that model."""
     floor, cos = r.get("rounding_floor"), r.get("cosine")
     if floor is None or cos is None or r.get("targets", {}).get("cosine") is not False:
         return ""
-    return f" (floor {floor:.2f})"
+    spread = r.get("rounding_floor_range")
+    return f" (floor {floor:.2f}" + ("" if not spread else
+                                     f", {spread[0]:.2f}-{spread[1]:.2f}") + ")"
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

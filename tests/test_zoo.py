@@ -151,3 +151,17 @@ def test_targets_judge_each_row() -> None:
     assert zoo.targets(row, zoo_models.BY_NAME["bert"]) == {
         "exports": False, "no_silent_float": None, "codes": None, "local_codes": None,
         "cosine": None, "cnn_speed": None}
+
+
+def test_the_rounding_floor_is_several_noise_draws() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = (torch.randn(8, 16),)
+    with torch.no_grad():
+        reference = model(x[0]).numpy()
+    before = model[0].weight.detach().clone()
+    draws = zoo.rounding_floor(model, x, reference, seeds=4)
+    assert len(draws) == 4 and len(set(draws)) == 4 and all(0.99 < d < 1 for d in draws)
+    coarse = zoo.rounding_floor(model, x, reference, bits=3, seeds=4)
+    assert max(coarse) < min(draws)  # a coarser grid costs more
+    assert torch.equal(model[0].weight, before)  # the noise went on copies

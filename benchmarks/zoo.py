@@ -3,6 +3,7 @@ and come out as an integer ONNX file that ONNX Runtime runs, agrees with and run
 
     python benchmarks/zoo.py                          # all models x fitting presets (~15 min)
     python benchmarks/zoo.py --only bert --only resnet --presets w8a8 --no-speed
+    python benchmarks/zoo.py --more --no-speed        # 31 more architectures (zoo_more_models)
 
 Models: ``benchmarks/zoo_models.py`` (small random-init ``transformers`` models; torchvision and
 timm rows only where those import). Per model x preset (CNNs: ``w8a8``, ``w8``; transformers
@@ -41,7 +42,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from harness import ORT_VARIANTS, cpu_info, ort_quantize_static  # noqa: E402
-from zoo_models import BY_NAME, MODELS, ZooModel, first_line  # noqa: E402
+from zoo_models import MODELS, ZooModel, first_line  # noqa: E402
+from zoo_more_models import MORE  # noqa: E402
 from zoo_report import HEADER, format_row, lowbit_commit, merge  # noqa: E402
 
 import lowbit  # noqa: E402
@@ -55,6 +57,7 @@ CNN_PRESETS = ("w8a8", "w8")
 TRANSFORMER_PRESETS = ("w8a8", "w8a8-transformer", "w8", "w4-g128")
 EIGHT_BIT = {"w8a8", "w8a8-transformer", "w8"}
 STATIC_INT8 = {"w8a8", "w8a8-transformer"}  # presets whose convs/matmuls run integer kernels
+BY_NAME = {m.name: m for m in MODELS + MORE}  # the zoo, then the --more models
 TARGETS = {"codes": 0.999, "local_codes": 0.999, "cosine": 0.99, "speed": 1.0}
 INT_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger",
                "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "QAttention",
@@ -416,6 +419,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", action="append", choices=sorted(BY_NAME), metavar="NAME",
                     help="run only this model (repeatable); names: " + ", ".join(BY_NAME))
+    ap.add_argument("--more", action="store_true",
+                    help="run the models of benchmarks/zoo_more_models.py instead of the zoo's")
     ap.add_argument("--presets", nargs="+", choices=sorted(set(CNN_PRESETS + TRANSFORMER_PRESETS)),
                     help="run only these presets (where they fit the model)")
     ap.add_argument("--json", type=Path, default=DEFAULT_OUT, help="where to write the results")
@@ -434,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"CPU: {cpu['model_name']}; VNNI (lowbit.export.encoding.cpu_has_vnni): "
           f"{cpu['lowbit_cpu_has_vnni']}; 8-bit weights stored as "
           f"{cpu['lowbit_auto_weight_dtype'][0]}; ORT threads {args.threads}")
-    names = args.only or [m.name for m in MODELS]
+    names = args.only or [m.name for m in (MORE if args.more else MODELS)]
     start = time.perf_counter()
     import onnxruntime
     import transformers

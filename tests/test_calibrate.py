@@ -250,15 +250,20 @@ def test_custom_forward_for_labelled_batches() -> None:
 
 def test_unreached_layer_is_named_in_a_warning() -> None:
     class Branchy(nn.Module):
+        """Calls ``unused`` only while ``both`` is set: when quantize traces it, not after."""
+
         def __init__(self) -> None:
             super().__init__()
             self.used = nn.Linear(6, 3)
             self.unused = nn.Linear(6, 3)
+            self.both = True
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.used(x)
+            y = self.used(x)
+            return y + self.unused(2 * x) if self.both else y  # its own input quantizer
 
     qm = _quantized(Branchy().eval())
+    qm.both = False
     with pytest.warns(UserWarning, match=r"calibration never reached these layers, so their "
                                          r"activation ranges are unset: \['unused'\]"):
         lowbit.calibrate(qm, _batches(), progress=False)

@@ -48,7 +48,9 @@ def is_transposed_linear(module: nn.Module) -> bool:
     if package is None or not cls.__module__.split(".")[0] == package:
         return False
     nf, nx = getattr(module, "nf", None), getattr(module, "nx", None)
-    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    # From the parameter dict, not getattr: inside a torch.fx trace, getattr gives proxies, and
+    # Conv1D was traced through instead of kept as one call.
+    weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
     return (isinstance(nf, int) and isinstance(nx, int) and isinstance(weight, torch.Tensor)
             and tuple(weight.shape) == (nx, nf)
             and (bias is None or (isinstance(bias, torch.Tensor) and tuple(bias.shape) == (nf,))))

@@ -17,6 +17,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from lowbit.attention import has_multihead_attention, unfolded_copy
 from lowbit.config import (
     QuantConfig,
     warn_unmatched_names,
@@ -72,6 +73,9 @@ def plan(
     if not isinstance(config, QuantConfig):
         raise TypeError(f"`config` must be a QuantConfig, got {type(config).__name__}")
     check_example_inputs(example_inputs)
+    if has_multihead_attention(model):  # planned as quantize will see it: written out
+        model = unfolded_copy(model)
+        graph = None
 
     layers: list[LayerPlan] = []
     found, skipped = discover_layers(model, {t for rule in config.rules for t in rule.types})
@@ -90,6 +94,8 @@ def plan(
 
     if graph is None:
         graph = trace(model, example_inputs)
+    if graph is not None:
+        layers = _drop_uncalled(layers, graph, skipped)
     fusions = find_chains(model, graph) if config.fuse_bn else []
     wanted = {t for rule in config.rules for t in rule.types} & FUNCTIONAL_TYPES
     rewritable = OwnerTracer(model)  # one fx trace per calling module, for both placements
@@ -129,9 +135,17 @@ def discover_layers(model: nn.Module, named_types: set[str]
     """
     found: list[tuple[str, str, str | None]] = []
     skipped: dict[str, str] = {}
+    # Left as they are (lowbit.attention writes out the others): they read their out_proj's
+    # weight instead of calling it, so a wrapper there would never see an input.
+    attention = {f"{name}.out_proj" for name, m in model.named_modules()
+                 if isinstance(m, nn.MultiheadAttention)}
     for name, module in model.named_modules():
         if is_parametrization_list(module):
             continue  # the originals of a parametrized weight: its owner stands for them
+        if name in attention:
+            skipped[name] = ("out_proj of an nn.MultiheadAttention with add_bias_kv or "
+                             "add_zero_attn, which reads its weight instead of calling it")
+            continue
         type_name = quant_type_for(module)
         if type_name in OPT_IN_TYPES and type_name not in named_types:
             # Activations and embeddings take part only where a rule names the type.
@@ -148,6 +162,29 @@ def discover_layers(model: nn.Module, named_types: set[str]
         found.append((name, type_name, own if own != LAYERS.get(type_name).float_type.__name__
                       else None))
     return found, skipped
+
+
+def _drop_uncalled(layers: list[LayerPlan], graph: ModelGraph,
+                   skipped: dict[str, str]) -> list[LayerPlan]:
+    """The weight layers the traced forward calls; the others go to ``skipped``. Model code
+    that reads a layer's weight instead of calling it (WavLM's attention hands ``q_proj.weight``
+    to ``F.multi_head_attention_forward``) would give a wrapper no input to calibrate and a
+    tensor-shaped object that is not a tensor; a layer the forward never uses (Conformer's
+    unused positional conv) has nothing to quantize either."""
+    called = graph.module_calls()
+
+    def reached(name: str) -> bool:  # it, or a module traced as one node around it, was called
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in called for i in range(1, len(parts) + 1))
+
+    kept = []
+    for layer in layers:
+        if layer.type in FUNCTIONAL_TYPES | OPT_IN_TYPES or reached(layer.name):
+            kept.append(layer)
+        else:
+            skipped[layer.name] = ("not called by the model's forward (its code reads the "
+                                   "weight instead, or never uses the layer): left in float")
+    return kept
 
 
 def _group_misfit(model: nn.Module, entry: LayerPlan) -> str | None:

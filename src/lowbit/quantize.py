@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lowbit import distributed
+from lowbit.attention import unfold_multihead_attention
 from lowbit.checkpoint import attach_metadata
 from lowbit.config import QuantConfig
 from lowbit.float_modules import deep_copyable, float_class, is_reparametrized
@@ -83,15 +84,31 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
                         f"{type(inplace).__name__} {inplace!r}")
     check_not_meta(model)
     check_example_inputs(example_inputs)
-    graph = trace(model, example_inputs)  # of the float model: plan, fusions and sharing
-    if isinstance(config, QuantConfig):
-        the_plan = plan(model, config, example_inputs, graph=graph)
-    elif isinstance(config, Plan):
-        the_plan = config
-    else:
+    if not isinstance(config, (QuantConfig, Plan)):
         raise TypeError(f"`config` must be a QuantConfig or a Plan, got {type(config).__name__}")
     if any(isinstance(m, QuantLayer) for m in model.modules()):
         raise ValueError("`model` is already quantized; pass the float model")
+    if not inplace:
+        with deep_copyable(model):
+            model = copy.deepcopy(model)
+        return _quantize_here(model, config, example_inputs, qat, freeze_bn)
+    snapshot = ModuleSnapshot(model)
+    try:
+        return _quantize_here(model, config, example_inputs, qat, freeze_bn)
+    except BaseException:
+        snapshot.restore()  # a failing call leaves the caller's model as it was
+        raise
+
+
+def _quantize_here(model: nn.Module, config: QuantConfig | Plan,
+                   example_inputs: Sequence[object] | None, qat: bool,
+                   freeze_bn: int | None) -> nn.Module:
+    """Plan (for a config) and apply it to ``model`` itself: the caller's copy, or the
+    caller's model under ``inplace=True``."""
+    unfold_multihead_attention(model)  # written out as Linears (lowbit.attention)
+    graph = trace(model, example_inputs)  # of the float model: plan, fusions and sharing
+    the_plan = (plan(model, config, example_inputs, graph=graph)
+                if isinstance(config, QuantConfig) else config)
     if not the_plan.quantized:
         found = sorted({layer.type for layer in the_plan.layers})
         raise ValueError(
@@ -101,21 +118,11 @@ def _quantize(model: nn.Module, config: QuantConfig | Plan, example_inputs: Sequ
             + "".join(f"; {n or '<model>'}: {why}" for n, why in
                       list(the_plan.skipped.items())[:3])
         )
-
     functional = {layer.name for layer in the_plan.quantized
                   if layer.type in FUNCTIONAL_TYPES | GRID_KEEPING_TYPES
                   and not _has_module(model, layer.name)}
     check_plan_fits(model, the_plan, functional, from_config=isinstance(config, QuantConfig))
-    if not inplace:
-        with deep_copyable(model):
-            model = copy.deepcopy(model)
-        return _apply_plan(model, the_plan, functional, graph, qat, freeze_bn)
-    snapshot = ModuleSnapshot(model)
-    try:
-        return _apply_plan(model, the_plan, functional, graph, qat, freeze_bn)
-    except BaseException:
-        snapshot.restore()  # a failing call leaves the caller's model as it was
-        raise
+    return _apply_plan(model, the_plan, functional, graph, qat, freeze_bn)
 
 
 def _apply_plan(model: nn.Module, the_plan: Plan, functional: set[str],

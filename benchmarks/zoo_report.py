@@ -12,8 +12,9 @@ from zoo_models import MODELS
 PRESET_ORDER = ("w8a8", "w8a8-transformer", "w8", "w4-g128")
 
 HEADER = ("| model | family | preset | export | quant / float / BN folded / BN left | silently "
-          "float | codes identical (end to end / fed ORT's codes) | cosine | size | int / float kernels | speed b1 | speed b8 "
-          "| ORT's int8: b1 / b8 (cosine) | fails |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "float | codes identical (end to end / fed ORT's codes) | cosine | size | int / float "
+          "kernels | speed b1 | speed b8 | ORT's int8: b1 / b8 (cosine) | fails |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _num(v: Any, fmt: str, none: str = "–") -> str:
@@ -32,8 +33,8 @@ def format_row(r: dict[str, Any]) -> str:
     if r.get("float_export") not in (None, "dynamic", "static", "not exported"):
         export += " (FP32 export fails too)"
     return (f"| {r['model']} | {r['family']} | {r['preset']} | {export} | {counts} | {silent} | "
-            f"{_codes(r)} | {_num(r.get('cosine'), '.4f')}{_floor(r)} | {_num(r.get('size_ratio'), '.2f')}"
-            f"{'x' if r.get('size_ratio') else ''} | "
+            f"{_codes(r)} | {_num(r.get('cosine'), '.4f')}{_floor(r)} | "
+            f"{_num(r.get('size_ratio'), '.2f')}{'x' if r.get('size_ratio') else ''} | "
             f"{'–' if not kernels else str(kernels['int']) + ' / ' + str(kernels['float'])} | "
             f"{_num(r.get('speed_b1'), '.2f')} | {_num(r.get('speed_b8'), '.2f')} | "
             f"{_ort_int8(r)} | {', '.join(fails) or 'pass'} |")

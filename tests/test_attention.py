@@ -140,6 +140,8 @@ def test_attention_it_cannot_write_out_stays_float_with_its_out_proj(quiet):
     qm = lowbit.quantize(Block().eval(), QuantConfig.preset("w8a8"))
     assert [layer.name for layer in qm.lowbit_plan.quantized] == ["fc"]
     assert "reads its weight" in qm.lowbit_plan.float_layers["att.out_proj"]
+    bare = lowbit.plan(nn.MultiheadAttention(16, 2), QuantConfig.preset("w8a8"))
+    assert "out_proj" in bare.skipped and not bare.quantized  # the model itself stays as it is
     lowbit.calibrate(qm, [torch.randn(2, 5, 16)], progress=False)
     lowbit.convert(qm)  # the out_proj wrapper would have had no range
 

@@ -137,14 +137,15 @@ def discover_layers(model: nn.Module, named_types: set[str]
     skipped: dict[str, str] = {}
     # Left as they are (lowbit.attention writes out the others): they read their out_proj's
     # weight instead of calling it, so a wrapper there would never see an input.
-    attention = {f"{name}.out_proj" for name, m in model.named_modules()
+    attention = {f"{name}.out_proj" if name else "out_proj" for name, m in model.named_modules()
                  if isinstance(m, nn.MultiheadAttention)}
     for name, module in model.named_modules():
         if is_parametrization_list(module):
             continue  # the originals of a parametrized weight: its owner stands for them
         if name in attention:
-            skipped[name] = ("out_proj of an nn.MultiheadAttention with add_bias_kv or "
-                             "add_zero_attn, which reads its weight instead of calling it")
+            skipped[name] = ("out_proj of an nn.MultiheadAttention left as it is (add_bias_kv, "
+                             "add_zero_attn, or the model itself), which reads its weight "
+                             "instead of calling it")
             continue
         type_name = quant_type_for(module)
         if type_name in OPT_IN_TYPES and type_name not in named_types:

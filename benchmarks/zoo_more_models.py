@@ -20,20 +20,23 @@ AUDIO_BASE = {
     if k not in ("do_stable_layer_norm", "feat_extract_norm", "num_conv_pos_embeddings")
 }
 
+# SEW's defaults have 13 feature-encoder convs: give it the zoo's 7, with strides and kernels.
+SEW_CONV = dict(conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_kernel=(10, 3, 3, 3, 3, 2, 2))
+
 MORE: list[ZooModel] = [
     ZooModel("bit", "cnn", _hf("BitForImageClassification", "BitConfig", embedding_size=16,
-             hidden_sizes=[16, 32], depths=[1, 1], num_labels=10), "image"),
+             hidden_sizes=[16, 32], depths=[1, 1], num_groups=8, num_labels=10), "image"),
     ZooModel("focalnet", "vit", _hf("FocalNetForImageClassification", "FocalNetConfig",
              image_size=IMAGE, embed_dim=32, depths=[1, 1], num_labels=10), "image"),
     ZooModel("cvt", "vit", _hf("CvtForImageClassification", "CvtConfig", embed_dim=[32, 64, 128],
-             depth=[1, 1, 1], num_heads=[1, 2, 2], num_labels=10), "image"),
+             depth=[1, 2, 3], num_heads=[1, 2, 2], num_labels=10), "image"),
     ZooModel("pvt_v2", "vit", _hf("PvtV2ForImageClassification", "PvtV2Config",
              hidden_sizes=[32, 64], depths=[1, 1], num_encoder_blocks=2,
              num_attention_heads=[1, 2], sr_ratios=[2, 1], patch_sizes=[7, 3], strides=[4, 2],
              mlp_ratios=[2, 2], num_labels=10), "image"),
     ZooModel("hiera", "vit", _hf("HieraForImageClassification", "HieraConfig", image_size=[64, 64],
              embed_dim=32, depths=[1, 1], num_heads=[1, 2], num_labels=10, masked_unit_size=[8, 8],
-             query_stride=[2, 2]), "image", image_size=64),
+             query_stride=[2, 2], num_query_pool=1), "image", image_size=64),
     ZooModel("clip_vision", "vit", _hf("CLIPVisionModel", "CLIPVisionConfig", image_size=IMAGE,
              patch_size=8, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
              intermediate_size=256), "image", field="last_hidden_state"),
@@ -88,7 +91,8 @@ MORE: list[ZooModel] = [
              field="last_hidden_state"),
     ZooModel("data2vec_audio", "audio", _hf("Data2VecAudioModel", "Data2VecAudioConfig",
              **AUDIO_BASE, num_conv_pos_embeddings=4), "audio", field="last_hidden_state"),
-    ZooModel("sew", "audio", _hf("SEWModel", "SEWConfig", **SMALL_AUDIO), "audio",
+    ZooModel("sew", "audio", _hf("SEWModel", "SEWConfig", **{**AUDIO_BASE, **SEW_CONV},
+             feat_extract_norm="group", num_conv_pos_embeddings=16), "audio",
              field="last_hidden_state"),
     ZooModel("unispeech", "audio", _hf("UniSpeechModel", "UniSpeechConfig", **SMALL_AUDIO), "audio",
              field="last_hidden_state"),

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from zoo_models import MODELS
+from zoo_more_models import MORE
 
 PRESET_ORDER = ("w8a8", "w8a8-transformer", "w8", "w4-g128")
 
@@ -89,7 +90,7 @@ def merge(parts: list[Path], out: Path) -> dict[str, Any]:
     for run in runs:
         for r in run["rows"]:
             rows.setdefault((r["model"], r["preset"]), r)
-    order = {m.name: i for i, m in enumerate(MODELS)}
+    order = {m.name: i for i, m in enumerate(MODELS + MORE)}
     merged = sorted(rows.values(), key=lambda r: (order.get(r["model"], len(order)),
                                                   PRESET_ORDER.index(r["preset"])))
     result = {**runs[0], "command": [r["command"] for r in runs],

@@ -66,7 +66,7 @@ __all__ = [
     "set_calibrating",
     "tune_scales",
 ]
-__version__ = "0.10.0"
+__version__ = "0.11.0"
 
 register_quantizer = QUANTIZERS.register
 """Decorator: ``@lowbit.register_quantizer("name")`` on a ``lowbit.Quantizer`` subclass makes

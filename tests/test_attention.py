@@ -171,3 +171,23 @@ def test_layers_the_forward_never_calls_stay_float_and_say_why(preset, tmp_path,
     lowbit.calibrate(qm, [torch.randn(4, 16) for _ in range(2)], progress=False)
     report = lowbit.export_onnx(lowbit.convert(qm), tmp_path / "m.onnx", (x,))
     assert report.parity.output_max_lsb is not None and report.parity.output_max_lsb <= 1.01
+
+
+def test_torch_transformer_encoders_train_under_qat(quiet):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, dropout=0.1)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+                          nn.Linear(64, 8))
+    x, y = torch.randn(8, 10, 64), torch.randint(0, 8, (8,))
+    qm = lowbit.prepare_qat(model, QuantConfig.preset("w8a8-qat"), example_inputs=(x,))
+    assert "0.layers.1.self_attn.v_proj" in {layer.name for layer in qm.lowbit_plan.quantized}
+    opt = torch.optim.Adam(qm.parameters(), 1e-3)
+    losses = []
+    for _ in range(15):
+        loss = nn.functional.cross_entropy(qm(x).mean(1), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]  # the projections' fake-quant weights train
+    lowbit.convert(qm.eval())

@@ -437,3 +437,41 @@ def test_subclasses_that_compute_like_their_base_are_quantized_and_others_listed
     model = nn.Sequential(DepthwiseConv(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
     plan = lowbit.plan(model, QuantConfig.preset("w8a8"))
     assert plan["0"].type == "Conv2d" and plan["0"].weight is not None
+
+
+# ------------------------------------------------------------ weight-standardized convs (BiT)
+
+
+def _ws_conv(**kwargs):  # noqa: ANN003, ANN202
+    from transformers.models.bit.modeling_bit import WeightStandardizedConv2d
+
+    torch.manual_seed(0)
+    return WeightStandardizedConv2d(4, 8, 3, **kwargs)
+
+
+def test_a_weight_standardized_conv_is_a_conv2d_over_its_standardized_weight(tmp_path, quiet):
+    model = nn.Sequential(_ws_conv(padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 4, 12, 12)
+    qm = lowbit.quantize(model, QuantConfig.preset("w8a8"))
+    entry = next(x for x in qm.lowbit_plan.layers if x.name == "0")
+    assert (entry.type, entry.module_type) == ("Conv2d", "WeightStandardizedConv2d")
+    with torch.no_grad():  # the wrapper's float weight is the one the float conv convolves with
+        standardized = nn.functional.conv2d(x, qm[0].weight, None, 1, 1)
+        assert torch.allclose(standardized, model[0](x), atol=1e-5)
+    lowbit.calibrate(qm, [torch.randn(2, 4, 12, 12) for _ in range(4)], progress=False)
+    dm = lowbit.convert(qm)
+    with torch.no_grad():
+        got, want = dm(x).flatten(), model(x).flatten()
+    assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.99
+    report = lowbit.export_onnx(dm, tmp_path / "ws.onnx", (x,))
+    assert report.parity.codes_identical == 1.0
+
+
+def test_a_weight_standardized_conv_with_a_dynamic_pad_stays_float_and_takes_no_bn(quiet):
+    padded = _ws_conv(stride=2)  # "SAME" at stride 2: a DynamicPad2d in front of the conv
+    assert padded.pad is not None
+    the_plan = lowbit.plan(nn.Sequential(padded, nn.ReLU()), QuantConfig.preset("w8a8"))
+    assert "0" in the_plan.skipped and not the_plan.quantized
+    # A BatchNorm after a standardized conv would not stay folded into a computed weight.
+    with_bn = nn.Sequential(_ws_conv(padding=1), nn.BatchNorm2d(8)).eval()
+    assert not lowbit.plan(with_bn, QuantConfig.preset("w8a8")).fusions

@@ -31,6 +31,9 @@ from torch.nn.utils import parametrize
 
 # Class names of transposed Linears ((in, out) weights) and the package they come from.
 TRANSPOSED_LINEARS = {"Conv1D": "transformers"}
+# Weight-standardized convolutions ((package, class)): a Conv2d over ``(w − mean) / std`` per
+# output channel (BiT, ViT-hybrid; timm's ``StdConv2d``), with ``eps`` inside the root.
+WEIGHT_STANDARDIZED = {("transformers", "WeightStandardizedConv2d"), ("timm", "StdConv2d")}
 # Activation classes that compute what a torch.nn activation does: (package, class) → type.
 ACTIVATION_LOOKALIKES = {("transformers", "SiLUActivation"): "SiLU"}
 
@@ -54,6 +57,27 @@ def is_transposed_linear(module: nn.Module) -> bool:
     return (isinstance(nf, int) and isinstance(nx, int) and isinstance(weight, torch.Tensor)
             and tuple(weight.shape) == (nx, nf)
             and (bias is None or (isinstance(bias, torch.Tensor) and tuple(bias.shape) == (nf,))))
+
+
+def is_weight_standardized(module: nn.Module) -> bool:
+    """A Conv2d that standardizes its weight in ``forward`` (and pads with nothing else:
+    a dynamic "same" pad in front, HF's ``pad`` module, is not a Conv2d's to compute)."""
+    cls = type(module)
+    return (isinstance(module, nn.Conv2d)
+            and (cls.__module__.split(".")[0], cls.__name__) in WEIGHT_STANDARDIZED
+            and getattr(module, "pad", None) is None and isinstance(getattr(module, "eps", None),
+                                                                      float))
+
+
+def standardized_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a weight-standardized conv convolves with: per output channel, zero mean and
+    unit (biased) variance, ``eps`` added to the variance."""
+    w: torch.Tensor = module._parameters["weight"]  # type: ignore[assignment]
+    eps = float(module.eps)
+    flat = w.reshape(w.shape[0], -1)
+    mean = flat.mean(dim=1, keepdim=True)
+    var = flat.var(dim=1, unbiased=False, keepdim=True)
+    return ((flat - mean) / torch.sqrt(var + eps)).reshape_as(w)
 
 
 def activation_lookalike(module: nn.Module) -> str | None:
@@ -86,8 +110,10 @@ def deep_copyable(model: nn.Module) -> Iterator[None]:
 
 
 def is_reparametrized(module: nn.Module) -> bool:
-    """Its weight is computed from other parameters (a parametrization or weight norm)."""
-    return parametrize.is_parametrized(module) or bool(_weight_norm_hooks(module))
+    """Its weight is computed from other parameters (a parametrization, weight norm or weight
+    standardization)."""
+    return (parametrize.is_parametrized(module) or bool(_weight_norm_hooks(module))
+            or is_weight_standardized(module))
 
 
 def materialized(module: nn.Module, name: str) -> torch.Tensor | None:
@@ -96,6 +122,8 @@ def materialized(module: nn.Module, name: str) -> torch.Tensor | None:
     for hook in _weight_norm_hooks(module):
         if hook.name == name:
             return hook.compute_weight(module)
+    if name == "weight" and is_weight_standardized(module):
+        return standardized_weight(module)
     return getattr(module, name, None)
 
 

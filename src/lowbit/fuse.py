@@ -18,6 +18,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from lowbit.float_modules import is_reparametrized
 from lowbit.trace import ModelGraph, Node, trace
 
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -101,7 +102,9 @@ def _unique(chains: list[Chain]) -> list[Chain]:
 def _compatible(layer: Any, bn: Any) -> bool:
     # Called with a FOLDABLE layer and a NORMS module (checked by both callers).
     out = layer.out_channels if isinstance(layer, (nn.Conv1d, nn.Conv2d)) else layer.out_features
-    return bn.num_features == out and bn.track_running_stats and bn.running_mean is not None
+    # A computed weight (weight norm, weight standardization) would not keep a folded scale.
+    return (bn.num_features == out and bn.track_running_stats and bn.running_mean is not None
+            and not is_reparametrized(layer))
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from lowbit.float_modules import (
     as_parameter,
     float_class,
     is_transposed_linear,
+    is_weight_standardized,
     public_attributes,
     weight_of,
 )
@@ -674,11 +675,13 @@ def quant_type_for(module: nn.Module) -> str | None:
     overrides neither ``forward`` nor ``_conv_forward``, as EfficientNet's depthwise conv);
     a subclass that does (BART's learned positional embedding adds an offset) is not one. A
     transposed Linear (transformers' ``Conv1D``) is a ``"Linear"``, and transformers'
-    ``SiLUActivation`` a ``"SiLU"``."""
+    ``SiLUActivation`` a ``"SiLU"``, and a weight-standardized conv (BiT's) a ``"Conv2d"``."""
     cls = float_class(module)
     types = {LAYERS.get(name).float_type: name for name in LAYERS}
     if cls in types:
         return types[cls]
+    if "Conv2d" in LAYERS and is_weight_standardized(module):  # before: it overrides forward
+        return "Conv2d"
     for depth, base in enumerate(cls.__mro__):
         if base in types:
             overrides = any("forward" in c.__dict__ or "_conv_forward" in c.__dict__

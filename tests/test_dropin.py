@@ -465,6 +465,8 @@ def test_a_weight_standardized_conv_is_a_conv2d_over_its_standardized_weight(tmp
     assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.99
     report = lowbit.export_onnx(dm, tmp_path / "ws.onnx", (x,))
     assert report.parity.codes_identical == 1.0
+    with pytest.warns(UserWarning, match=r"weight-standardized layer\(s\) directly: \['0'\]"):
+        lowbit.prepare_qat(model, QuantConfig.preset("w8a8-qat"))  # trains the computed weight
 
 
 def test_a_weight_standardized_conv_with_a_dynamic_pad_stays_float_and_takes_no_bn(quiet):

@@ -60,8 +60,8 @@ def is_transposed_linear(module: nn.Module) -> bool:
 
 
 def is_weight_standardized(module: nn.Module) -> bool:
-    """A Conv2d that standardizes its weight in ``forward`` (and pads with nothing else:
-    a dynamic "same" pad in front, HF's ``pad`` module, is not a Conv2d's to compute)."""
+    """A Conv2d of a known weight-standardizing class (BiT's, timm's) with no padding module
+    of its own in front (HF's dynamic "same" ``pad``), which a Conv2d wrapper would not run."""
     cls = type(module)
     return (isinstance(module, nn.Conv2d)
             and (cls.__module__.split(".")[0], cls.__name__) in WEIGHT_STANDARDIZED

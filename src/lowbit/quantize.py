@@ -162,8 +162,9 @@ def _apply_plan(model: nn.Module, the_plan: Plan, functional: set[str],
 
     if reparametrized:
         warnings.warn(f"lowbit trains the materialised weight of {len(reparametrized)} "
-                      f"weight-normed (parametrized) layer(s) directly: {reparametrized}; the "
-                      "(g, v) parametrization is not kept under QAT", stacklevel=4)
+                      f"weight-normed (parametrized) or weight-standardized layer(s) directly: "
+                      f"{reparametrized}; the (g, v) parametrization or the standardization is "
+                      "not kept under QAT", stacklevel=4)
     floats = the_plan.float_layers
     if floats:
         listed = "; ".join(f"{n or '<model>'}: {why}" for n, why in floats.items())

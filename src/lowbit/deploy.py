@@ -46,7 +46,11 @@ class QuantizeDequantize(nn.Module):
                                self.grid.qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dequantize_linear(self.codes(x), self.scale, self.zero_point, self.axis, 0)
+        return self.from_codes(self.codes(x))
+
+    def from_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """The values of given codes (another runtime's, when checking parity)."""
+        return dequantize_linear(codes, self.scale, self.zero_point, self.axis, 0)
 
     def qparams(self) -> QParams:
         axis = None if self.scale.dim() == 0 else self.axis

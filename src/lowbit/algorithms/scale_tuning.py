@@ -12,8 +12,8 @@ scales in the same places, pinned like GPTQ's (``UniformQuantizer.pin_qparams``)
 
 The last batches, about a ``held_out`` share of the samples, are never trained on: they are
 scored before tuning and every ``eval_every`` steps, and the scales and biases of the best
-score are the ones kept (the starting ones when no step beats them), so a learning rate that is too high or too
-many steps cost time, never accuracy on data the tuning did not see.
+score are the ones kept (the starting ones when no step beats them), so a learning rate that
+is too high or too many steps cost time, never accuracy on data the tuning did not see.
 """
 
 from __future__ import annotations

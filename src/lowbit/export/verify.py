@@ -24,7 +24,6 @@ from torch import nn
 
 from lowbit.deploy import DynamicLinear, IntWeight, QuantizeDequantize
 from lowbit.numerics import dynamic_quantize
-from lowbit.ops import dequantize_linear
 
 
 @dataclass
@@ -114,8 +113,7 @@ class _CodeRecorder:
             theirs = self._runtime_values(key, codes)
             if theirs is None:
                 return None
-            return dequantize_linear(torch.from_numpy(theirs[0]), m.scale, m.zero_point, m.axis,
-                                     0)
+            return m.from_codes(torch.from_numpy(theirs[0]))
         return hook
 
     def _dynamic_hook(self, name: str):  # noqa: ANN202

@@ -67,12 +67,11 @@ class ExplicitMultiheadAttention(nn.Module):
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         n, length, _ = query.shape
-        source = key.shape[1]
         q = self._heads(self.q_proj(query))
         k = self._heads(self.k_proj(key))
         v = self._heads(self.v_proj(value))
         scores = torch.matmul(q * (1.0 / math.sqrt(self.head_dim)), k.transpose(-2, -1))
-        mask = self._mask(attn_mask, key_padding_mask, is_causal, n, length, source, q.dtype)
+        mask = self._mask(attn_mask, key_padding_mask, is_causal, scores)
         if mask is not None:
             scores = scores + mask
         weights = torch.softmax(scores, dim=-1)
@@ -95,12 +94,15 @@ class ExplicitMultiheadAttention(nn.Module):
         return x.reshape(n, length, self.num_heads, self.head_dim).transpose(1, 2)
 
     def _mask(self, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
-              is_causal: bool, n: int, length: int, source: int,
-              dtype: torch.dtype) -> torch.Tensor | None:
-        """One additive mask ``(N or 1, heads or 1, L, S)``: ``True`` in a boolean mask means
-        "may not attend", as in ``nn.MultiheadAttention``; float masks are added."""
+              is_causal: bool, scores: torch.Tensor) -> torch.Tensor | None:
+        """One additive mask for ``scores`` ``(N, heads, L, S)``, of their dtype and device:
+        ``True`` in a boolean mask means "may not attend", as in ``nn.MultiheadAttention``;
+        float masks are added."""
+        n, _, length, source = scores.shape
+        dtype = scores.dtype
         if attn_mask is None and is_causal:
-            attn_mask = torch.ones(length, source, dtype=torch.bool).triu(1)
+            attn_mask = torch.ones(length, source, dtype=torch.bool,
+                                   device=scores.device).triu(1)
         total = None
         if attn_mask is not None:
             mask = _additive(attn_mask, dtype)
